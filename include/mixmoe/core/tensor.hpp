@@ -1,0 +1,308 @@
+// Tensor<T, Device>: a strided, row-major view of reference-counted storage.
+// Copies are cheap (they share storage); reshape/transpose/permute/slice return
+// views without copying where the layout allows; contiguous() and clone() copy.
+//
+// Tensors hold values only; gradients and the graph live in autograd::Var.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "mixmoe/core/allocator.hpp"
+#include "mixmoe/core/device.hpp"
+#include "mixmoe/core/error.hpp"
+#include "mixmoe/core/random.hpp"
+#include "mixmoe/core/shape.hpp"
+
+namespace mixmoe {
+
+namespace detail {
+
+/// Memory of one device for `n` elements of T; returned to the device's cache on destruction.
+template <class T, class D>
+struct Storage {
+  static_assert(std::is_same_v<D, Cpu>, "mixmoe: Storage is implemented for Cpu only; enable the CUDA backend for Cuda");
+  explicit Storage(std::size_t n) : size(n) {
+    ptr = static_cast<T*>(CachingHostAllocator::instance().allocate(n * sizeof(T)));
+  }
+  ~Storage() { CachingHostAllocator::instance().deallocate(ptr, size * sizeof(T)); }
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  T* ptr = nullptr;
+  std::size_t size = 0;
+};
+
+}  // namespace detail
+
+template <Scalar T, Device D = Cpu>
+class Tensor {
+ public:
+  using value_type = T;
+  using device_type = D;
+
+  /// An empty (undefined) tensor: no storage, rank 0, defined() is false.
+  Tensor() = default;
+
+  // ---- factories ---------------------------------------------------------
+
+  /// Uninitialised contiguous tensor.
+  static Tensor empty(const Shape& shape) {
+    for (index_t e : shape) MIXMOE_CHECK(e >= 0, "Tensor", "negative extent in shape ", shape);
+    Tensor t;
+    t.shape_ = shape;
+    t.strides_ = contiguous_strides(shape);
+    const auto n = static_cast<std::size_t>(shape.numel());
+    t.storage_ = std::allocate_shared<detail::Storage<T, D>>(PoolAllocator<detail::Storage<T, D>>{}, n);
+    return t;
+  }
+  static Tensor full(const Shape& shape, T value) {
+    Tensor t = empty(shape);
+    std::fill_n(t.data(), t.numel(), value);
+    return t;
+  }
+  static Tensor zeros(const Shape& shape) { return full(shape, T(0)); }
+  static Tensor ones(const Shape& shape) { return full(shape, T(1)); }
+  static Tensor scalar(T value) { return full(Shape{}, value); }
+
+  /// Copies `values` (row-major) into a new tensor of `shape`.
+  static Tensor from(std::span<const T> values, const Shape& shape) {
+    MIXMOE_CHECK(static_cast<index_t>(values.size()) == shape.numel(), "Tensor::from", values.size(),
+                 " values for shape ", shape, " of ", shape.numel(), " elements");
+    Tensor t = empty(shape);
+    std::copy(values.begin(), values.end(), t.data());
+    return t;
+  }
+  static Tensor from(std::initializer_list<T> values, const Shape& shape) {
+    return from(std::span<const T>(values.begin(), values.size()), shape);
+  }
+  static Tensor from(const std::vector<T>& values, const Shape& shape) { return from(std::span<const T>(values), shape); }
+
+  /// Normal(mean, stddev) from a seeded generator.
+  static Tensor randn(const Shape& shape, Generator& gen, double mean = 0.0, double stddev = 1.0) {
+    Tensor t = empty(shape);
+    for (index_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(gen.normal(mean, stddev));
+    return t;
+  }
+  /// Uniform in [lo, hi) from a seeded generator.
+  static Tensor uniform(const Shape& shape, Generator& gen, double lo = 0.0, double hi = 1.0) {
+    Tensor t = empty(shape);
+    for (index_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(gen.uniform(lo, hi));
+    return t;
+  }
+  /// 0, 1, ..., n-1 as a 1-D tensor.
+  static Tensor arange(index_t n) {
+    Tensor t = empty(Shape{n});
+    for (index_t i = 0; i < n; ++i) t.data()[i] = static_cast<T>(i);
+    return t;
+  }
+
+  // ---- queries -----------------------------------------------------------
+
+  [[nodiscard]] bool defined() const { return storage_ != nullptr; }
+  [[nodiscard]] const Shape& shape() const { return shape_; }
+  [[nodiscard]] const Shape& strides() const { return strides_; }
+  [[nodiscard]] int dim() const { return shape_.rank(); }
+  [[nodiscard]] index_t size(int axis) const { return shape_.size(axis); }
+  [[nodiscard]] index_t stride(int axis) const { return strides_[shape_.axis(axis)]; }
+  [[nodiscard]] index_t numel() const { return shape_.numel(); }
+  [[nodiscard]] index_t offset() const { return offset_; }
+  [[nodiscard]] bool is_contiguous() const {
+    index_t expect = 1;
+    for (int i = dim() - 1; i >= 0; --i) {
+      if (shape_[i] != 1 && strides_[i] != expect) return false;
+      expect *= shape_[i];
+    }
+    return true;
+  }
+  /// True when no other tensor shares this storage (safe to modify in place).
+  [[nodiscard]] bool is_unique() const { return storage_ && storage_.use_count() == 1; }
+  /// True when both views share the same storage.
+  [[nodiscard]] bool shares_storage(const Tensor& other) const { return storage_ && storage_ == other.storage_; }
+
+  /// Pointer to the first element of this view (element i of a contiguous view is data()[i]).
+  [[nodiscard]] T* data() const {
+    MIXMOE_CHECK(defined(), "Tensor::data", "the tensor is undefined (default-constructed)");
+    return storage_->ptr + offset_;
+  }
+
+  /// Element access by full index (for tests and small host code; not for hot loops).
+  template <class... I>
+  [[nodiscard]] T& operator()(I... idx) const {
+    static_assert((std::is_integral_v<I> && ...), "Tensor::operator(): indices must be integers");
+    MIXMOE_CHECK(static_cast<int>(sizeof...(I)) == dim(), "Tensor::operator()", sizeof...(I), " indices for shape ", shape_);
+    const index_t ix[] = {static_cast<index_t>(idx)...};
+    index_t off = 0;
+    for (int a = 0; a < dim(); ++a) {
+      MIXMOE_CHECK(ix[a] >= 0 && ix[a] < shape_[a], "Tensor::operator()", "index ", ix[a], " out of range on axis ", a,
+                   " of shape ", shape_);
+      off += ix[a] * strides_[a];
+    }
+    return storage_->ptr[offset_ + off];
+  }
+
+  /// The single value of a one-element tensor.
+  [[nodiscard]] T item() const {
+    MIXMOE_CHECK(numel() == 1, "Tensor::item", "needs one element, shape is ", shape_);
+    return storage_->ptr[offset_];
+  }
+
+  /// Row-major copy of the elements (any layout).
+  [[nodiscard]] std::vector<T> to_vector() const {
+    const Tensor c = contiguous();
+    return std::vector<T>(c.data(), c.data() + c.numel());
+  }
+
+  // ---- views -------------------------------------------------------------
+
+  /// Same elements, new shape; one extent may be -1 (inferred). A view when contiguous.
+  [[nodiscard]] Tensor reshape(Shape s) const {
+    int infer = -1;
+    index_t known = 1;
+    for (int i = 0; i < s.rank(); ++i) {
+      if (s[i] == -1) {
+        MIXMOE_CHECK(infer < 0, "reshape", "more than one -1 in ", s);
+        infer = i;
+      } else {
+        known *= s[i];
+      }
+    }
+    if (infer >= 0) {
+      MIXMOE_CHECK(known > 0 && numel() % known == 0, "reshape", "cannot infer -1: shape ", shape_, " to ", s);
+      s[infer] = numel() / known;
+    }
+    MIXMOE_CHECK(s.numel() == numel(), "reshape", "shape ", shape_, " (", numel(), " elements) cannot become ", s);
+    Tensor t = is_contiguous() ? *this : contiguous();
+    t.shape_ = s;
+    t.strides_ = contiguous_strides(s);
+    return t;
+  }
+
+  /// Swaps two axes (a view).
+  [[nodiscard]] Tensor transpose(int a, int b) const {
+    const int ra = shape_.axis(a, "transpose"), rb = shape_.axis(b, "transpose");
+    Tensor t = *this;
+    std::swap(t.shape_[ra], t.shape_[rb]);
+    std::swap(t.strides_[ra], t.strides_[rb]);
+    return t;
+  }
+
+  /// Reorders axes: result axis i is this axis order[i] (a view).
+  [[nodiscard]] Tensor permute(std::initializer_list<int> order) const {
+    MIXMOE_CHECK(static_cast<int>(order.size()) == dim(), "permute", order.size(), " axes given for shape ", shape_);
+    Tensor t = *this;
+    bool seen[kMaxDims] = {};
+    int i = 0;
+    for (int a : order) {
+      const int ra = shape_.axis(a, "permute");
+      MIXMOE_CHECK(!seen[ra], "permute", "axis ", a, " repeated");
+      seen[ra] = true;
+      t.shape_[i] = shape_[ra];
+      t.strides_[i] = strides_[ra];
+      ++i;
+    }
+    return t;
+  }
+
+  /// Elements [begin, end) along one axis (a view).
+  [[nodiscard]] Tensor slice(int axis, index_t begin, index_t end) const {
+    const int a = shape_.axis(axis, "slice");
+    MIXMOE_CHECK(0 <= begin && begin <= end && end <= shape_[a], "slice", "range [", begin, ", ", end, ") out of bounds on axis ",
+                 axis, " of shape ", shape_);
+    Tensor t = *this;
+    t.offset_ += begin * strides_[a];
+    t.shape_[a] = end - begin;
+    return t;
+  }
+
+  /// Index i along axis 0, dropping that axis (a view).
+  [[nodiscard]] Tensor operator[](index_t i) const {
+    MIXMOE_CHECK(dim() >= 1 && i >= 0 && i < shape_[0], "Tensor::operator[]", "index ", i, " out of range for shape ", shape_);
+    Tensor t = *this;
+    t.offset_ += i * strides_[0];
+    t.shape_ = shape_.without(0);
+    t.strides_ = strides_.without(0);
+    return t;
+  }
+
+  // ---- copies ------------------------------------------------------------
+
+  /// This tensor if contiguous, else a contiguous copy.
+  [[nodiscard]] Tensor contiguous() const {
+    if (!defined() || is_contiguous()) return *this;
+    return clone();
+  }
+
+  /// A contiguous copy that owns new storage.
+  [[nodiscard]] Tensor clone() const {
+    Tensor out = empty(shape_);
+    copy_strided(*this, out.data());
+    return out;
+  }
+
+  /// Copies src's elements into this tensor (same shape; any layouts).
+  void copy_from(const Tensor& src) const {
+    MIXMOE_CHECK(src.shape() == shape_, "copy_from", "shape ", src.shape(), " into ", shape_);
+    if (is_contiguous()) {
+      copy_strided(src, data());
+      return;
+    }
+    Tensor tmp = src.contiguous();
+    for_each_offset(*this, [&, i = index_t{0}](index_t off) mutable { storage_->ptr[off] = tmp.data()[i++]; });
+  }
+
+  void fill_(T value) const {
+    if (is_contiguous()) {
+      std::fill_n(data(), numel(), value);
+      return;
+    }
+    for_each_offset(*this, [&](index_t off) { storage_->ptr[off] = value; });
+  }
+
+  /// Converts the scalar type (a copy).
+  template <Scalar U>
+  [[nodiscard]] Tensor<U, D> to() const {
+    const Tensor c = contiguous();
+    auto out = Tensor<U, D>::empty(shape_);
+    for (index_t i = 0; i < numel(); ++i) out.data()[i] = static_cast<U>(c.data()[i]);
+    return out;
+  }
+
+ private:
+  template <class F>
+  static void for_each_offset(const Tensor& t, F&& f) {
+    const int r = t.dim();
+    if (t.numel() == 0) return;
+    index_t idx[kMaxDims] = {};
+    index_t off = t.offset_;
+    for (index_t n = 0, total = t.numel(); n < total; ++n) {
+      f(off);
+      for (int a = r - 1; a >= 0; --a) {
+        off += t.strides_[a];
+        if (++idx[a] < t.shape_[a]) break;
+        off -= t.strides_[a] * t.shape_[a];
+        idx[a] = 0;
+      }
+    }
+  }
+
+  static void copy_strided(const Tensor& src, T* dst) {
+    if (src.numel() == 0) return;
+    if (src.is_contiguous()) {
+      std::memcpy(dst, src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
+      return;
+    }
+    const T* base = src.storage_->ptr;
+    for_each_offset(src, [&, i = index_t{0}](index_t off) mutable { dst[i++] = base[off]; });
+  }
+
+  std::shared_ptr<detail::Storage<T, D>> storage_;
+  Shape shape_;
+  Shape strides_;
+  index_t offset_ = 0;
+};
+
+}  // namespace mixmoe

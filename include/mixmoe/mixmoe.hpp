@@ -1,0 +1,17 @@
+// The one include for users of mixmoe.
+#pragma once
+
+#include "mixmoe/core/allocator.hpp"
+#include "mixmoe/core/device.hpp"
+#include "mixmoe/core/error.hpp"
+#include "mixmoe/core/random.hpp"
+#include "mixmoe/core/shape.hpp"
+#include "mixmoe/core/tensor.hpp"
+
+#include "mixmoe/autograd/grad_mode.hpp"
+#include "mixmoe/autograd/gradcheck.hpp"
+#include "mixmoe/autograd/var.hpp"
+
+#include "mixmoe/ops/elementwise.hpp"
+#include "mixmoe/ops/matmul.hpp"
+#include "mixmoe/ops/reduce.hpp"

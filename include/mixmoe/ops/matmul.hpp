@@ -1,0 +1,93 @@
+// Matrix products: matmul (2-D, or batched N-D with broadcast batch axes), and
+// linear (x W^T + b, the layer form that avoids a transpose copy).
+//
+//   matmul: a (..., M, K) x b (..., K, N) -> (..., M, N)
+//   linear: x (..., K) x w (N, K) [+ bias (N)] -> (..., N)
+#pragma once
+
+#include "mixmoe/autograd/var.hpp"
+#include "mixmoe/backend/cpu/gemm.hpp"
+#include "mixmoe/ops/elementwise.hpp"
+
+namespace mixmoe {
+
+namespace detail {
+
+/// c[b] (+)= op(a[b]) * op(b[b]) for each batch b; batch shapes already broadcast.
+/// a: (Ba, M, K) or (Ba, K, M) if ta; b: (Bb, K, N) or (Bb, N, K) if tb; Ba, Bb in {1, B}.
+template <class T>
+void batched_gemm(index_t batch, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a, index_t a_batch_stride,
+                  const T* b, index_t b_batch_stride, T beta, T* c) {
+  const index_t lda = ta ? m : k, ldb = tb ? k : n;
+  for (index_t i = 0; i < batch; ++i)
+    cpu::gemm(ta, tb, m, n, k, T(1), a + i * a_batch_stride, lda, b + i * b_batch_stride, ldb, beta, c + i * m * n, n);
+}
+
+}  // namespace detail
+
+/// a (M, K) x b (K, N), or batched (..., M, K) x (..., K, N) with broadcast batch axes.
+template <Scalar T, Device D>
+Var<T, D> matmul(const Var<T, D>& a, const Var<T, D>& b) {
+  MIXMOE_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul", "needs at least 2-D operands, got ", a.shape(), " and ", b.shape());
+  const index_t m = a.size(-2), k = a.size(-1), n = b.size(-1);
+  MIXMOE_CHECK(b.size(-2) == k, "matmul", "inner dimensions differ: ", a.shape(), " x ", b.shape());
+  const Shape ba(std::span<const index_t>(a.shape().begin(), a.shape().end() - 2));
+  const Shape bb(std::span<const index_t>(b.shape().begin(), b.shape().end() - 2));
+  const Shape batch = broadcast_shapes(ba, bb, "matmul");
+  const index_t nb = batch.numel();
+  // Batch broadcasting is supported when an operand has all batch axes or none (or all 1).
+  MIXMOE_CHECK(ba.numel() == nb || ba.numel() == 1, "matmul", "batch axes of ", a.shape(), " and ", b.shape(),
+               " broadcast only partially; expand one operand first");
+  MIXMOE_CHECK(bb.numel() == nb || bb.numel() == 1, "matmul", "batch axes of ", a.shape(), " and ", b.shape(),
+               " broadcast only partially; expand one operand first");
+  Shape oshape = batch;
+  oshape.push_back(m);
+  oshape.push_back(n);
+  const Tensor<T, D> av = a.value().contiguous(), bv = b.value().contiguous();
+  Tensor<T, D> out = Tensor<T, D>::empty(oshape);
+  const index_t sa = ba.numel() == 1 ? 0 : m * k, sb = bb.numel() == 1 ? 0 : k * n;
+  detail::batched_gemm(nb, false, false, m, n, k, av.data(), sa, bv.data(), sb, T(0), out.data());
+  return record("matmul", std::move(out), {a, b}, [av, bv, m, n, k, nb, sa, sb](autograd::BackwardContext<T, D>& ctx) {
+    const T* g = ctx.grad_out().data();
+    if (ctx.needs_grad(0)) {  // dA = dC B^T, summed over broadcast batches
+      T* ga = ctx.grad_in(0).data();
+      for (index_t i = 0; i < nb; ++i)
+        cpu::gemm(false, true, m, k, n, T(1), g + i * m * n, n, bv.data() + i * sb, n, T(1), ga + (sa ? i * sa : 0), k);
+    }
+    if (ctx.needs_grad(1)) {  // dB = A^T dC
+      T* gb = ctx.grad_in(1).data();
+      for (index_t i = 0; i < nb; ++i)
+        cpu::gemm(true, false, k, n, m, T(1), av.data() + i * sa, k, g + i * m * n, n, T(1), gb + (sb ? i * sb : 0), n);
+    }
+  });
+}
+
+/// x (..., K) W^T with w (N, K), plus bias (N) when given: the Linear layer's op.
+template <Scalar T, Device D>
+Var<T, D> linear(const Var<T, D>& x, const Var<T, D>& w, const Var<T, D>& bias = Var<T, D>()) {
+  MIXMOE_CHECK(w.dim() == 2, "linear", "weight must be (out, in), got ", w.shape());
+  MIXMOE_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear", "input ", x.shape(), " does not match weight ", w.shape());
+  const index_t k = w.size(1), n = w.size(0), rows = x.numel() / std::max<index_t>(k, 1);
+  if (bias.defined())
+    MIXMOE_CHECK(bias.dim() == 1 && bias.size(0) == n, "linear", "bias ", bias.shape(), " for weight ", w.shape());
+  const Tensor<T, D> xv = x.value().contiguous(), wv = w.value().contiguous();
+  Shape oshape = x.shape().with(-1, n);
+  Tensor<T, D> out = Tensor<T, D>::empty(oshape);
+  if (bias.defined()) {
+    const T* pb = bias.value().contiguous().data();
+    for (index_t r = 0; r < rows; ++r) std::copy(pb, pb + n, out.data() + r * n);
+  }
+  cpu::gemm(false, true, rows, n, k, T(1), xv.data(), k, wv.data(), k, bias.defined() ? T(1) : T(0), out.data(), n);
+  return record("linear", std::move(out), {x, w, bias}, [xv, wv, rows, n, k](autograd::BackwardContext<T, D>& ctx) {
+    const T* g = ctx.grad_out().data();
+    if (ctx.needs_grad(0)) cpu::gemm(false, false, rows, k, n, T(1), g, n, wv.data(), k, T(1), ctx.grad_in(0).data(), k);
+    if (ctx.needs_grad(1)) cpu::gemm(true, false, n, k, rows, T(1), g, n, xv.data(), k, T(1), ctx.grad_in(1).data(), k);
+    if (ctx.needs_grad(2)) {
+      T* gb = ctx.grad_in(2).data();
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t j = 0; j < n; ++j) gb[j] += g[r * n + j];
+    }
+  });
+}
+
+}  // namespace mixmoe
