@@ -15,3 +15,4 @@
 #include "mixmoe/ops/elementwise.hpp"
 #include "mixmoe/ops/matmul.hpp"
 #include "mixmoe/ops/reduce.hpp"
+#include "mixmoe/train/optimizer.hpp"

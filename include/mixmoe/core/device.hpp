@@ -3,6 +3,7 @@
 #pragma once
 
 #include <concepts>
+#include <cstdint>
 #include <type_traits>
 
 namespace mixmoe {
@@ -18,8 +19,16 @@ concept Device = requires {
   { D::name } -> std::convertible_to<const char*>;
 };
 
-/// Scalar types a tensor may hold.
+/// Floating-point types that carry gradients (Var<T, D>).
 template <class T>
 concept Scalar = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+/// Element types a tensor may hold: the scalars, plus integers for indices
+/// (token ids, expert ids, gather/scatter positions).
+template <class T>
+concept Element = Scalar<T> || std::is_same_v<T, std::int32_t> || std::is_same_v<T, std::int64_t>;
+
+/// The integer type of index tensors (token ids, expert assignments, positions).
+using Index = std::int32_t;
 
 }  // namespace mixmoe

@@ -38,7 +38,7 @@ struct Storage {
 
 }  // namespace detail
 
-template <Scalar T, Device D = Cpu>
+template <Element T, Device D = Cpu>
 class Tensor {
  public:
   using value_type = T;
@@ -93,6 +93,15 @@ class Tensor {
     for (index_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(gen.uniform(lo, hi));
     return t;
   }
+  /// Copies integer indices (token ids, positions) into a new tensor of `shape`.
+  static Tensor from_indices(std::span<const int> values, const Shape& shape) {
+    MIXMOE_CHECK(static_cast<index_t>(values.size()) == shape.numel(), "Tensor::from_indices", values.size(),
+                 " values for shape ", shape);
+    Tensor t = empty(shape);
+    for (std::size_t i = 0; i < values.size(); ++i) t.data()[i] = static_cast<T>(values[i]);
+    return t;
+  }
+
   /// 0, 1, ..., n-1 as a 1-D tensor.
   static Tensor arange(index_t n) {
     Tensor t = empty(Shape{n});
@@ -263,7 +272,7 @@ class Tensor {
   }
 
   /// Converts the scalar type (a copy).
-  template <Scalar U>
+  template <Element U>
   [[nodiscard]] Tensor<U, D> to() const {
     const Tensor c = contiguous();
     auto out = Tensor<U, D>::empty(shape_);
