@@ -1,0 +1,143 @@
+// Cross-entropy of logits against integer class targets, as one fused op:
+// log-softmax, optional label smoothing, ignore_index and the reduction.
+//
+//   V classes (vocabulary), N = number of positions (all axes but the last)
+//   cross_entropy: logits (..., V), targets (...) -> () for mean/sum, (...) for none
+//
+// With label smoothing eps the target distribution of a position with class t is
+// q = (1 - eps) * onehot(t) + eps / V (as in PyTorch), and its loss is
+//   -sum_j q_j log softmax(x)_j = (1 - eps) (lse - x_t) + eps (lse - mean_j x_j),
+// lse = log sum_j exp x_j. Positions whose target is ignore_index contribute 0;
+// the mean divides by the number of positions that are not ignored (and is 0, not
+// NaN, when all are). The gradient of a row is scale * (softmax(x) - q).
+#pragma once
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+
+#include "mixmoe/autograd/var.hpp"
+#include "mixmoe/backend/cpu/parallel.hpp"
+#include "mixmoe/ops/index.hpp"
+
+namespace mixmoe {
+
+/// How a per-position loss is reduced.
+enum class Reduction { mean, sum, none };
+
+struct CrossEntropyOptions {
+  Index ignore_index = -100;     // targets equal to this contribute no loss and no gradient
+  double label_smoothing = 0.0;  // eps in [0, 1]
+  Reduction reduction = Reduction::mean;
+};
+
+/// Softmax cross-entropy over the last axis of logits; see the header comment.
+template <Scalar T, Device D>
+Var<T, D> cross_entropy(const Var<T, D>& logits, const Tensor<Index, D>& targets, CrossEntropyOptions opt = {}) {
+  MIXMOE_CHECK(logits.dim() >= 1, "cross_entropy", "logits must have a class axis, got shape ", logits.shape());
+  const Shape expect = logits.shape().without(-1);
+  MIXMOE_CHECK(targets.shape() == expect, "cross_entropy", "targets of shape ", targets.shape(), " do not match logits of shape ",
+               logits.shape(), ": expected ", expect);
+  const index_t v = logits.size(-1);
+  MIXMOE_CHECK(v > 0, "cross_entropy", "logits of shape ", logits.shape(), " have no classes");
+  MIXMOE_CHECK(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0, "cross_entropy", "label_smoothing ",
+               opt.label_smoothing, " is outside [0, 1]");
+  const Tensor<Index, D> tc = targets.contiguous();  // (N)
+  const Index* pt = tc.data();
+  const index_t rows = tc.numel();
+  index_t count = 0;  // positions that are not ignored
+  for (index_t r = 0; r < rows; ++r) {
+    if (pt[r] == opt.ignore_index) continue;
+    MIXMOE_CHECK(pt[r] >= 0 && pt[r] < v, "cross_entropy", "target ", pt[r], " at position ",
+                 detail::index_position(tc.shape(), r), " is out of range for V = ", v, " classes (ignore_index is ",
+                 opt.ignore_index, ")");
+    ++count;
+  }
+
+  using Row = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+  const Tensor<T, D> xc = logits.value().contiguous();  // (N, V)
+  // Per row (max, log sum exp(x - max)), kept for the backward: softmax = exp((x - max) - log_s)
+  // stays accurate in float, where exp(x - lse) would lose the low bits of a large lse.
+  auto stats = Tensor<double, D>::empty({rows, 2});
+  auto losses = Tensor<double, D>::empty({rows});
+  const double eps = opt.label_smoothing;
+  const index_t grain = std::max<index_t>(1, (1 << 14) / v);
+  {
+    const T* px = xc.data();
+    double* pst = stats.data();
+    double* ploss = losses.data();
+    cpu::parallel_for(rows, grain, [&](index_t lo, index_t hi) {
+      auto scratch = Tensor<T, D>::empty({v});
+      Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> e(scratch.data(), v);
+      for (index_t r = lo; r < hi; ++r) {
+        const Row x(px + r * v, v);
+        const T mx = x.maxCoeff();
+        e = (x - mx).exp();  // vectorised in T; the sum below is in double
+        double s = 0;
+        for (index_t j = 0; j < v; ++j) s += static_cast<double>(e[j]);
+        const double log_s = std::log(s);
+        pst[2 * r] = static_cast<double>(mx);
+        pst[2 * r + 1] = log_s;
+        if (pt[r] == opt.ignore_index) {
+          ploss[r] = 0;
+          continue;
+        }
+        double loss = (1.0 - eps) * (static_cast<double>(mx) - static_cast<double>(x[pt[r]]) + log_s);
+        if (eps > 0) {
+          double shifted = 0;  // sum_j (x_j - max)
+          for (index_t j = 0; j < v; ++j) shifted += static_cast<double>(x[j]) - static_cast<double>(mx);
+          loss += eps * (log_s - shifted / static_cast<double>(v));
+        }
+        ploss[r] = loss;
+      }
+    });
+  }
+
+  Tensor<T, D> out;
+  if (opt.reduction == Reduction::none) {
+    out = Tensor<T, D>::empty(expect);  // (...)
+    for (index_t r = 0; r < rows; ++r) out.data()[r] = static_cast<T>(losses.data()[r]);
+  } else {
+    double total = 0;
+    for (index_t r = 0; r < rows; ++r) total += losses.data()[r];
+    if (opt.reduction == Reduction::mean) total = count > 0 ? total / static_cast<double>(count) : 0.0;
+    out = Tensor<T, D>::scalar(static_cast<T>(total));  // ()
+  }
+
+  return record("cross_entropy", std::move(out), {logits},
+                [xc, tc, stats, opt, v, rows, count, grain](autograd::BackwardContext<T, D>& ctx) {
+                  const Tensor<T, D>& g = ctx.grad_out();
+                  // The per-row factor on (softmax - q): the output gradient, divided by the count for the mean.
+                  const bool per_row = opt.reduction == Reduction::none;
+                  const double common = per_row ? 0.0
+                                        : opt.reduction == Reduction::sum
+                                            ? static_cast<double>(g.item())
+                                            : (count > 0 ? static_cast<double>(g.item()) / static_cast<double>(count) : 0.0);
+                  const double eps = opt.label_smoothing;
+                  Tensor<T, D> gx = Tensor<T, D>::empty(xc.shape());  // (..., V)
+                  const T* px = xc.data();
+                  const T* pg = g.data();
+                  const Index* pt = tc.data();
+                  const double* pst = stats.data();
+                  T* pgx = gx.data();
+                  cpu::parallel_for(rows, grain, [&](index_t lo, index_t hi) {
+                    for (index_t r = lo; r < hi; ++r) {
+                      Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> gr(pgx + r * v, v);
+                      const double scale = per_row ? static_cast<double>(pg[r]) : common;
+                      if (pt[r] == opt.ignore_index || scale == 0.0) {
+                        gr.setZero();
+                        continue;
+                      }
+                      const Row x(px + r * v, v);
+                      const T mx = static_cast<T>(pst[2 * r]), log_s = static_cast<T>(pst[2 * r + 1]);
+                      gr = ((x - mx) - log_s).exp() * static_cast<T>(scale);
+                      if (eps > 0) gr -= static_cast<T>(scale * eps / static_cast<double>(v));
+                      gr[pt[r]] -= static_cast<T>(scale * (1.0 - eps));
+                    }
+                  });
+                  ctx.accumulate(0, std::move(gx));
+                });
+}
+
+}  // namespace mixmoe
