@@ -1,0 +1,264 @@
+// Element-wise functions of one tensor, each with its gradient: exp, log, sqrt,
+// relu, gelu (exact, erf form), gelu_tanh (tanh approximation, GPT-2), silu,
+// sigmoid, tanh, square and pow_scalar.
+//
+// Shapes: any. The result has the input's shape and is contiguous; so is the
+// gradient handed back to the input.
+//
+// Domain errors follow IEEE 754 instead of throwing, as std::log, std::sqrt and
+// std::pow do: log(0) = -inf, log and sqrt of negative values are NaN, and so is
+// pow_scalar of a negative base with a non-integer exponent. Checking every
+// element would cost an extra pass over the data on every call; a NaN loss is
+// caught once, by the training loop, instead. Gradients at the edge of a domain
+// are IEEE too: d sqrt(x)/dx and d log(x)/dx at x = 0 are +inf.
+//
+// The kernels run Eigen array expressions over contiguous chunks (vectorised
+// exp/log/tanh/sqrt), split across threads for large tensors, and allocate
+// nothing but the result: no Eigen temporaries.
+#pragma once
+
+#include <cmath>
+#include <numbers>
+
+#include <Eigen/Core>
+
+#include "mixmoe/autograd/var.hpp"
+#include "mixmoe/backend/cpu/parallel.hpp"
+
+namespace mixmoe {
+
+namespace detail::unary_impl {
+
+// Below this many elements per thread, splitting costs more than it saves.
+inline constexpr index_t kGrain = 1 << 14;
+
+template <class T>
+using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
+template <class T>
+using In = Eigen::Map<const Array<T>>;
+template <class T>
+using Out = Eigen::Map<Array<T>>;
+
+inline void check_defined(bool defined, const char* op) {
+  MIXMOE_CHECK(defined, op, "the input is an undefined Var");
+}
+
+/// A fresh contiguous tensor of x's shape; f(In x_chunk, Out out_chunk) fills it chunk by chunk.
+template <class T, class D, class F>
+Tensor<T, D> map_chunks(const Tensor<T, D>& x, F f) {
+  const Tensor<T, D> xc = x.contiguous();
+  Tensor<T, D> out = Tensor<T, D>::empty(x.shape());
+  const T* px = xc.data();
+  T* po = out.data();
+  cpu::parallel_for(out.numel(), kGrain, [&](index_t lo, index_t hi) {
+    const In<T> a(px + lo, hi - lo);
+    Out<T> o(po + lo, hi - lo);
+    f(a, o);
+  });
+  return out;
+}
+
+/// The same with two same-shaped contiguous inputs: f(In g, In s, Out out), for backwards
+/// where g is the output gradient and s the saved input or output.
+template <class T, class D, class F>
+Tensor<T, D> map_chunks(const Tensor<T, D>& g, const Tensor<T, D>& s, F f) {
+  Tensor<T, D> out = Tensor<T, D>::empty(g.shape());
+  const T* pg = g.data();
+  const T* ps = s.data();
+  T* po = out.data();
+  cpu::parallel_for(out.numel(), kGrain, [&](index_t lo, index_t hi) {
+    const In<T> a(pg + lo, hi - lo), b(ps + lo, hi - lo);
+    Out<T> o(po + lo, hi - lo);
+    f(a, b, o);
+  });
+  return out;
+}
+
+/// o = sigmoid(a) without overflow: with e = exp(-|a|) <= 1, sigmoid is 1/(1+e) for
+/// a >= 0 and e/(1+e) for a < 0, so tiny results keep their relative precision.
+template <class T>
+void sigmoid_into(const In<T>& a, Out<T>& o) {
+  o = (-a.abs()).exp();
+  o = (a >= T(0)).select(T(1) / (T(1) + o), o / (T(1) + o));
+}
+
+template <class T>
+inline constexpr T kGeluTanhK = std::numbers::sqrt2_v<T> * std::numbers::inv_sqrtpi_v<T>;  // sqrt(2 / pi)
+template <class T>
+inline constexpr T kGeluTanhC = T(0.044715);
+
+}  // namespace detail::unary_impl
+
+/// e^x. The backward reuses the output: d e^x = e^x.
+template <Scalar T, Device D>
+Var<T, D> exp(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "exp");
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.exp(); });
+  return record("exp", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(), [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }));
+  });
+}
+
+/// Natural logarithm; IEEE for x <= 0 (-inf at 0, NaN below), see the file comment.
+template <Scalar T, Device D>
+Var<T, D> log(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "log");
+  const Tensor<T, D> xc = x.value().contiguous();
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.log(); });
+  return record("log", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) { o = g / v; }));
+  });
+}
+
+/// Square root; NaN for x < 0. The backward reuses the output: d sqrt(x) = 1 / (2 sqrt(x)).
+template <Scalar T, Device D>
+Var<T, D> sqrt(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "sqrt");
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.sqrt(); });
+  return record("sqrt", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = T(0.5) * g / y; }));
+  });
+}
+
+/// max(x, 0); NaN stays NaN (so a diverging run is not hidden). The gradient at 0 is 0.
+template <Scalar T, Device D>
+Var<T, D> relu(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "relu");
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = (a < T(0)).select(T(0), a); });
+  return record("relu", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
+    // y > 0 exactly where x > 0, so the output serves as the mask.
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = (y > T(0)).select(g, T(0)); }));
+  });
+}
+
+/// Exact GELU: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), Phi the standard normal CDF.
+template <Scalar T, Device D>
+Var<T, D> gelu(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "gelu");
+  constexpr T kRsqrt2 = T(1) / std::numbers::sqrt2_v<T>;
+  const Tensor<T, D> xc = x.value().contiguous();
+  // std::erf has no Eigen packet form: a plain loop.
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
+    for (index_t i = 0; i < a.size(); ++i) o[i] = T(0.5) * a[i] * (T(1) + std::erf(a[i] * kRsqrt2));
+  });
+  return record("gelu", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
+      // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+      constexpr T kRsqrt2Pi = std::numbers::inv_sqrtpi_v<T> * kRsqrt2;
+      for (index_t i = 0; i < v.size(); ++i) {
+        const T cdf = T(0.5) * (T(1) + std::erf(v[i] * kRsqrt2));
+        const T pdf = kRsqrt2Pi * std::exp(T(-0.5) * v[i] * v[i]);
+        o[i] = g[i] * (cdf + v[i] * pdf);
+      }
+    }));
+  });
+}
+
+/// GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+template <Scalar T, Device D>
+Var<T, D> gelu_tanh(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "gelu_tanh");
+  const Tensor<T, D> xc = x.value().contiguous();
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
+    o = T(0.5) * a * (T(1) + (kGeluTanhK<T> * (a + kGeluTanhC<T> * a.cube())).tanh());
+  });
+  return record("gelu_tanh", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
+      // t = tanh(u) goes through o first (cwise, so reading and writing o in place is safe).
+      // du/dx = k (1 + 3 c x^2) only matters where tanh is not saturated (|x| < 10); capping x^2
+      // keeps 0 * inf = NaN out when x^2 overflows.
+      o = (kGeluTanhK<T> * (v + kGeluTanhC<T> * v.cube())).tanh();
+      o = g * (T(0.5) * (T(1) + o) + T(0.5) * v * (T(1) - o.square()) * kGeluTanhK<T> *
+                                         (T(1) + T(3) * kGeluTanhC<T> * v.square().min(T(1e4))));
+    }));
+  });
+}
+
+/// 1 / (1 + e^-x), without overflow for large |x|. The backward reuses the output: y (1 - y).
+template <Scalar T, Device D>
+Var<T, D> sigmoid(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "sigmoid");
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { sigmoid_into(a, o); });
+  return record("sigmoid", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y * (T(1) - y); }));
+  });
+}
+
+/// SiLU (swish): x * sigmoid(x).
+template <Scalar T, Device D>
+Var<T, D> silu(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "silu");
+  const Tensor<T, D> xc = x.value().contiguous();
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
+    sigmoid_into(a, o);
+    o *= a;
+  });
+  return record("silu", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
+      sigmoid_into(v, o);                          // s
+      o = g * o * (T(1) + v * (T(1) - o));  // d/dx x s(x) = s (1 + x (1 - s))
+    }));
+  });
+}
+
+/// Hyperbolic tangent. The backward reuses the output: 1 - y^2.
+template <Scalar T, Device D>
+Var<T, D> tanh(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "tanh");
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.tanh(); });
+  return record("tanh", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * (T(1) - y.square()); }));
+  });
+}
+
+/// x^2.
+template <Scalar T, Device D>
+Var<T, D> square(const Var<T, D>& x) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "square");
+  const Tensor<T, D> xc = x.value().contiguous();
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.square(); });
+  return record("square", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) { o = T(2) * g * v; }));
+  });
+}
+
+/// x^p for a constant exponent p, as std::pow (NaN for a negative base with non-integer p).
+/// p = 0 gives ones and a zero gradient everywhere, x = 0 included.
+template <Scalar T, Device D>
+Var<T, D> pow_scalar(const Var<T, D>& x, double p) {
+  using namespace detail::unary_impl;
+  check_defined(x.defined(), "pow_scalar");
+  MIXMOE_CHECK(std::isfinite(p), "pow_scalar", "the exponent must be finite, got ", p);
+  const T k = static_cast<T>(p);
+  const Tensor<T, D> xc = x.value().contiguous();
+  // std::pow, not Eigen's packet pow: exactly the documented IEEE semantics, and GCC 12 warns
+  // (-Wuninitialized, a false positive inside its AVX-512 intrinsics) on Eigen's version.
+  auto out = map_chunks(xc, [k](const In<T>& a, Out<T>& o) {
+    for (index_t i = 0; i < a.size(); ++i) o[i] = std::pow(a[i], k);
+  });
+  return record("pow_scalar", std::move(out), {x}, [xc, k](autograd::BackwardContext<T, D>& ctx) {
+    if (k == T(0)) {  // p x^(p-1) would be 0 * inf = NaN at x = 0
+      ctx.accumulate(0, Tensor<T, D>::zeros(xc.shape()));
+      return;
+    }
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [k](const In<T>& g, const In<T>& v, Out<T>& o) {
+      for (index_t i = 0; i < v.size(); ++i) o[i] = k * g[i] * std::pow(v[i], k - T(1));
+    }));
+  });
+}
+
+}  // namespace mixmoe
