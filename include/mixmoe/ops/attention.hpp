@@ -32,6 +32,17 @@ namespace detail {
 /// Query rows per block: the scores of a block are (kAttentionRowBlock, Tk).
 inline constexpr index_t kAttentionRowBlock = 64;
 
+/// The per-head products run inside parallel tasks, one head per thread at a time, so
+/// they use the single-threaded Eigen GEMM: a multi-threaded BLAS called from every
+/// worker at once oversubscribes the cores and its threads spin against each other
+/// (measured 10-30x slower than single-threaded products on a shared 2-core machine).
+template <class T>
+void head_gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
+               const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+  if (m == 0 || n == 0) return;
+  cpu::gemm_eigen(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 /// Swaps axes 1 and 2 of x (N, A, C, Dh) into a contiguous copy: (B, T, H, Dh) <-> (B, H, T, Dh).
 template <class T, class D>
 Tensor<T, D> swap_axes_1_2(const Tensor<T, D>& x) {
@@ -58,7 +69,7 @@ void attention_forward_head(const T* q, const T* k, const T* v, T* o, T* lse, in
   for (index_t r0 = 0; r0 < tq; r0 += kAttentionRowBlock) {
     const index_t rows = std::min(kAttentionRowBlock, tq - r0);
     const index_t n = past + r0 + rows;  // keys visible to the block's last row: later keys are masked for all
-    cpu::gemm(false, true, rows, n, dh, scale, q + r0 * dh, dh, k, dh, T(0), s, n);  // (rows, n)
+    head_gemm(false, true, rows, n, dh, scale, q + r0 * dh, dh, k, dh, T(0), s, n);  // (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       T* si = s + i * n;
       const index_t len = past + r0 + i + 1;  // keys 0 .. position of this query
@@ -71,7 +82,7 @@ void attention_forward_head(const T* q, const T* k, const T* v, T* o, T* lse, in
       std::fill(si + len, si + n, T(0));
       lse[r0 + i] = m + static_cast<T>(std::log(sum));
     }
-    cpu::gemm(false, false, rows, dh, n, T(1), s, n, v, dh, T(0), o + r0 * dh, dh);  // (rows, Dh)
+    head_gemm(false, false, rows, dh, n, T(1), s, n, v, dh, T(0), o + r0 * dh, dh);  // (rows, Dh)
   }
 }
 
@@ -93,7 +104,7 @@ void attention_backward_head(const T* q, const T* k, const T* v, const T* o, con
     const index_t rows = std::min(kAttentionRowBlock, tq - r0), n = past + r0 + rows;
     const T* qb = q + r0 * dh;    // (rows, Dh)
     const T* gob = go + r0 * dh;  // (rows, Dh)
-    cpu::gemm(false, true, rows, n, dh, scale, qb, dh, k, dh, T(0), s, n);  // S (rows, n)
+    head_gemm(false, true, rows, n, dh, scale, qb, dh, k, dh, T(0), s, n);  // S (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       T* si = s + i * n;
       const index_t len = past + r0 + i + 1;
@@ -101,17 +112,17 @@ void attention_backward_head(const T* q, const T* k, const T* v, const T* o, con
       e = (e - lse[r0 + i]).exp();  // P recomputed from the saved log-sum-exp
       std::fill(si + len, si + n, T(0));
     }
-    if (dv) cpu::gemm(true, false, n, dh, rows, T(1), s, n, gob, dh, T(1), dv, dh);  // dV += P^T dO
+    if (dv) head_gemm(true, false, n, dh, rows, T(1), s, n, gob, dh, T(1), dv, dh);  // dV += P^T dO
     if (!dq && !dk) continue;
-    cpu::gemm(false, true, rows, n, dh, T(1), gob, dh, v, dh, T(0), dp, n);  // dP = dO V^T (rows, n)
+    head_gemm(false, true, rows, n, dh, T(1), gob, dh, v, dh, T(0), dp, n);  // dP = dO V^T (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       const T di = delta[r0 + i];
       T* dpi = dp + i * n;
       const T* pi = s + i * n;
       for (index_t j = 0; j < n; ++j) dpi[j] = pi[j] * (dpi[j] - di);  // dS; masked entries have P = 0
     }
-    if (dq) cpu::gemm(false, false, rows, dh, n, scale, dp, n, k, dh, T(0), dq + r0 * dh, dh);  // dQ = scale dS K
-    if (dk) cpu::gemm(true, false, n, dh, rows, scale, dp, n, qb, dh, T(1), dk, dh);            // dK += scale dS^T Q
+    if (dq) head_gemm(false, false, rows, dh, n, scale, dp, n, k, dh, T(0), dq + r0 * dh, dh);  // dQ = scale dS K
+    if (dk) head_gemm(true, false, n, dh, rows, scale, dp, n, qb, dh, T(1), dk, dh);            // dK += scale dS^T Q
   }
 }
 
