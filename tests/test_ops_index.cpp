@@ -68,12 +68,13 @@ TEST_CASE("index_select: values and accumulating backward", "[ops][index]") {
     const Shape s{3, 4, 5};
     const index_t n = s[axis < 0 ? axis + 3 : axis];
     const Ti rep = rand_index({7}, n, 10 + static_cast<std::uint64_t>(axis + 1));  // 7 picks from <= 5: repeats
-    MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return index_select(in[0], axis, rep); }, {rand_var(s, 1)});
+    MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return index_select(in[0], axis, rep); },
+                             {rand_var(s, 1)});
     // a transposed (non-contiguous) x: axes 0 and 2 swap, so the picked axis has extent s[2 - a]
     const int a = axis < 0 ? axis + 3 : axis;
     const Ti rep_t = rand_index({6}, s[2 - a], 20 + static_cast<std::uint64_t>(a));
-    MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return index_select(transpose(in[0], 0, 2), axis, rep_t); },
-                             {rand_var(s, 2)});
+    MIXMOE_REQUIRE_GRADCHECK(
+        [=](const std::vector<Vd>& in) { return index_select(transpose(in[0], 0, 2), axis, rep_t); }, {rand_var(s, 2)});
   }
   // a non-contiguous index tensor
   const Ti idx2 = Ti::from({2, 9, 1, 9, 0, 9}, {3, 2}).transpose(0, 1)[0];  // {2, 1, 0} with stride 2
@@ -117,7 +118,8 @@ TEST_CASE("gather: torch semantics, values and gradients", "[ops][index]") {
   REQUIRE(t.grad().to_vector() == std::vector<double>{3, 0, 4, 3});  // t[0, 0] picked twice
   // along axis 0, with an index smaller than x off the axis
   auto x = Vd(Td::arange(12).reshape({3, 4}));
-  REQUIRE(gather(x, 0, Ti::from({2, 0, 1, 2, 2, 2}, {2, 3})).value().to_vector() == std::vector<double>{8, 1, 6, 8, 9, 10});
+  REQUIRE(gather(x, 0, Ti::from({2, 0, 1, 2, 2, 2}, {2, 3})).value().to_vector() ==
+          std::vector<double>{8, 1, 6, 8, 9, 10});
 
   const Shape s{3, 4, 5};
   for (int axis : {0, 1, 2, -1}) {
@@ -163,8 +165,10 @@ TEST_CASE("scatter_add: torch semantics, values and gradients", "[ops][index]") 
       Shape ss = is;  // src one larger than the index on every axis: the extra elements get no gradient
       for (int d = 0; d < 3; ++d) ss[d] += 1;
       auto xv = rand_var(s, 7), sv = rand_var(ss, 8);
-      REQUIRE(max_abs_diff(scatter_add(xv, axis, idx, sv).value(), naive_scatter_add(xv.value(), a, idx, sv.value())) < 1e-14);
-      MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return scatter_add(in[0], axis, idx, in[1]); }, {xv, sv});
+      REQUIRE(max_abs_diff(scatter_add(xv, axis, idx, sv).value(), naive_scatter_add(xv.value(), a, idx, sv.value())) <
+              1e-14);
+      MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return scatter_add(in[0], axis, idx, in[1]); },
+                               {xv, sv});
       // only src, or only x, differentiable
       MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return scatter_add(in[0], axis, idx, in[1]); },
                                {rand_var(s, 9, false), rand_var(ss, 10)});
@@ -196,28 +200,35 @@ TEST_CASE("float index ops agree with double", "[ops][index]") {
 
 TEST_CASE("index ops name the bad index, its position and the extent", "[ops][index][errors]") {
   auto x = rand_var({4, 3}, 1);
-  MIXMOE_REQUIRE_ERROR(index_select(x, 0, Ti::from({0, 5, 1}, {3})),
-                       "[index_select] index 5 at position (1) is out of range for axis 0 of extent 4 (x of shape (4, 3))");
+  MIXMOE_REQUIRE_ERROR(
+      index_select(x, 0, Ti::from({0, 5, 1}, {3})),
+      "[index_select] index 5 at position (1) is out of range for axis 0 of extent 4 (x of shape (4, 3))");
   MIXMOE_REQUIRE_ERROR(index_select(x, -1, Ti::from({0, -1}, {2})),
                        "[index_select] index -1 at position (1) is out of range for axis -1 of extent 3");
-  MIXMOE_REQUIRE_ERROR(index_select(x, 0, Ti::from({0, 1}, {1, 2})), "[index_select] index must be 1-D, got shape (1, 2)");
+  MIXMOE_REQUIRE_ERROR(index_select(x, 0, Ti::from({0, 1}, {1, 2})),
+                       "[index_select] index must be 1-D, got shape (1, 2)");
   MIXMOE_REQUIRE_ERROR(index_select(x, 2, Ti::from({0}, {1})), "[index_select] axis 2 out of range for shape (4, 3)");
 
-  MIXMOE_REQUIRE_ERROR(gather(x, 1, Ti::from({0, 1, 2, 3}, {2, 2})),
-                       "[gather] index 3 at position (1, 1) is out of range for axis 1 of extent 3 (x of shape (4, 3))");
-  MIXMOE_REQUIRE_ERROR(gather(x, 1, Ti::from({0, 1}, {2})), "[gather] index of shape (2) must have the rank of x of shape (4, 3)");
-  MIXMOE_REQUIRE_ERROR(gather(x, 1, Ti::zeros({5, 1})),
-                       "[gather] index of shape (5, 1) is larger than x of shape (4, 3) on axis 0 (only the gather axis 1");
+  MIXMOE_REQUIRE_ERROR(
+      gather(x, 1, Ti::from({0, 1, 2, 3}, {2, 2})),
+      "[gather] index 3 at position (1, 1) is out of range for axis 1 of extent 3 (x of shape (4, 3))");
+  MIXMOE_REQUIRE_ERROR(gather(x, 1, Ti::from({0, 1}, {2})),
+                       "[gather] index of shape (2) must have the rank of x of shape (4, 3)");
+  MIXMOE_REQUIRE_ERROR(
+      gather(x, 1, Ti::zeros({5, 1})),
+      "[gather] index of shape (5, 1) is larger than x of shape (4, 3) on axis 0 (only the gather axis 1");
   MIXMOE_REQUIRE_ERROR(gather(x, -3, Ti::zeros({4, 3})), "[gather] axis -3 out of range for shape (4, 3)");
 
   auto src = rand_var({4, 3}, 2);
-  MIXMOE_REQUIRE_ERROR(scatter_add(x, 0, Ti::from({0, 4}, {1, 2}), src),
-                       "[scatter_add] index 4 at position (0, 1) is out of range for axis 0 of extent 4 (x of shape (4, 3))");
+  MIXMOE_REQUIRE_ERROR(
+      scatter_add(x, 0, Ti::from({0, 4}, {1, 2}), src),
+      "[scatter_add] index 4 at position (0, 1) is out of range for axis 0 of extent 4 (x of shape (4, 3))");
   MIXMOE_REQUIRE_ERROR(scatter_add(x, 0, Ti::zeros({2}), src),
                        "[scatter_add] x (4, 3), index (2) and src (4, 3) must have the same rank");
   MIXMOE_REQUIRE_ERROR(scatter_add(x, 0, Ti::zeros({5, 3}), src),
                        "[scatter_add] index of shape (5, 3) is larger than src of shape (4, 3) on axis 0");
-  MIXMOE_REQUIRE_ERROR(scatter_add(x, 0, Ti::zeros({1, 4}), rand_var({1, 4}, 3)),
-                       "[scatter_add] index of shape (1, 4) is larger than x of shape (4, 3) on axis 1 (only the scatter axis 0");
+  MIXMOE_REQUIRE_ERROR(
+      scatter_add(x, 0, Ti::zeros({1, 4}), rand_var({1, 4}, 3)),
+      "[scatter_add] index of shape (1, 4) is larger than x of shape (4, 3) on axis 1 (only the scatter axis 0");
   MIXMOE_REQUIRE_ERROR(scatter_add(x, 2, Ti::zeros({1, 1}), src), "[scatter_add] axis 2 out of range for shape (4, 3)");
 }

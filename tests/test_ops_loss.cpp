@@ -143,7 +143,8 @@ TEST_CASE("gradcheck: cross_entropy", "[ops][loss][gradcheck]") {
       for (double eps : {0.0, 0.2}) {
         INFO("logits " << shape << " reduction " << static_cast<int>(red) << " smoothing " << eps);
         const CrossEntropyOptions opt{.ignore_index = -1, .label_smoothing = eps, .reduction = red};
-        MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return cross_entropy(in[0], t, opt); }, {rand_var(shape, 5)});
+        MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return cross_entropy(in[0], t, opt); },
+                                 {rand_var(shape, 5)});
       }
   }
   // non-contiguous logits: the class axis comes from a transpose
@@ -183,16 +184,19 @@ TEST_CASE("cross_entropy in float on a large batch matches double", "[ops][loss]
 
 TEST_CASE("cross_entropy errors name the bad target, shapes and options", "[ops][loss][errors]") {
   auto logits = rand_var({2, 3, 5}, 1);
-  MIXMOE_REQUIRE_ERROR(cross_entropy(logits, Ti::from({0, 1, 2, 3, 5, 4}, {2, 3})),
-                       "[cross_entropy] target 5 at position (1, 1) is out of range for V = 5 classes (ignore_index is -100)");
+  MIXMOE_REQUIRE_ERROR(
+      cross_entropy(logits, Ti::from({0, 1, 2, 3, 5, 4}, {2, 3})),
+      "[cross_entropy] target 5 at position (1, 1) is out of range for V = 5 classes (ignore_index is -100)");
   MIXMOE_REQUIRE_ERROR(cross_entropy(logits, Ti::from({0, 1, 2, -1, 0, 0}, {2, 3})),
                        "[cross_entropy] target -1 at position (1, 0) is out of range for V = 5 classes");
   MIXMOE_REQUIRE_ERROR(cross_entropy(logits, Ti::zeros({6})),
                        "[cross_entropy] targets of shape (6) do not match logits of shape (2, 3, 5): expected (2, 3)");
   MIXMOE_REQUIRE_ERROR(cross_entropy(logits, Ti::zeros({2, 3}), {.label_smoothing = 1.5}),
                        "[cross_entropy] label_smoothing 1.5 is outside [0, 1]");
-  MIXMOE_REQUIRE_ERROR(cross_entropy(Vd(Td::scalar(1.0)), Ti::scalar(0)), "[cross_entropy] logits must have a class axis");
-  MIXMOE_REQUIRE_ERROR(cross_entropy(Vd(Td::zeros({2, 0})), Ti::zeros({2})), "[cross_entropy] logits of shape (2, 0) have no classes");
+  MIXMOE_REQUIRE_ERROR(cross_entropy(Vd(Td::scalar(1.0)), Ti::scalar(0)),
+                       "[cross_entropy] logits must have a class axis");
+  MIXMOE_REQUIRE_ERROR(cross_entropy(Vd(Td::zeros({2, 0})), Ti::zeros({2})),
+                       "[cross_entropy] logits of shape (2, 0) have no classes");
 }
 
 TEST_CASE("embedding: values and a backward that accumulates repeated ids", "[ops][embedding]") {
@@ -234,7 +238,9 @@ TEST_CASE("embedding errors name the id and the vocabulary", "[ops][embedding][e
   auto w = rand_var({10, 4}, 1);
   MIXMOE_REQUIRE_ERROR(embedding(w, Ti::from({1, 2, 12, 0}, {2, 2})),
                        "[embedding] id 12 at position (1, 0) is out of range for a vocabulary of V = 10");
-  MIXMOE_REQUIRE_ERROR(embedding(w, Ti::from({-3}, {1})), "[embedding] id -3 at position (0) is out of range for a vocabulary of V = 10");
+  MIXMOE_REQUIRE_ERROR(embedding(w, Ti::from({-3}, {1})),
+                       "[embedding] id -3 at position (0) is out of range for a vocabulary of V = 10");
   MIXMOE_REQUIRE_ERROR(embedding(rand_var({10}, 2), Ti::from({1}, {1})), "[embedding] weight must be (V, C), got (10)");
-  MIXMOE_REQUIRE_ERROR(embedding(w, Ti::zeros({1, 1, 1, 1, 1, 1})), "[embedding] ids of shape (1, 1, 1, 1, 1, 1) leave no room");
+  MIXMOE_REQUIRE_ERROR(embedding(w, Ti::zeros({1, 1, 1, 1, 1, 1})),
+                       "[embedding] ids of shape (1, 1, 1, 1, 1, 1) leave no room");
 }

@@ -69,16 +69,24 @@ TEST_CASE("transpose and permute: views, values and gradient layout", "[ops][sha
 
   for (auto [a, b] : std::vector<std::pair<int, int>>{{0, 1}, {0, 2}, {1, 2}, {-1, 0}, {1, 1}}) {
     INFO("transpose " << a << " " << b);
-    MIXMOE_REQUIRE_GRADCHECK([a, b](const std::vector<Vd>& in) { return transpose(in[0], a, b); }, {rand_var({2, 3, 4}, 3)});
+    MIXMOE_REQUIRE_GRADCHECK([a, b](const std::vector<Vd>& in) { return transpose(in[0], a, b); },
+                             {rand_var({2, 3, 4}, 3)});
   }
-  for (const std::vector<int>& ord : std::vector<std::vector<int>>{{0, 1, 2}, {2, 1, 0}, {1, 2, 0}, {2, 0, 1}, {-1, 0, -2}}) {
+  for (const std::vector<int>& ord :
+       std::vector<std::vector<int>>{{0, 1, 2}, {2, 1, 0}, {1, 2, 0}, {2, 0, 1}, {-1, 0, -2}}) {
     INFO("permute order of size " << ord.size() << " starting " << ord[0]);
-    MIXMOE_REQUIRE_GRADCHECK([ord](const std::vector<Vd>& in) { return permute(in[0], ord); }, {rand_var({2, 3, 4}, 4)});
+    MIXMOE_REQUIRE_GRADCHECK([ord](const std::vector<Vd>& in) { return permute(in[0], ord); },
+                             {rand_var({2, 3, 4}, 4)});
     // a chain of views: permute of a transposed view, then a copy-reshape
-    MIXMOE_REQUIRE_GRADCHECK([ord](const std::vector<Vd>& in) { return reshape(permute(transpose(in[0], 0, 1), ord), {-1}); },
-                             {rand_var({2, 3, 4}, 5)});
+    MIXMOE_REQUIRE_GRADCHECK(
+        [ord](const std::vector<Vd>& in) { return reshape(permute(transpose(in[0], 0, 1), ord), {-1}); },
+        {rand_var({2, 3, 4}, 5)});
   }
-  MIXMOE_REQUIRE_GRADCHECK([](const std::vector<Vd>& in) { return permute(in[0], {3, 1, 0, 2}); }, {rand_var({2, 1, 3, 2}, 6)});
+  MIXMOE_REQUIRE_GRADCHECK(
+      [](const std::vector<Vd>& in) {
+        return permute(in[0], {3, 1, 0, 2});
+      },
+      {rand_var({2, 1, 3, 2}, 6)});
 }
 
 TEST_CASE("slice: view values and a gradient that is zero outside the window", "[ops][shape]") {
@@ -95,13 +103,14 @@ TEST_CASE("slice: view values and a gradient that is zero outside the window", "
   for (int axis : {0, 1, 2, -1})
     for (auto [b, e] : std::vector<std::pair<index_t, index_t>>{{0, 1}, {1, 2}, {0, 2}}) {
       INFO("axis " << axis << " [" << b << ", " << e << ")");
-      MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return slice(in[0], axis, b, e); }, {rand_var({2, 3, 4}, 7)});
+      MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return slice(in[0], axis, b, e); },
+                               {rand_var({2, 3, 4}, 7)});
       MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return slice(transpose(in[0], 0, 2), axis, b, e); },
                                {rand_var({2, 3, 4}, 8)});
     }
   // two overlapping slices of the same input: their gradients add up
-  MIXMOE_REQUIRE_GRADCHECK(
-      [](const std::vector<Vd>& in) { return slice(in[0], 1, 0, 3) * slice(in[0], 1, 1, 4); }, {rand_var({2, 4, 3}, 9)});
+  MIXMOE_REQUIRE_GRADCHECK([](const std::vector<Vd>& in) { return slice(in[0], 1, 0, 3) * slice(in[0], 1, 1, 4); },
+                           {rand_var({2, 4, 3}, 9)});
 }
 
 TEST_CASE("concat: values and gradients per input", "[ops][shape]") {
@@ -124,11 +133,17 @@ TEST_CASE("concat: values and gradients per input", "[ops][shape]") {
   MIXMOE_REQUIRE_GRADCHECK(cat(0), {rand_var({3}, 4), rand_var({0}, 5), rand_var({2}, 6)});  // an empty input
   // an input that does not require grad gets none; the same input twice accumulates
   MIXMOE_REQUIRE_GRADCHECK(cat(1), {rand_var({2, 2}, 7), rand_var({2, 3}, 8, false)});
-  MIXMOE_REQUIRE_GRADCHECK([](const std::vector<Vd>& in) { return concat({in[0], in[1], in[0]}, 0); },
-                           {rand_var({2, 3}, 9), rand_var({1, 3}, 10)});
+  MIXMOE_REQUIRE_GRADCHECK(
+      [](const std::vector<Vd>& in) {
+        return concat({in[0], in[1], in[0]}, 0);
+      },
+      {rand_var({2, 3}, 9), rand_var({1, 3}, 10)});
   // non-contiguous inputs
-  MIXMOE_REQUIRE_GRADCHECK([](const std::vector<Vd>& in) { return concat({transpose(in[0], 0, 1), in[1]}, 1); },
-                           {rand_var({2, 3}, 11), rand_var({3, 4}, 12)});
+  MIXMOE_REQUIRE_GRADCHECK(
+      [](const std::vector<Vd>& in) {
+        return concat({transpose(in[0], 0, 1), in[1]}, 1);
+      },
+      {rand_var({2, 3}, 11), rand_var({3, 4}, 12)});
 }
 
 TEST_CASE("float shape ops match double", "[ops][shape]") {

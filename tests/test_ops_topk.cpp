@@ -73,7 +73,8 @@ TEST_CASE("topk: the gradient goes to the selected positions", "[ops][topk]") {
     const index_t n = s[axis < 0 ? axis + 3 : axis];
     for (index_t k : {index_t{1}, index_t{2}, n}) {
       INFO("axis " << axis << " k " << k);
-      MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return topk(in[0], k, axis).values; }, {rand_var(s, 1)});
+      MIXMOE_REQUIRE_GRADCHECK([=](const std::vector<Vd>& in) { return topk(in[0], k, axis).values; },
+                               {rand_var(s, 1)});
     }
   }
   // non-contiguous input: top-2 along what was axis 0
@@ -112,4 +113,12 @@ TEST_CASE("topk rejects k out of range and bad axes", "[ops][topk][errors]") {
   MIXMOE_REQUIRE_ERROR(topk(x, 5), "[topk] k = 5 is out of range [1, 4] for axis -1 of shape (2, 4)");
   MIXMOE_REQUIRE_ERROR(topk(x, 3, 0), "[topk] k = 3 is out of range [1, 2] for axis 0 of shape (2, 4)");
   MIXMOE_REQUIRE_ERROR(topk(x, 1, 2), "[topk] axis 2 out of range for shape (2, 4)");
+}
+
+TEST_CASE("topk: rewriting the returned indices does not change the gradient", "[ops][topk]") {
+  auto x = Vd(Td::from({1, 5, 3, 2}, {1, 4}), true);
+  auto r = topk(x, 2);
+  r.indices.fill_(0);  // e.g. a caller turning them into global expert ids in place
+  r.values.backward(Td::from({1, 2}, {1, 2}));
+  REQUIRE(x.grad().to_vector() == std::vector<double>{0, 1, 2, 0});
 }

@@ -37,8 +37,8 @@ template <Scalar T, Device D>
 Var<T, D> cross_entropy(const Var<T, D>& logits, const Tensor<Index, D>& targets, CrossEntropyOptions opt = {}) {
   MIXMOE_CHECK(logits.dim() >= 1, "cross_entropy", "logits must have a class axis, got shape ", logits.shape());
   const Shape expect = logits.shape().without(-1);
-  MIXMOE_CHECK(targets.shape() == expect, "cross_entropy", "targets of shape ", targets.shape(), " do not match logits of shape ",
-               logits.shape(), ": expected ", expect);
+  MIXMOE_CHECK(targets.shape() == expect, "cross_entropy", "targets of shape ", targets.shape(),
+               " do not match logits of shape ", logits.shape(), ": expected ", expect);
   const index_t v = logits.size(-1);
   MIXMOE_CHECK(v > 0, "cross_entropy", "logits of shape ", logits.shape(), " have no classes");
   MIXMOE_CHECK(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0, "cross_entropy", "label_smoothing ",
@@ -105,39 +105,39 @@ Var<T, D> cross_entropy(const Var<T, D>& logits, const Tensor<Index, D>& targets
     out = Tensor<T, D>::scalar(static_cast<T>(total));  // ()
   }
 
-  return record("cross_entropy", std::move(out), {logits},
-                [xc, tc, stats, opt, v, rows, count, grain](autograd::BackwardContext<T, D>& ctx) {
-                  const Tensor<T, D>& g = ctx.grad_out();
-                  // The per-row factor on (softmax - q): the output gradient, divided by the count for the mean.
-                  const bool per_row = opt.reduction == Reduction::none;
-                  const double common = per_row ? 0.0
-                                        : opt.reduction == Reduction::sum
-                                            ? static_cast<double>(g.item())
-                                            : (count > 0 ? static_cast<double>(g.item()) / static_cast<double>(count) : 0.0);
-                  const double eps = opt.label_smoothing;
-                  Tensor<T, D> gx = Tensor<T, D>::empty(xc.shape());  // (..., V)
-                  const T* px = xc.data();
-                  const T* pg = g.data();
-                  const Index* pt = tc.data();
-                  const double* pst = stats.data();
-                  T* pgx = gx.data();
-                  cpu::parallel_for(rows, grain, [&](index_t lo, index_t hi) {
-                    for (index_t r = lo; r < hi; ++r) {
-                      Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> gr(pgx + r * v, v);
-                      const double scale = per_row ? static_cast<double>(pg[r]) : common;
-                      if (pt[r] == opt.ignore_index || scale == 0.0) {
-                        gr.setZero();
-                        continue;
-                      }
-                      const Row x(px + r * v, v);
-                      const T mx = static_cast<T>(pst[2 * r]), log_s = static_cast<T>(pst[2 * r + 1]);
-                      gr = ((x - mx) - log_s).exp() * static_cast<T>(scale);
-                      if (eps > 0) gr -= static_cast<T>(scale * eps / static_cast<double>(v));
-                      gr[pt[r]] -= static_cast<T>(scale * (1.0 - eps));
-                    }
-                  });
-                  ctx.accumulate(0, std::move(gx));
-                });
+  auto backward = [xc, tc, stats, opt, v, rows, count, grain](autograd::BackwardContext<T, D>& ctx) {
+    const Tensor<T, D>& g = ctx.grad_out();
+    // The factor on (softmax - q) of a row: its output gradient, or the scalar one (over the count for the mean).
+    const bool per_row = opt.reduction == Reduction::none;
+    double common = 0.0;
+    if (opt.reduction == Reduction::sum) common = static_cast<double>(g.item());
+    if (opt.reduction == Reduction::mean && count > 0)
+      common = static_cast<double>(g.item()) / static_cast<double>(count);
+    const double eps = opt.label_smoothing;
+    Tensor<T, D> gx = Tensor<T, D>::empty(xc.shape());  // (..., V)
+    const T* px = xc.data();
+    const T* pg = g.data();
+    const Index* pt = tc.data();
+    const double* pst = stats.data();
+    T* pgx = gx.data();
+    cpu::parallel_for(rows, grain, [&](index_t lo, index_t hi) {
+      for (index_t r = lo; r < hi; ++r) {
+        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> gr(pgx + r * v, v);
+        const double scale = per_row ? static_cast<double>(pg[r]) : common;
+        if (pt[r] == opt.ignore_index || scale == 0.0) {
+          gr.setZero();
+          continue;
+        }
+        const Row x(px + r * v, v);
+        const T mx = static_cast<T>(pst[2 * r]), log_s = static_cast<T>(pst[2 * r + 1]);
+        gr = ((x - mx) - log_s).exp() * static_cast<T>(scale);
+        if (eps > 0) gr -= static_cast<T>(scale * eps / static_cast<double>(v));
+        gr[pt[r]] -= static_cast<T>(scale * (1.0 - eps));
+      }
+    });
+    ctx.accumulate(0, std::move(gx));
+  };
+  return record("cross_entropy", std::move(out), {logits}, std::move(backward));
 }
 
 }  // namespace mixmoe

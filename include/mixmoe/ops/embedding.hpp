@@ -16,14 +16,14 @@ namespace mixmoe {
 template <Scalar T, Device D>
 Var<T, D> embedding(const Var<T, D>& weight, const Tensor<Index, D>& ids) {
   MIXMOE_CHECK(weight.dim() == 2, "embedding", "weight must be (V, C), got ", weight.shape());
-  MIXMOE_CHECK(ids.dim() < kMaxDims, "embedding", "ids of shape ", ids.shape(), " leave no room for the channel axis (at most ",
-               kMaxDims, " axes)");
+  MIXMOE_CHECK(ids.dim() < kMaxDims, "embedding", "ids of shape ", ids.shape(),
+               " leave no room for the channel axis (at most ", kMaxDims, " axes)");
   const index_t v = weight.size(0), c = weight.size(1);
   const Tensor<Index, D> ic = ids.contiguous();  // (...)
   const Index* pi = ic.data();
   for (index_t i = 0, n = ic.numel(); i < n; ++i)
-    MIXMOE_CHECK(pi[i] >= 0 && pi[i] < v, "embedding", "id ", pi[i], " at position ", detail::index_position(ic.shape(), i),
-                 " is out of range for a vocabulary of V = ", v);
+    MIXMOE_CHECK(pi[i] >= 0 && pi[i] < v, "embedding", "id ", pi[i], " at position ",
+                 detail::index_position(ic.shape(), i), " is out of range for a vocabulary of V = ", v);
   Shape oshape = ic.shape();
   oshape.push_back(c);
   const index_t tokens = ic.numel();

@@ -2,7 +2,8 @@
 //
 // Index tensors are Tensor<Index> and are not differentiable. Every index is
 // range-checked before any work, and the error names the bad value, its position
-// in the index tensor and the extent it must stay below.
+// in the index tensor and the extent it must stay below. The backward reads the
+// index tensor it was given (shared, not copied): leave it unchanged until then.
 //
 //   index_select: x (..., N, ...), index (M)            -> (..., M, ...)
 //                 out[..., j, ...] = x[..., index[j], ...]
@@ -54,7 +55,8 @@ void check_index_range(const Tensor<Index, D>& ic, index_t extent, const char* o
 /// out[o, j, :] = x[o, index[j], :] for x (outer, n, inner) and out (outer, m, inner).
 template <class T>
 void select_rows(const T* x, index_t outer, index_t n, index_t inner, const Index* index, index_t m, T* out) {
-  cpu::parallel_for(outer * m, std::max<index_t>(1, (1 << 14) / std::max<index_t>(1, inner)), [&](index_t lo, index_t hi) {
+  const index_t grain = std::max<index_t>(1, (1 << 14) / std::max<index_t>(1, inner));
+  cpu::parallel_for(outer * m, grain, [&](index_t lo, index_t hi) {
     for (index_t r = lo; r < hi; ++r) {
       const index_t o = r / m, j = r % m;
       std::memcpy(out + r * inner, x + (o * n + index[j]) * inner, static_cast<std::size_t>(inner) * sizeof(T));
@@ -69,7 +71,8 @@ template <class T>
 void select_rows_backward(const T* g, index_t outer, index_t n, index_t inner, const Index* index, index_t m, T* gx) {
   if (outer * m == 0 || inner == 0) return;
   if (outer > 1) {
-    cpu::parallel_for(outer, std::max<index_t>(1, (1 << 15) / std::max<index_t>(1, m * inner)), [&](index_t lo, index_t hi) {
+    const index_t grain = std::max<index_t>(1, (1 << 15) / (m * inner));
+    cpu::parallel_for(outer, grain, [&](index_t lo, index_t hi) {
       for (index_t o = lo; o < hi; ++o)
         for (index_t j = 0; j < m; ++j) {
           T* dst = gx + (o * n + index[j]) * inner;
@@ -141,10 +144,11 @@ template <Scalar T, Device D>
 Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index) {
   const Shape& s = x.shape();
   const int a = s.axis(axis, "gather");
-  MIXMOE_CHECK(index.dim() == s.rank(), "gather", "index of shape ", index.shape(), " must have the rank of x of shape ", s);
+  MIXMOE_CHECK(index.dim() == s.rank(), "gather", "index of shape ", index.shape(),
+               " must have the rank of x of shape ", s);
   for (int d = 0; d < s.rank(); ++d)
-    MIXMOE_CHECK(d == a || index.shape()[d] <= s[d], "gather", "index of shape ", index.shape(), " is larger than x of shape ",
-                 s, " on axis ", d, " (only the gather axis ", axis, " may be larger)");
+    MIXMOE_CHECK(d == a || index.shape()[d] <= s[d], "gather", "index of shape ", index.shape(),
+                 " is larger than x of shape ", s, " on axis ", d, " (only the gather axis ", axis, " may be larger)");
   const Tensor<Index, D> ic = index.contiguous();
   detail::check_index_range(ic, s[a], "gather", axis, s);
   const Tensor<T, D> xc = x.value().contiguous();

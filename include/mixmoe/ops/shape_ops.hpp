@@ -128,7 +128,8 @@ Var<T, D> slice(const Var<T, D>& x, int axis, index_t begin, index_t end) {
 template <Scalar T, Device D>
 Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
   MIXMOE_CHECK(!xs.empty(), "concat", "needs at least one input");
-  for (std::size_t k = 0; k < xs.size(); ++k) MIXMOE_CHECK(xs[k].defined(), "concat", "input ", k, " is an undefined Var");
+  for (std::size_t k = 0; k < xs.size(); ++k)
+    MIXMOE_CHECK(xs[k].defined(), "concat", "input ", k, " is an undefined Var");
   const Shape& first = xs[0].shape();
   const int a = first.axis(axis, "concat");
   index_t total = 0;

@@ -34,7 +34,8 @@ TopKResult<T, D> topk(const Var<T, D>& x, index_t k, int axis = -1) {
   const int a = s.axis(axis, "topk");
   const index_t n = s[a];
   MIXMOE_CHECK(k >= 1 && k <= n, "topk", "k = ", k, " is out of range [1, ", n, "] for axis ", axis, " of shape ", s);
-  MIXMOE_CHECK(n <= std::numeric_limits<Index>::max(), "topk", "axis ", axis, " of shape ", s, " is too long for Index");
+  MIXMOE_CHECK(n <= std::numeric_limits<Index>::max(), "topk", "axis ", axis, " of shape ", s,
+               " is too long for Index");
   const index_t outer = s.prod(0, a), inner = s.prod(a + 1, s.rank());
   const Tensor<T, D> xc = x.value().contiguous();
   Tensor<T, D> values = Tensor<T, D>::empty(s.with(a, k));  // (..., K, ...)
@@ -68,13 +69,15 @@ TopKResult<T, D> topk(const Var<T, D>& x, index_t k, int axis = -1) {
       }
     });
   }
-  Var<T, D> out = record("topk", std::move(values), {x}, [indices, s, outer, n, inner, k](autograd::BackwardContext<T, D>& ctx) {
+  // The backward keeps its own copy: the caller owns `indices` and may rewrite them (expert offsets).
+  auto backward = [picked = indices.clone(), s, outer, n, inner, k](autograd::BackwardContext<T, D>& ctx) {
     // The k indices of a line are distinct, so every gradient lands on its own element.
     Tensor<T, D> gx = Tensor<T, D>::zeros(s);
     const T* g = ctx.grad_out().data();
-    const Index* pi = indices.data();
+    const Index* pi = picked.data();
     T* pgx = gx.data();
-    cpu::parallel_for(outer, std::max<index_t>(1, (1 << 14) / std::max<index_t>(1, k * inner)), [&](index_t lo, index_t hi) {
+    const index_t grain = std::max<index_t>(1, (1 << 14) / std::max<index_t>(1, k * inner));
+    cpu::parallel_for(outer, grain, [&](index_t lo, index_t hi) {
       for (index_t o = lo; o < hi; ++o)
         for (index_t j = 0; j < k; ++j)
           for (index_t i = 0; i < inner; ++i) {
@@ -83,8 +86,8 @@ TopKResult<T, D> topk(const Var<T, D>& x, index_t k, int axis = -1) {
           }
     });
     ctx.accumulate(0, std::move(gx));
-  });
-  return {std::move(out), std::move(indices)};
+  };
+  return {record("topk", std::move(values), {x}, std::move(backward)), std::move(indices)};
 }
 
 }  // namespace mixmoe
