@@ -30,6 +30,7 @@ Var<T, D> dropout(const Var<T, D>& x, double p, Generator& gen, bool training = 
   MIXMOE_CHECK(p >= 0.0 && p < 1.0, "dropout", "p must be in [0, 1), got ", p);
   if (!training || p == 0.0) return x;
   using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
+  using In = Eigen::Map<const Array>;
   const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
   const Tensor<T, D> xc = x.value().contiguous();
   const index_t n = xc.numel();
@@ -41,7 +42,7 @@ Var<T, D> dropout(const Var<T, D>& x, double p, Generator& gen, bool training = 
   const T* px = xc.data();
   T* po = out.data();
   cpu::parallel_for(n, 1 << 14, [&](index_t lo, index_t hi) {
-    Eigen::Map<Array>(po + lo, hi - lo) = Eigen::Map<const Array>(px + lo, hi - lo) * Eigen::Map<const Array>(m + lo, hi - lo);
+    Eigen::Map<Array>(po + lo, hi - lo) = In(px + lo, hi - lo) * In(m + lo, hi - lo);
   });
   return record("dropout", std::move(out), {x}, [mask](autograd::BackwardContext<T, D>& ctx) {
     Tensor<T, D> gx = Tensor<T, D>::empty(mask.shape());
@@ -49,7 +50,7 @@ Var<T, D> dropout(const Var<T, D>& x, double p, Generator& gen, bool training = 
     const T* pm = mask.data();
     T* o = gx.data();
     cpu::parallel_for(gx.numel(), 1 << 14, [&](index_t lo, index_t hi) {
-      Eigen::Map<Array>(o + lo, hi - lo) = Eigen::Map<const Array>(pg + lo, hi - lo) * Eigen::Map<const Array>(pm + lo, hi - lo);
+      Eigen::Map<Array>(o + lo, hi - lo) = In(pg + lo, hi - lo) * In(pm + lo, hi - lo);
     });
     ctx.accumulate(0, std::move(gx));
   });

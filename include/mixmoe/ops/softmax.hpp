@@ -65,7 +65,8 @@ void forward(const T* x, T* y, index_t outer, index_t n, index_t inner, bool log
   // I > 1: the N entries of a column are I apart; walk N rows of a block of columns at a time
   // so every inner loop is contiguous.
   const index_t blocks = (inner + kBlock - 1) / kBlock;
-  cpu::parallel_for(outer * blocks, std::max<index_t>(1, kGrain / (n * std::min(inner, kBlock))), [&](index_t lo, index_t hi) {
+  const index_t grain = std::max<index_t>(1, kGrain / (n * std::min(inner, kBlock)));
+  cpu::parallel_for(outer * blocks, grain, [&](index_t lo, index_t hi) {
     alignas(64) T mx[kBlock];
     alignas(64) T ls[kBlock];
     alignas(64) double sum[kBlock];
@@ -117,7 +118,8 @@ void backward(const T* g, const T* y, T* gx, index_t outer, index_t n, index_t i
     return;
   }
   const index_t blocks = (inner + kBlock - 1) / kBlock;
-  cpu::parallel_for(outer * blocks, std::max<index_t>(1, kGrain / (n * std::min(inner, kBlock))), [&](index_t lo, index_t hi) {
+  const index_t grain = std::max<index_t>(1, kGrain / (n * std::min(inner, kBlock)));
+  cpu::parallel_for(outer * blocks, grain, [&](index_t lo, index_t hi) {
     alignas(64) double sum[kBlock];
     alignas(64) T st[kBlock];
     for (index_t task = lo; task < hi; ++task) {

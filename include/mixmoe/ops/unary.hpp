@@ -96,7 +96,8 @@ Var<T, D> exp(const Var<T, D>& x) {
   check_defined(x.defined(), "exp");
   auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.exp(); });
   return record("exp", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
-    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(), [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }));
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }));
   });
 }
 
@@ -206,8 +207,9 @@ Var<T, D> silu(const Var<T, D>& x) {
   });
   return record("silu", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
-      sigmoid_into(v, o);                          // s
-      o = g * o * (T(1) + v * (T(1) - o));  // d/dx x s(x) = s (1 + x (1 - s))
+      // d/dx x s(x) = s (1 + x (1 - s)), with s = sigmoid(x) computed into o first
+      sigmoid_into(v, o);
+      o = g * o * (T(1) + v * (T(1) - o));
     }));
   });
 }
@@ -232,7 +234,8 @@ Var<T, D> square(const Var<T, D>& x) {
   const Tensor<T, D> xc = x.value().contiguous();
   auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.square(); });
   return record("square", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
-    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) { o = T(2) * g * v; }));
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc,
+                                 [](const In<T>& g, const In<T>& v, Out<T>& o) { o = T(2) * g * v; }));
   });
 }
 
