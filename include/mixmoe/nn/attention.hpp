@@ -1,0 +1,105 @@
+// Causal self-attention with rotary positions, grouped-query heads and a KV cache.
+//
+//   x (B, T, C) -> (B, T, C); H query heads, Hkv key/value heads, Dh = C / H
+//   q = x Wq^T (B, T, H, Dh), k, v = x Wk^T, x Wv^T (B, T, Hkv, Dh), rope on q and k,
+//   o = causal_attention(q, k, v) (B, T, H, Dh) -> Wo -> (B, T, C)
+//
+// With a KVCache (decoding, under no_grad), the new keys/values are appended and
+// the new queries attend to everything cached: positions continue where the
+// cache ends.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "mixmoe/nn/config.hpp"
+#include "mixmoe/nn/linear.hpp"
+#include "mixmoe/ops/attention.hpp"
+#include "mixmoe/ops/rope.hpp"
+#include "mixmoe/ops/shape_ops.hpp"
+
+namespace mixmoe {
+
+/// Keys and values of one attention layer for incremental decoding.
+template <Scalar T, Device D = Cpu>
+struct KVCache {
+  Tensor<T, D> k, v;  // (B, capacity, Hkv, Dh)
+  index_t length = 0;  // tokens cached so far
+
+  [[nodiscard]] index_t capacity() const { return k.defined() ? k.size(1) : 0; }
+  void reset() { length = 0; }
+
+  /// Appends new keys/values (B, T, Hkv, Dh), growing the buffers geometrically.
+  void append(const Tensor<T, D>& k_new, const Tensor<T, D>& v_new) {
+    const index_t t = k_new.size(1);
+    if (!k.defined() || k.size(0) != k_new.size(0) || length + t > capacity()) {
+      index_t cap = std::max<index_t>(64, 2 * capacity());
+      while (cap < length + t) cap *= 2;
+      const Shape s{k_new.size(0), cap, k_new.size(2), k_new.size(3)};
+      auto nk = Tensor<T, D>::empty(s), nv = Tensor<T, D>::empty(s);
+      if (length > 0) {
+        nk.slice(1, 0, length).copy_from(k.slice(1, 0, length));
+        nv.slice(1, 0, length).copy_from(v.slice(1, 0, length));
+      }
+      k = nk;
+      v = nv;
+    }
+    k.slice(1, length, length + t).copy_from(k_new);
+    v.slice(1, length, length + t).copy_from(v_new);
+    length += t;
+  }
+};
+
+template <Scalar T, Device D = Cpu>
+struct CausalSelfAttention {
+  using value_type = T;
+  using device_type = D;
+
+  CausalSelfAttention() = default;
+  CausalSelfAttention(const ModelConfig& cfg, Generator& gen)
+      : wq(cfg.d_model, cfg.d_model, false, gen),
+        wk(cfg.d_model, cfg.kv_head_count() * cfg.head_dim(), false, gen),
+        wv(cfg.d_model, cfg.kv_head_count() * cfg.head_dim(), false, gen),
+        wo(cfg.d_model, cfg.d_model, false, gen, cfg.init_std / std::sqrt(2.0 * static_cast<double>(cfg.layers))),
+        heads(cfg.heads),
+        kv_heads(cfg.kv_head_count()),
+        head_dim(cfg.head_dim()),
+        rope_theta(cfg.rope_theta) {
+    cfg.validate();
+  }
+
+  /// x (B, T, C); with a cache, T new tokens after cache->length cached ones.
+  Var<T, D> operator()(const Var<T, D>& x, KVCache<T, D>* cache = nullptr) const {
+    MIXMOE_CHECK(x.dim() == 3 && x.size(2) == heads * head_dim, "CausalSelfAttention", "input must be (B, T, ",
+                 heads * head_dim, "), got ", x.shape());
+    const index_t b = x.size(0), t = x.size(1);
+    const index_t offset = cache ? cache->length : 0;
+    auto q = rope(reshape(wq(x), Shape{b, t, heads, head_dim}), offset, rope_theta);     // (B, T, H, Dh)
+    auto k = rope(reshape(wk(x), Shape{b, t, kv_heads, head_dim}), offset, rope_theta);  // (B, T, Hkv, Dh)
+    auto v = reshape(wv(x), Shape{b, t, kv_heads, head_dim});                             // (B, T, Hkv, Dh)
+    Var<T, D> o;
+    if (cache) {
+      MIXMOE_CHECK(!grad_enabled() || !x.requires_grad(), "CausalSelfAttention",
+                   "the KV cache is for decoding: run it under no_grad");
+      cache->append(k.value(), v.value());
+      const Var<T, D> k_all(cache->k.slice(1, 0, cache->length)), v_all(cache->v.slice(1, 0, cache->length));
+      o = causal_attention(q, k_all, v_all);  // (B, T, H, Dh)
+    } else {
+      o = causal_attention(q, k, v);
+    }
+    return wo(reshape(o, Shape{b, t, heads * head_dim}));
+  }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    wq.visit_parameters(visit, join_name(prefix, "wq"));
+    wk.visit_parameters(visit, join_name(prefix, "wk"));
+    wv.visit_parameters(visit, join_name(prefix, "wv"));
+    wo.visit_parameters(visit, join_name(prefix, "wo"));
+  }
+
+  Linear<T, D> wq, wk, wv, wo;
+  index_t heads = 0, kv_heads = 0, head_dim = 0;
+  double rope_theta = 10000.0;
+};
+
+}  // namespace mixmoe

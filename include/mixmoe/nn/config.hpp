@@ -1,0 +1,50 @@
+// Run-time sizes of a model. The structure (kind of attention, FFN, expert,
+// router, device) is in the types; everything here can change without recompiling.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "mixmoe/core/error.hpp"
+#include "mixmoe/core/shape.hpp"
+
+namespace mixmoe {
+
+/// Sizes of the MoE FFN layers (read by MoE FFN types; dense models ignore it).
+struct MoEConfig {
+  std::vector<index_t> experts_per_group{8};  // one entry per expert group, in the group order of the type
+  index_t expert_hidden = 0;                  // hidden width of one expert; 0 = d_ff / experts in its group
+  index_t top_k = 2;                          // experts per token (per group for per-group routing)
+  double capacity_factor = 0.0;               // 0 = dropless; > 0 = capacity mode with token dropping
+};
+
+struct ModelConfig {
+  index_t vocab = 8000;
+  index_t d_model = 256;
+  index_t layers = 4;
+  index_t heads = 4;
+  index_t kv_heads = 0;  // 0 = heads (no grouping); must divide heads
+  index_t d_ff = 1024;   // hidden width of the dense FFN
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-6;
+  double init_std = 0.02;     // embeddings and the residual-branch output projections
+  bool tie_embeddings = true;  // output head shares the token embedding
+  std::uint64_t seed = 0;     // initialisation
+  MoEConfig moe{};
+
+  [[nodiscard]] index_t kv_head_count() const { return kv_heads > 0 ? kv_heads : heads; }
+  [[nodiscard]] index_t head_dim() const { return d_model / heads; }
+
+  /// Throws naming the first inconsistent size.
+  void validate() const {
+    MIXMOE_CHECK(vocab > 0 && d_model > 0 && layers > 0 && heads > 0 && d_ff > 0, "ModelConfig",
+                 "sizes must be positive (vocab ", vocab, ", d_model ", d_model, ", layers ", layers, ", heads ", heads,
+                 ", d_ff ", d_ff, ")");
+    MIXMOE_CHECK(d_model % heads == 0, "ModelConfig", "d_model ", d_model, " is not divisible by heads ", heads);
+    MIXMOE_CHECK(heads % kv_head_count() == 0, "ModelConfig", "heads ", heads, " is not divisible by kv_heads ",
+                 kv_head_count());
+    MIXMOE_CHECK(head_dim() % 2 == 0, "ModelConfig", "head size ", head_dim(), " must be even for rotary embeddings");
+  }
+};
+
+}  // namespace mixmoe

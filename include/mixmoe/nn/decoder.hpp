@@ -1,0 +1,127 @@
+// Decoder-only language model, composed from an attention type and an FFN type.
+//
+//   ids (B, T) -> embed (B, T, C) -> L x DecoderBlock -> RMSNorm -> head -> logits (B, T, V)
+//   DecoderBlock (pre-norm): x += attn(norm1(x)); x += ffn(norm2(x) as (B*T, C))
+//
+// The FFN sees tokens as rows (N = B*T, C), which is what MoE routing wants; a
+// dense FFN is indifferent. Any FFN type works that is constructible from
+// (const ModelConfig&, Generator&) and callable on (N, C) -> (N, C).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "mixmoe/nn/attention.hpp"
+#include "mixmoe/nn/config.hpp"
+#include "mixmoe/nn/linear.hpp"
+#include "mixmoe/nn/module.hpp"
+#include "mixmoe/ops/shape_ops.hpp"
+
+namespace mixmoe {
+
+/// What a DecoderLM needs of its FFN type.
+template <class F>
+concept FeedForwardLayer = Module<F> && std::constructible_from<F, const ModelConfig&, Generator&> &&
+    requires(const F& f, const Var<typename F::value_type, typename F::device_type>& x) {
+      { f(x) } -> std::same_as<Var<typename F::value_type, typename F::device_type>>;
+    };
+
+template <class A>
+concept AttentionLayer = Module<A> && std::constructible_from<A, const ModelConfig&, Generator&> &&
+    requires(const A& a, const Var<typename A::value_type, typename A::device_type>& x,
+             KVCache<typename A::value_type, typename A::device_type>* cache) {
+      { a(x, cache) } -> std::same_as<Var<typename A::value_type, typename A::device_type>>;
+    };
+
+template <AttentionLayer Attn, FeedForwardLayer FFN>
+struct DecoderBlock {
+  using value_type = typename Attn::value_type;
+  using device_type = typename Attn::device_type;
+  using T = value_type;
+  using D = device_type;
+  static_assert(std::is_same_v<typename FFN::value_type, T> && std::is_same_v<typename FFN::device_type, D>,
+                "DecoderBlock: the attention and FFN types must have the same scalar type and device");
+
+  DecoderBlock(const ModelConfig& cfg, Generator& gen)
+      : norm1(cfg.d_model, cfg.norm_eps), attn(cfg, gen), norm2(cfg.d_model, cfg.norm_eps), ffn(cfg, gen) {}
+
+  /// x (B, T, C) -> (B, T, C)
+  Var<T, D> operator()(const Var<T, D>& x, KVCache<T, D>* cache = nullptr) const {
+    const index_t b = x.size(0), t = x.size(1), c = x.size(2);
+    auto h = x + attn(norm1(x), cache);                                       // (B, T, C)
+    auto f = ffn(reshape(norm2(h), Shape{b * t, c}));                         // (B*T, C)
+    return h + reshape(f, Shape{b, t, c});
+  }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    norm1.visit_parameters(visit, join_name(prefix, "norm1"));
+    attn.visit_parameters(visit, join_name(prefix, "attn"));
+    norm2.visit_parameters(visit, join_name(prefix, "norm2"));
+    ffn.visit_parameters(visit, join_name(prefix, "ffn"));
+  }
+
+  RMSNorm<T, D> norm1;
+  Attn attn;
+  RMSNorm<T, D> norm2;
+  FFN ffn;
+};
+
+/// Per-layer KV caches for incremental decoding with a DecoderLM.
+template <Scalar T, Device D = Cpu>
+struct DecodeState {
+  std::vector<KVCache<T, D>> layers;
+  [[nodiscard]] index_t length() const { return layers.empty() ? 0 : layers.front().length; }
+  void reset() {
+    for (auto& c : layers) c.reset();
+  }
+};
+
+template <AttentionLayer Attn, FeedForwardLayer FFN>
+struct DecoderLM {
+  using Block = DecoderBlock<Attn, FFN>;
+  using value_type = typename Block::value_type;
+  using device_type = typename Block::device_type;
+  using T = value_type;
+  using D = device_type;
+
+  explicit DecoderLM(const ModelConfig& cfg) : config(cfg) {
+    cfg.validate();
+    Generator gen(cfg.seed);
+    embed = Embedding<T, D>(cfg.vocab, cfg.d_model, gen, cfg.init_std);
+    blocks.reserve(static_cast<std::size_t>(cfg.layers));
+    for (index_t i = 0; i < cfg.layers; ++i) blocks.emplace_back(cfg, gen);
+    norm = RMSNorm<T, D>(cfg.d_model, cfg.norm_eps);
+    if (!cfg.tie_embeddings) head = Linear<T, D>(cfg.d_model, cfg.vocab, false, gen, cfg.init_std);
+  }
+
+  /// Hidden states after the final norm: ids (B, T) -> (B, T, C).
+  Var<T, D> hidden(const Tensor<Index, D>& ids, DecodeState<T, D>* state = nullptr) const {
+    MIXMOE_CHECK(ids.dim() == 2, "DecoderLM", "token ids must be (B, T), got ", ids.shape());
+    if (state && state->layers.size() != blocks.size()) state->layers.resize(blocks.size());
+    auto x = embed(ids);  // (B, T, C)
+    for (std::size_t i = 0; i < blocks.size(); ++i) x = blocks[i](x, state ? &state->layers[i] : nullptr);
+    return norm(x);
+  }
+
+  /// Logits over the vocabulary: ids (B, T) -> (B, T, V).
+  Var<T, D> operator()(const Tensor<Index, D>& ids, DecodeState<T, D>* state = nullptr) const {
+    auto h = hidden(ids, state);
+    return config.tie_embeddings ? linear(h, embed.weight) : head(h);
+  }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    embed.visit_parameters(visit, join_name(prefix, "embed"));
+    for (std::size_t i = 0; i < blocks.size(); ++i)
+      blocks[i].visit_parameters(visit, join_name(prefix, "layers." + std::to_string(i)));
+    norm.visit_parameters(visit, join_name(prefix, "norm"));
+    if (!config.tie_embeddings) head.visit_parameters(visit, join_name(prefix, "head"));
+  }
+
+  ModelConfig config;
+  Embedding<T, D> embed;
+  std::vector<Block> blocks;
+  RMSNorm<T, D> norm;
+  Linear<T, D> head;  // unused when the embeddings are tied
+};
+
+}  // namespace mixmoe

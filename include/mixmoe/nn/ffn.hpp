@@ -1,0 +1,67 @@
+// Dense feed-forward blocks; each is also an expert type for the MoE layers.
+//
+//   x (N, C) -> (N, C), hidden width F
+//   FeedForward: w_down(gelu(w_up x))                    w_up (F, C), w_down (C, F)
+//   SwiGLU:      w_down(silu(w_gate x) * w_up x)         w_gate, w_up (F, C), w_down (C, F)
+//
+// Constructible as an expert, (d_model, hidden, gen), or as a model's dense FFN,
+// (ModelConfig, gen). Parameter names follow the LLaMA/Qwen2 layout
+// (gate_proj/up_proj/down_proj) under our own names w_gate/w_up/w_down.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "mixmoe/nn/config.hpp"
+#include "mixmoe/nn/linear.hpp"
+#include "mixmoe/ops/elementwise.hpp"
+#include "mixmoe/ops/unary.hpp"
+
+namespace mixmoe {
+
+template <Scalar T, Device D = Cpu>
+struct FeedForward {
+  using value_type = T;
+  using device_type = D;
+
+  FeedForward() = default;
+  FeedForward(index_t d_model, index_t hidden, Generator& gen, double out_std = -1.0)
+      : w_up(d_model, hidden, false, gen), w_down(hidden, d_model, false, gen, out_std) {}
+  FeedForward(const ModelConfig& cfg, Generator& gen)
+      : FeedForward(cfg.d_model, cfg.d_ff, gen, cfg.init_std / std::sqrt(2.0 * static_cast<double>(cfg.layers))) {}
+
+  [[nodiscard]] index_t hidden() const { return w_up.out_features(); }
+  Var<T, D> operator()(const Var<T, D>& x) const { return w_down(gelu(w_up(x))); }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    w_up.visit_parameters(visit, join_name(prefix, "w_up"));
+    w_down.visit_parameters(visit, join_name(prefix, "w_down"));
+  }
+
+  Linear<T, D> w_up, w_down;
+};
+
+template <Scalar T, Device D = Cpu>
+struct SwiGLU {
+  using value_type = T;
+  using device_type = D;
+
+  SwiGLU() = default;
+  SwiGLU(index_t d_model, index_t hidden, Generator& gen, double out_std = -1.0)
+      : w_gate(d_model, hidden, false, gen), w_up(d_model, hidden, false, gen), w_down(hidden, d_model, false, gen, out_std) {}
+  SwiGLU(const ModelConfig& cfg, Generator& gen)
+      : SwiGLU(cfg.d_model, cfg.d_ff, gen, cfg.init_std / std::sqrt(2.0 * static_cast<double>(cfg.layers))) {}
+
+  [[nodiscard]] index_t hidden() const { return w_up.out_features(); }
+  Var<T, D> operator()(const Var<T, D>& x) const { return w_down(silu(w_gate(x)) * w_up(x)); }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    w_gate.visit_parameters(visit, join_name(prefix, "w_gate"));
+    w_up.visit_parameters(visit, join_name(prefix, "w_up"));
+    w_down.visit_parameters(visit, join_name(prefix, "w_down"));
+  }
+
+  Linear<T, D> w_gate, w_up, w_down;
+};
+
+}  // namespace mixmoe

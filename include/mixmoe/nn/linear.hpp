@@ -1,0 +1,88 @@
+// Linear, Embedding and RMSNorm layers.
+//
+//   Linear:    x (..., in) -> (..., out), weight (out, in), optional bias (out)
+//   Embedding: ids (...) -> (..., dim), weight (vocab, dim)
+//   RMSNorm:   x (..., dim) -> (..., dim), weight (dim)
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "mixmoe/nn/module.hpp"
+#include "mixmoe/ops/embedding.hpp"
+#include "mixmoe/ops/matmul.hpp"
+#include "mixmoe/ops/norm.hpp"
+
+namespace mixmoe {
+
+template <Scalar T, Device D = Cpu>
+struct Linear {
+  using value_type = T;
+  using device_type = D;
+
+  Linear() = default;
+  /// Weights ~ N(0, init_std^2); init_std defaults to 1/sqrt(in) (variance preserving).
+  Linear(index_t in, index_t out, bool bias, Generator& gen, double init_std = -1.0) {
+    MIXMOE_CHECK(in > 0 && out > 0, "Linear", "sizes must be positive, got in=", in, " out=", out);
+    const double std = init_std > 0 ? init_std : 1.0 / std::sqrt(static_cast<double>(in));
+    weight = parameter(Tensor<T, D>::randn({out, in}, gen, 0.0, std));
+    if (bias) this->bias = parameter(Tensor<T, D>::zeros({out}));
+  }
+  [[nodiscard]] index_t in_features() const { return weight.size(1); }
+  [[nodiscard]] index_t out_features() const { return weight.size(0); }
+
+  Var<T, D> operator()(const Var<T, D>& x) const { return linear(x, weight, bias); }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    visit(join_name(prefix, "weight"), weight);
+    if (bias.defined()) visit(join_name(prefix, "bias"), bias);
+  }
+
+  Var<T, D> weight;  // (out, in)
+  Var<T, D> bias;    // (out) or undefined
+};
+
+template <Scalar T, Device D = Cpu>
+struct Embedding {
+  using value_type = T;
+  using device_type = D;
+
+  Embedding() = default;
+  Embedding(index_t vocab, index_t dim, Generator& gen, double init_std = 0.02) {
+    MIXMOE_CHECK(vocab > 0 && dim > 0, "Embedding", "sizes must be positive, got vocab=", vocab, " dim=", dim);
+    weight = parameter(Tensor<T, D>::randn({vocab, dim}, gen, 0.0, init_std));
+  }
+  [[nodiscard]] index_t vocab() const { return weight.size(0); }
+  [[nodiscard]] index_t dim() const { return weight.size(1); }
+
+  Var<T, D> operator()(const Tensor<Index, D>& ids) const { return embedding(weight, ids); }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    visit(join_name(prefix, "weight"), weight);
+  }
+
+  Var<T, D> weight;  // (vocab, dim)
+};
+
+template <Scalar T, Device D = Cpu>
+struct RMSNorm {
+  using value_type = T;
+  using device_type = D;
+
+  RMSNorm() = default;
+  explicit RMSNorm(index_t dim, double eps = 1e-6) : eps(eps) {
+    MIXMOE_CHECK(dim > 0, "RMSNorm", "dim must be positive, got ", dim);
+    weight = parameter(Tensor<T, D>::ones({dim}));
+  }
+
+  Var<T, D> operator()(const Var<T, D>& x) const { return rms_norm(x, weight, eps); }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    visit(join_name(prefix, "weight"), weight);
+  }
+
+  Var<T, D> weight;  // (dim)
+  double eps = 1e-6;
+};
+
+}  // namespace mixmoe
