@@ -43,33 +43,18 @@ void head_gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T al
   cpu::gemm_eigen(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-/// Swaps axes 1 and 2 of x (N, A, C, Dh) into a contiguous copy: (B, T, H, Dh) <-> (B, H, T, Dh).
-template <class T, class D>
-Tensor<T, D> swap_axes_1_2(const Tensor<T, D>& x) {
-  const Tensor<T, D> xc = x.contiguous();
-  const index_t n = x.size(0), a = x.size(1), c = x.size(2), dh = x.size(3);
-  Tensor<T, D> out = Tensor<T, D>::empty(Shape{n, c, a, dh});
-  const T* px = xc.data();
-  T* po = out.data();
-  cpu::parallel_for(n * c, std::max<index_t>(1, (1 << 14) / std::max<index_t>(1, a * dh)), [&](index_t lo, index_t hi) {
-    for (index_t r = lo; r < hi; ++r) {
-      const index_t i = r / c, j = r % c;
-      for (index_t t = 0; t < a; ++t) std::copy_n(px + ((i * a + t) * c + j) * dh, dh, po + ((i * c + j) * a + t) * dh);
-    }
-  });
-  return out;
-}
-
-/// One query head: o (Tq, Dh) = softmax(scale q k^T, causal) v, and lse (Tq) of each row.
-/// q (Tq, Dh), k and v (Tk, Dh) contiguous; s is scratch of min(Tq, block) * Tk.
+/// One query head: o = softmax(scale q k^T, causal) v and the log-sum-exp of each row.
+/// q and o are (Tq, Dh) with row stride ldq, k and v (Tk, Dh) with row stride ldk: the
+/// rows of one head inside the (B, T, H, Dh) tensors, used in place. s is scratch of
+/// min(Tq, block) * Tk; lse (Tq) is contiguous.
 template <class T>
 void attention_forward_head(const T* q, const T* k, const T* v, T* o, T* lse, index_t tq, index_t tk, index_t dh,
-                            T scale, T* s) {
+                            index_t ldq, index_t ldk, T scale, T* s) {
   const index_t past = tk - tq;
   for (index_t r0 = 0; r0 < tq; r0 += kAttentionRowBlock) {
     const index_t rows = std::min(kAttentionRowBlock, tq - r0);
     const index_t n = past + r0 + rows;  // keys visible to the block's last row: later keys are masked for all
-    head_gemm(false, true, rows, n, dh, scale, q + r0 * dh, dh, k, dh, T(0), s, n);  // (rows, n)
+    head_gemm(false, true, rows, n, dh, scale, q + r0 * ldq, ldq, k, ldk, T(0), s, n);  // (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       T* si = s + i * n;
       const index_t len = past + r0 + i + 1;  // keys 0 .. position of this query
@@ -82,29 +67,30 @@ void attention_forward_head(const T* q, const T* k, const T* v, T* o, T* lse, in
       std::fill(si + len, si + n, T(0));
       lse[r0 + i] = m + static_cast<T>(std::log(sum));
     }
-    head_gemm(false, false, rows, dh, n, T(1), s, n, v, dh, T(0), o + r0 * dh, dh);  // (rows, Dh)
+    head_gemm(false, false, rows, dh, n, T(1), s, n, v, ldk, T(0), o + r0 * ldq, ldq);  // (rows, Dh)
   }
 }
 
-/// One query head's backward: dq (Tq, Dh) is written (beta = 0); dk and dv (Tk, Dh) are
-/// added to, so the G query heads of a kv head can accumulate into one buffer in turn.
-/// Null dq/dk/dv pointers skip that gradient. s and dp are scratch of min(Tq, block) * Tk,
-/// delta of Tq.
+/// One query head's backward, strides as in the forward: dq (Tq, Dh) is written (beta = 0);
+/// dk and dv (Tk, Dh) are added to, so the G query heads of a kv head can accumulate into
+/// one buffer in turn. Null dq/dk/dv pointers skip that gradient. s and dp are scratch of
+/// min(Tq, block) * Tk, delta of Tq.
 template <class T>
 void attention_backward_head(const T* q, const T* k, const T* v, const T* o, const T* go, const T* lse, T* dq, T* dk,
-                             T* dv, index_t tq, index_t tk, index_t dh, T scale, T* s, T* dp, T* delta) {
+                             T* dv, index_t tq, index_t tk, index_t dh, index_t ldq, index_t ldk, T scale, T* s, T* dp,
+                             T* delta) {
   const index_t past = tk - tq;
   // rowsum(dO * O) = rowsum(dP * P): the softmax backward's per-row term.
   for (index_t i = 0; i < tq; ++i) {
     double acc = 0;
-    for (index_t d = 0; d < dh; ++d) acc += static_cast<double>(go[i * dh + d]) * static_cast<double>(o[i * dh + d]);
+    for (index_t d = 0; d < dh; ++d) acc += static_cast<double>(go[i * ldq + d]) * static_cast<double>(o[i * ldq + d]);
     delta[i] = static_cast<T>(acc);
   }
   for (index_t r0 = 0; r0 < tq; r0 += kAttentionRowBlock) {
     const index_t rows = std::min(kAttentionRowBlock, tq - r0), n = past + r0 + rows;
-    const T* qb = q + r0 * dh;    // (rows, Dh)
-    const T* gob = go + r0 * dh;  // (rows, Dh)
-    head_gemm(false, true, rows, n, dh, scale, qb, dh, k, dh, T(0), s, n);  // S (rows, n)
+    const T* qb = q + r0 * ldq;    // (rows, Dh)
+    const T* gob = go + r0 * ldq;  // (rows, Dh)
+    head_gemm(false, true, rows, n, dh, scale, qb, ldq, k, ldk, T(0), s, n);  // S (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       T* si = s + i * n;
       const index_t len = past + r0 + i + 1;
@@ -112,46 +98,44 @@ void attention_backward_head(const T* q, const T* k, const T* v, const T* o, con
       e = (e - lse[r0 + i]).exp();  // P recomputed from the saved log-sum-exp
       std::fill(si + len, si + n, T(0));
     }
-    if (dv) head_gemm(true, false, n, dh, rows, T(1), s, n, gob, dh, T(1), dv, dh);  // dV += P^T dO
+    if (dv) head_gemm(true, false, n, dh, rows, T(1), s, n, gob, ldq, T(1), dv, ldk);  // dV += P^T dO
     if (!dq && !dk) continue;
-    head_gemm(false, true, rows, n, dh, T(1), gob, dh, v, dh, T(0), dp, n);  // dP = dO V^T (rows, n)
+    head_gemm(false, true, rows, n, dh, T(1), gob, ldq, v, ldk, T(0), dp, n);  // dP = dO V^T (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       const T di = delta[r0 + i];
       T* dpi = dp + i * n;
       const T* pi = s + i * n;
       for (index_t j = 0; j < n; ++j) dpi[j] = pi[j] * (dpi[j] - di);  // dS; masked entries have P = 0
     }
-    if (dq) head_gemm(false, false, rows, dh, n, scale, dp, n, k, dh, T(0), dq + r0 * dh, dh);  // dQ = scale dS K
-    if (dk) head_gemm(true, false, n, dh, rows, scale, dp, n, qb, dh, T(1), dk, dh);            // dK += scale dS^T Q
+    if (dq) head_gemm(false, false, rows, dh, n, scale, dp, n, k, ldk, T(0), dq + r0 * ldq, ldq);  // dQ = scale dS K
+    if (dk) head_gemm(true, false, n, dh, rows, scale, dp, n, qb, ldq, T(1), dk, ldk);  // dK += scale dS^T Q
   }
 }
 
 /// Gradients of causal_attention for the inputs flagged in `need`: {dq, dk, dv} in the
-/// inputs' layouts (undefined where not needed). lse (B, Hq, Tq) is the forward's.
+/// inputs' shapes (undefined where not needed). q, k, v, out and gout are contiguous;
+/// lse (B, Hq, Tq) is the forward's.
 template <class T, class D>
-std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& qv, const Tensor<T, D>& kv, const Tensor<T, D>& vv,
+std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& q, const Tensor<T, D>& k, const Tensor<T, D>& v,
                                                const Tensor<T, D>& out, const Tensor<T, D>& gout,
                                                const Tensor<T, D>& lse, T scale, const bool need[3]) {
-  const index_t b = qv.size(0), tq = qv.size(1), hq = qv.size(2), dh = qv.size(3), tk = kv.size(1), hkv = kv.size(2);
-  const index_t group = hq / hkv, blk = std::min(tq, kAttentionRowBlock);
+  const index_t b = q.size(0), tq = q.size(1), hq = q.size(2), dh = q.size(3), tk = k.size(1), hkv = k.size(2);
+  const index_t group = hq / hkv, blk = std::min(tq, kAttentionRowBlock), ldq = hq * dh, ldk = hkv * dh;
   std::array<Tensor<T, D>, 3> grads;
   if (!need[0] && !need[1] && !need[2]) return grads;
-  const Tensor<T, D> qh = swap_axes_1_2(qv);     // (B, Hq, Tq, Dh)
-  const Tensor<T, D> kh = swap_axes_1_2(kv);     // (B, Hkv, Tk, Dh)
-  const Tensor<T, D> vh = swap_axes_1_2(vv);     // (B, Hkv, Tk, Dh)
-  const Tensor<T, D> oh = swap_axes_1_2(out);    // (B, Hq, Tq, Dh)
-  const Tensor<T, D> goh = swap_axes_1_2(gout);  // (B, Hq, Tq, Dh)
   // The G query heads of a kv head add into the same dK/dV rows. A task owns one (batch,
   // kv head) and a share of its query heads; when there are fewer (batch, kv head) pairs
-  // than threads, the group is split and each part writes its own partial dK/dV, summed
-  // afterwards: no two tasks ever write the same memory.
+  // than threads, the group is split and each part adds into its own copy of dK/dV,
+  // summed afterwards: no two tasks ever write the same memory.
   const index_t pairs = b * hkv, threads = cpu::ThreadPool::instance().num_threads();
   const index_t wanted = (threads + pairs - 1) / std::max<index_t>(pairs, 1);
   const index_t splits = std::clamp<index_t>(wanted, 1, std::max<index_t>(group, 1));
-  Tensor<T, D> dqh, dkp, dvp;
-  if (need[0]) dqh = Tensor<T, D>::zeros(Shape{b, hq, tq, dh});          // (B, Hq, Tq, Dh)
-  if (need[1]) dkp = Tensor<T, D>::zeros(Shape{b, hkv, splits, tk, dh});  // (B, Hkv, splits, Tk, Dh)
-  if (need[2]) dvp = Tensor<T, D>::zeros(Shape{b, hkv, splits, tk, dh});  // (B, Hkv, splits, Tk, Dh)
+  const Shape kv_parts{splits, b, tk, hkv, dh};
+  Tensor<T, D> dq, dk, dv;
+  if (need[0]) dq = Tensor<T, D>::zeros(q.shape());  // (B, Tq, Hq, Dh)
+  if (need[1]) dk = Tensor<T, D>::zeros(kv_parts);   // (splits, B, Tk, Hkv, Dh)
+  if (need[2]) dv = Tensor<T, D>::zeros(kv_parts);   // (splits, B, Tk, Hkv, Dh)
+  const index_t part_stride = b * tk * ldk;
   const index_t task_work = std::max<index_t>(1, tq * tk * std::max<index_t>(dh, 1) * (group / splits));
   cpu::parallel_for(pairs * splits, std::max<index_t>(1, (1 << 15) / task_work), [&](index_t lo, index_t hi) {
     Tensor<T, D> s = Tensor<T, D>::empty(Shape{blk * tk});   // (blk, Tk) probabilities
@@ -160,35 +144,35 @@ std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& qv, const Ten
     for (index_t r = lo; r < hi; ++r) {
       const index_t pair = r / splits, part = r % splits, bb = pair / hkv, kvh = pair % hkv;
       const index_t h0 = kvh * group + part * group / splits, h1 = kvh * group + (part + 1) * group / splits;
+      const index_t ko = bb * tk * ldk + kvh * dh;  // first row of this kv head in (B, Tk, Hkv, Dh)
       for (index_t h = h0; h < h1; ++h) {
-        const index_t qr = bb * hq + h;  // (batch, query head) row of the head-major tensors
-        attention_backward_head(qh.data() + qr * tq * dh, kh.data() + pair * tk * dh, vh.data() + pair * tk * dh,
-                                oh.data() + qr * tq * dh, goh.data() + qr * tq * dh, lse.data() + qr * tq,
-                                need[0] ? dqh.data() + qr * tq * dh : nullptr,
-                                need[1] ? dkp.data() + r * tk * dh : nullptr,
-                                need[2] ? dvp.data() + r * tk * dh : nullptr, tq, tk, dh, scale, s.data(), dp.data(),
-                                delta.data());
+        const index_t qo = bb * tq * ldq + h * dh;  // first row of this query head in (B, Tq, Hq, Dh)
+        attention_backward_head(q.data() + qo, k.data() + ko, v.data() + ko, out.data() + qo, gout.data() + qo,
+                                lse.data() + (bb * hq + h) * tq, need[0] ? dq.data() + qo : nullptr,
+                                need[1] ? dk.data() + part * part_stride + ko : nullptr,
+                                need[2] ? dv.data() + part * part_stride + ko : nullptr, tq, tk, dh, ldq, ldk, scale,
+                                s.data(), dp.data(), delta.data());
       }
     }
   });
-  // (B, Hkv, splits, Tk, Dh) -> (B, Tk, Hkv, Dh), summing the parts of split groups.
-  const auto kv_grad = [&](const Tensor<T, D>& part) {
-    if (splits == 1) return swap_axes_1_2(part.reshape(Shape{b, hkv, tk, dh}));
-    Tensor<T, D> sum = Tensor<T, D>::zeros(Shape{b, hkv, tk, dh});  // (B, Hkv, Tk, Dh)
-    const index_t chunk = tk * dh;
-    cpu::parallel_for(pairs, 1, [&](index_t lo, index_t hi) {
-      for (index_t p = lo; p < hi; ++p)
-        for (index_t sp = 0; sp < splits; ++sp) {
-          const T* src = part.data() + (p * splits + sp) * chunk;
-          T* dst = sum.data() + p * chunk;
-          for (index_t i = 0; i < chunk; ++i) dst[i] += src[i];
-        }
+  // (splits, B, Tk, Hkv, Dh) -> (B, Tk, Hkv, Dh), summing the parts of split groups.
+  const auto kv_grad = [&](const Tensor<T, D>& parts) {
+    if (splits == 1) return parts.reshape(Shape{b, tk, hkv, dh});
+    Tensor<T, D> g = Tensor<T, D>::empty(Shape{b, tk, hkv, dh});  // (B, Tk, Hkv, Dh)
+    T* pg = g.data();
+    const T* pp = parts.data();
+    cpu::parallel_for(part_stride, 1 << 14, [&](index_t lo, index_t hi) {
+      for (index_t i = lo; i < hi; ++i) {
+        T acc = pp[i];
+        for (index_t sp = 1; sp < splits; ++sp) acc += pp[sp * part_stride + i];
+        pg[i] = acc;
+      }
     });
-    return swap_axes_1_2(sum);
+    return g;
   };
-  if (need[0]) grads[0] = swap_axes_1_2(dqh);  // (B, Tq, Hq, Dh)
-  if (need[1]) grads[1] = kv_grad(dkp);         // (B, Tk, Hkv, Dh)
-  if (need[2]) grads[2] = kv_grad(dvp);         // (B, Tk, Hkv, Dh)
+  grads[0] = dq;
+  if (need[1]) grads[1] = kv_grad(dk);
+  if (need[2]) grads[2] = kv_grad(dv);
   return grads;
 }
 
@@ -214,34 +198,31 @@ Var<T, D> causal_attention(const Var<T, D>& q, const Var<T, D>& k, const Var<T, 
   const double sc = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(std::max<index_t>(dh, 1)));
   MIXMOE_CHECK(std::isfinite(sc), op, "scale ", sc, " must be finite");
   const T st = static_cast<T>(sc);
-  const index_t group = hq / hkv, blk = std::min(tq, detail::kAttentionRowBlock);
+  const index_t group = hq / hkv, blk = std::min(tq, detail::kAttentionRowBlock), ldq = hq * dh, ldk = hkv * dh;
   const index_t head_work = std::max<index_t>(1, tq * tk * std::max<index_t>(dh, 1));
-  const index_t grain = std::max<index_t>(1, (1 << 15) / head_work);
 
-  const Tensor<T, D> qh = detail::swap_axes_1_2(q.value());  // (B, Hq, Tq, Dh)
-  const Tensor<T, D> kh = detail::swap_axes_1_2(k.value());  // (B, Hkv, Tk, Dh)
-  const Tensor<T, D> vh = detail::swap_axes_1_2(v.value());  // (B, Hkv, Tk, Dh)
-  Tensor<T, D> oh = Tensor<T, D>::empty(Shape{b, hq, tq, dh});  // (B, Hq, Tq, Dh)
-  Tensor<T, D> lse = Tensor<T, D>::empty(Shape{b, hq, tq});     // (B, Hq, Tq)
-  cpu::parallel_for(b * hq, grain, [&](index_t lo, index_t hi) {
+  // The heads are read and written in place, as row-strided matrices of the (B, T, H, Dh)
+  // tensors: no head-major copies (a KV-cache step would otherwise copy the whole cache).
+  const Tensor<T, D> qc = q.value().contiguous(), kc = k.value().contiguous(), vc = v.value().contiguous();
+  Tensor<T, D> out = Tensor<T, D>::empty(q.shape());         // (B, Tq, Hq, Dh)
+  Tensor<T, D> lse = Tensor<T, D>::empty(Shape{b, hq, tq});  // (B, Hq, Tq)
+  cpu::parallel_for(b * hq, std::max<index_t>(1, (1 << 15) / head_work), [&](index_t lo, index_t hi) {
     Tensor<T, D> s = Tensor<T, D>::empty(Shape{blk * tk});  // (blk, Tk) scores of one row block
     for (index_t r = lo; r < hi; ++r) {
-      const index_t kvr = (r / hq) * hkv + (r % hq) / group;  // (batch, kv head) of query row r = (batch, head)
-      detail::attention_forward_head(qh.data() + r * tq * dh, kh.data() + kvr * tk * dh, vh.data() + kvr * tk * dh,
-                                     oh.data() + r * tq * dh, lse.data() + r * tq, tq, tk, dh, st, s.data());
+      const index_t bb = r / hq, h = r % hq;
+      const index_t qo = bb * tq * ldq + h * dh, ko = bb * tk * ldk + (h / group) * dh;  // first rows of the heads
+      detail::attention_forward_head(qc.data() + qo, kc.data() + ko, vc.data() + ko, out.data() + qo,
+                                     lse.data() + r * tq, tq, tk, dh, ldq, ldk, st, s.data());
     }
   });
-  Tensor<T, D> out = detail::swap_axes_1_2(oh);  // (B, Tq, Hq, Dh)
 
-  // The backward re-derives the head-major copies from the inputs' values (shared, not
-  // copied), so the graph keeps no second copy of q, k, v or the output.
-  return record(op, std::move(out), {q, k, v},
-                [qv = q.value(), kv = k.value(), vv = v.value(), lse, st](autograd::BackwardContext<T, D>& ctx) {
-                  const bool need[3] = {ctx.needs_grad(0), ctx.needs_grad(1), ctx.needs_grad(2)};
-                  auto grads = detail::attention_backward(qv, kv, vv, ctx.output(), ctx.grad_out(), lse, st, need);
-                  for (std::size_t i = 0; i < 3; ++i)
-                    if (need[i]) ctx.accumulate(i, std::move(grads[i]));
-                });
+  // The backward keeps the inputs' values (shared, not copied) and the row log-sum-exps.
+  return record(op, std::move(out), {q, k, v}, [qc, kc, vc, lse, st](autograd::BackwardContext<T, D>& ctx) {
+    const bool need[3] = {ctx.needs_grad(0), ctx.needs_grad(1), ctx.needs_grad(2)};
+    auto grads = detail::attention_backward(qc, kc, vc, ctx.output(), ctx.grad_out(), lse, st, need);
+    for (std::size_t i = 0; i < 3; ++i)
+      if (need[i]) ctx.accumulate(i, std::move(grads[i]));
+  });
 }
 
 }  // namespace mixmoe
