@@ -320,6 +320,19 @@ TEST_CASE("causal_attention: gradients accumulate over uses and backward is repe
   REQUIRE(max_abs_diff(v.grad(), detail::map(gv, [](double g) { return 2 * g; })) < 1e-12);
 }
 
+TEST_CASE("causal_attention: empty query block and zero head size", "[ops][attention]") {
+  auto q = Vd(Td::zeros({2, 0, 4, 3}), true);
+  auto k = rand_var({2, 5, 2, 3}, 81), v = rand_var({2, 5, 2, 3}, 82);
+  auto o = causal_attention(q, k, v);
+  REQUIRE(o.shape() == Shape{2, 0, 4, 3});
+  o.backward(Td::zeros(o.shape()));
+  REQUIRE(max_abs_diff(k.grad(), Td::zeros(k.shape())) == 0.0);
+  REQUIRE(max_abs_diff(v.grad(), Td::zeros(v.shape())) == 0.0);
+  // Dh = 0: every score is 0, the output has no channels
+  auto z = causal_attention(Vd(Td::zeros({1, 3, 2, 0})), Vd(Td::zeros({1, 4, 1, 0})), Vd(Td::zeros({1, 4, 1, 0})));
+  REQUIRE(z.shape() == Shape{1, 3, 2, 0});
+}
+
 TEST_CASE("causal_attention: errors", "[ops][attention][errors]") {
   auto q = Vd(Td::zeros({2, 3, 4, 8})), k = Vd(Td::zeros({2, 5, 2, 8})), v = Vd(Td::zeros({2, 5, 2, 8}));
   MIXMOE_REQUIRE_ERROR(causal_attention(Vd(Td::zeros({3, 4, 8})), k, v),
