@@ -220,8 +220,8 @@ TEST_CASE("TopKRouter: gradients of gates, probs and logits w.r.t. x and the wei
       r.weight = in[1];
       return r(in[0], Ctx{}).gate;
     };
-    MIXMOE_REQUIRE_GRADCHECK(gate_only,
-                             (std::vector<Vd>{rand_var({cs.n, cs.c}, cs.c + 3), rand_var({cs.e, cs.c}, cs.k + 4, false)}));
+    MIXMOE_REQUIRE_GRADCHECK(
+        gate_only, (std::vector<Vd>{rand_var({cs.n, cs.c}, cs.c + 3), rand_var({cs.e, cs.c}, cs.k + 4, false)}));
   }
 }
 
@@ -298,8 +298,8 @@ TEST_CASE("SwitchRouter: gradients and errors", "[moe][routers][gradcheck][error
 
 // ---- Expert choice ---------------------------------------------------------------
 
-TEMPLATE_TEST_CASE("ExpertChoiceRouter: every expert takes exactly c tokens, its most probable ones",
-                   "[moe][routers]", float, double) {
+TEMPLATE_TEST_CASE("ExpertChoiceRouter: every expert takes exactly c tokens, its most probable ones", "[moe][routers]",
+                   float, double) {
   using T = TestType;
   Generator gen(31);
   const index_t n = 10, c = 6, e = 4, k = 2;
@@ -356,7 +356,8 @@ TEST_CASE("ExpertChoiceRouter: capacity, capacity factor, small and empty batche
   REQUIRE(empty.token.numel() == 0);
   REQUIRE(empty.expert.numel() == 0);
   wide.capacity_factor = 0.0;
-  MIXMOE_REQUIRE_ERROR(wide(rand_var({3, 4}, 1), Ctx{}), "[ExpertChoiceRouter] capacity_factor must be positive, got 0");
+  MIXMOE_REQUIRE_ERROR(wide(rand_var({3, 4}, 1), Ctx{}),
+                       "[ExpertChoiceRouter] capacity_factor must be positive, got 0");
   MIXMOE_REQUIRE_ERROR(wide(rand_var({3, 5}, 1), Ctx{}),
                        "[ExpertChoiceRouter] x must be token rows (N, C) with C = d_model = 4, got shape (3, 5)");
   MIXMOE_REQUIRE_ERROR(ExpertChoiceRouter<double>(RouterShape{4, 2, 3}, gen),
@@ -510,7 +511,8 @@ Mat explicit_phi(const Mat& h, const Router& router) {
       for (index_t k = 0; k < c; ++k) {
         double s = 0;
         for (index_t m = 0; m < c; ++m)
-          s += h(i, m) * std::cos(std::numbers::pi * static_cast<double>((2 * m + 1) * k) / (2.0 * static_cast<double>(c)));
+          s += h(i, m) *
+               std::cos(std::numbers::pi * static_cast<double>((2 * m + 1) * k) / (2.0 * static_cast<double>(c)));
         out(i, k) = s * std::sqrt((k == 0 ? 1.0 : 2.0) / static_cast<double>(c));
       }
     return out;
@@ -645,8 +647,8 @@ TEST_CASE("FourierFeatures: gradients with Switch and expert-choice bases, and w
     router.base.phi.eps = 1e-3;
     std::vector<std::string> names;
     router.visit_parameters([&](const std::string& name, Vd&) { names.push_back(name); }, "router");
-    REQUIRE(names == std::vector<std::string>{"router.base.base.weight", "router.base.fourier.weight",
-                                              "router.fourier.weight"});
+    REQUIRE(names ==
+            std::vector<std::string>{"router.base.base.weight", "router.base.fourier.weight", "router.fourier.weight"});
     auto fn = [router](const std::vector<Vd>& in) {
       R r = router;
       r.base.base.weight = in[1];
@@ -654,8 +656,8 @@ TEST_CASE("FourierFeatures: gradients with Switch and expert-choice bases, and w
       r.fourier_weight = in[3];
       return routing_outputs(r(in[0], Ctx{}));
     };
-    MIXMOE_REQUIRE_GRADCHECK(fn, (std::vector<Vd>{rand_var({4, 6}, 7), rand_var({4, 6}, 8), rand_var({4, 4}, 9),
-                                                  rand_var({4, 6}, 10)}));
+    MIXMOE_REQUIRE_GRADCHECK(
+        fn, (std::vector<Vd>{rand_var({4, 6}, 7), rand_var({4, 6}, 8), rand_var({4, 4}, 9), rand_var({4, 6}, 10)}));
   }
 }
 

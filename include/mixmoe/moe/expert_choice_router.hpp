@@ -80,10 +80,10 @@ struct ExpertChoiceRouter {
       r.gate = Var<T, D>(Tensor<T, D>::empty(Shape{0}));
       return r;
     }
-    auto chosen = topk(r.probs, c, 0);                                  // values, indices (c, E)
-    r.gate = reshape(transpose(chosen.values, 0, 1), Shape{e * c});      // (M), expert-major
+    auto chosen = topk(r.probs, c, 0);                                            // values, indices (c, E)
+    r.gate = reshape(transpose(chosen.values, 0, 1), Shape{e * c});               // (M), expert-major
     r.token = chosen.indices.transpose(0, 1).contiguous().reshape(Shape{e * c});  // (M)
-    r.expert = Tensor<Index, D>::empty(Shape{e * c});                   // (M)
+    r.expert = Tensor<Index, D>::empty(Shape{e * c});                             // (M)
     Index* pe = r.expert.data();
     for (index_t j = 0; j < e; ++j) std::fill_n(pe + j * c, c, static_cast<Index>(j));
     return r;

@@ -221,9 +221,10 @@ struct FourierFeatureRouter {
   using device_type = typename R::device_type;
   using T = value_type;
   using D = device_type;
-  static_assert(transform::FeatureMap<Phi, T, D>,
-                "mixmoe: a Fourier feature transform needs a constructor `(index_t d_model, Generator&)`, "
-                "`index_t features() const` and `Var<T, D> operator()(const Var<T, D>& h) const` for the router's T, D");
+  static_assert(
+      transform::FeatureMap<Phi, T, D>,
+      "mixmoe: a Fourier feature transform needs a constructor `(index_t d_model, Generator&)`, "
+      "`index_t features() const` and `Var<T, D> operator()(const Var<T, D>& h) const` for the router's T, D");
   using base_type = R;
   using transform_type = Phi;
 
@@ -287,7 +288,7 @@ struct FourierFeatures {
 static_assert(check_logit_router<bind_router_t<FourierFeatures<TopK<2>, transform::FFTMagnitude<>>, float, Cpu>>());
 static_assert(LogitRouter<bind_router_t<FourierFeatures<TopKRouter<double>, transform::None>, double, Cpu>>);
 // Wrapped again: the wrapper is a LogitRouter itself.
-static_assert(LogitRouter<bind_router_t<FourierFeatures<FourierFeatures<TopK<>, transform::DCT>, transform::RandomProjection>,
-                                        float, Cpu>>);
+static_assert(LogitRouter<bind_router_t<
+                  FourierFeatures<FourierFeatures<TopK<>, transform::DCT>, transform::RandomProjection>, float, Cpu>>);
 
 }  // namespace mixmoe

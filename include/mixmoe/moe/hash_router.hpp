@@ -83,8 +83,8 @@ struct HashRouter {
                    " is out of range [0, ", vocab == 0 ? std::string("inf") : std::to_string(vocab), ")");
 
     Routing<T, D> r;
-    r.token = detail::repeat_rows<D>(n, k);               // (M)
-    r.expert = Tensor<Index, D>::empty(Shape{n * k});     // (M)
+    r.token = detail::repeat_rows<D>(n, k);                   // (M)
+    r.expert = Tensor<Index, D>::empty(Shape{n * k});         // (M)
     Tensor<T, D> probs = Tensor<T, D>::zeros({n, experts_});  // (N, E)
     const T share = T(1) / static_cast<T>(k);
     Index* pe = r.expert.data();

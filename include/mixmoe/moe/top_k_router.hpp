@@ -58,7 +58,7 @@ Routing<T, D> token_choice(const Var<T, D>& logits, const Var<T, D>& x, index_t 
   }
   Var<T, D> gate = renormalize ? softmax(gather(logits, 1, picked), -1) : gather(probs, 1, picked);  // (N, K)
   Routing<T, D> r;
-  r.token = repeat_rows<D>(n, k);          // (M)
+  r.token = repeat_rows<D>(n, k);           // (M)
   r.expert = picked.reshape(Shape{n * k});  // (M)
   r.gate = reshape(gate, Shape{n * k});     // (M)
   r.probs = std::move(probs);
