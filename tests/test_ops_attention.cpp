@@ -239,6 +239,26 @@ TEST_CASE("causal_attention: non-contiguous inputs and no_grad", "[ops][attentio
   REQUIRE_FALSE(q.is_contiguous());
   const Td expect = reference_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.5);
   REQUIRE(max_abs_diff(causal_attention(Vd(q), Vd(k), Vd(v), 0.5).value(), expect) < 1e-12);
+  // gradients through strided views equal those through contiguous copies
+  auto qv = Vd(q, true), kv = Vd(k, true), vv = Vd(v, true);
+  auto qd = Vd(q.contiguous(), true), kd = Vd(k.contiguous(), true), vd = Vd(v.contiguous(), true);
+  const Td w = randn(q.shape(), 34);
+  causal_attention(qv, kv, vv, 0.5).backward(w);
+  causal_attention(qd, kd, vd, 0.5).backward(w);
+  REQUIRE(max_abs_diff(qv.grad(), qd.grad()) < 1e-14);
+  REQUIRE(max_abs_diff(kv.grad(), kd.grad()) < 1e-14);
+  REQUIRE(max_abs_diff(vv.grad(), vd.grad()) < 1e-14);
+  // the filled part of a KV-cache buffer (B, Tmax, Hkv, Dh): a view strided over the batch
+  const Td kcache = randn({2, 16, 1, 4}, 35), vcache = randn({2, 16, 1, 4}, 36);
+  const Td ks = kcache.slice(1, 0, 7), vs = vcache.slice(1, 0, 7);
+  REQUIRE_FALSE(ks.is_contiguous());
+  REQUIRE(max_abs_diff(causal_attention(Vd(q), Vd(ks), Vd(vs), 0.5).value(),
+                       reference_attention(q.contiguous(), ks.contiguous(), vs.contiguous(), 0.5)) < 1e-12);
+  // channels not contiguous (Dh is not the last memory axis): copied, same values
+  const Td kp = randn({2, 4, 7, 1}, 37).permute({0, 2, 3, 1}), vp = randn({2, 4, 7, 1}, 38).permute({0, 2, 3, 1});
+  REQUIRE(kp.stride(3) != 1);
+  REQUIRE(max_abs_diff(causal_attention(Vd(q), Vd(kp), Vd(vp), 0.5).value(),
+                       reference_attention(q.contiguous(), kp.contiguous(), vp.contiguous(), 0.5)) < 1e-12);
   no_grad guard;
   auto out = causal_attention(Vd(q, true), Vd(k, true), Vd(v, true), 0.5);
   REQUIRE_FALSE(out.requires_grad());

@@ -43,18 +43,43 @@ void head_gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T al
   cpu::gemm_eigen(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+/// The rows of one head inside a (B, T, H, Dh) tensor: row t at p + t * ld (channels contiguous).
+template <class T>
+struct HeadRows {
+  T* p = nullptr;
+  index_t ld = 0;
+  [[nodiscard]] T* row(index_t t) const { return p + t * ld; }
+};
+
+/// Head h of batch b of x (B, T, H, Dh) in place, through x's strides (x.stride(3) == 1):
+/// head_in to read it, head_out to write it.
+template <class T, class D>
+HeadRows<const T> head_in(const Tensor<T, D>& x, index_t b, index_t h) {
+  return {x.data() + b * x.stride(0) + h * x.stride(2), x.stride(1)};
+}
+template <class T, class D>
+HeadRows<T> head_out(const Tensor<T, D>& x, index_t b, index_t h) {
+  return {x.data() + b * x.stride(0) + h * x.stride(2), x.stride(1)};
+}
+
+/// x itself when its channels are contiguous (then a head is a row-strided matrix of x,
+/// as in a slice of a KV cache), else a contiguous copy.
+template <class T, class D>
+Tensor<T, D> channels_contiguous(const Tensor<T, D>& x) {
+  return x.stride(3) == 1 || x.size(3) <= 1 ? x : x.contiguous();
+}
+
 /// One query head: o = softmax(scale q k^T, causal) v and the log-sum-exp of each row.
-/// q and o are (Tq, Dh) with row stride ldq, k and v (Tk, Dh) with row stride ldk: the
-/// rows of one head inside the (B, T, H, Dh) tensors, used in place. s is scratch of
+/// q and o have Tq rows, k and v Tk rows, of Dh channels; s is scratch of
 /// min(Tq, block) * Tk; lse (Tq) is contiguous.
 template <class T>
-void attention_forward_head(const T* q, const T* k, const T* v, T* o, T* lse, index_t tq, index_t tk, index_t dh,
-                            index_t ldq, index_t ldk, T scale, T* s) {
+void attention_forward_head(HeadRows<const T> q, HeadRows<const T> k, HeadRows<const T> v, HeadRows<T> o, T* lse,
+                            index_t tq, index_t tk, index_t dh, T scale, T* s) {
   const index_t past = tk - tq;
   for (index_t r0 = 0; r0 < tq; r0 += kAttentionRowBlock) {
     const index_t rows = std::min(kAttentionRowBlock, tq - r0);
     const index_t n = past + r0 + rows;  // keys visible to the block's last row: later keys are masked for all
-    head_gemm(false, true, rows, n, dh, scale, q + r0 * ldq, ldq, k, ldk, T(0), s, n);  // (rows, n)
+    head_gemm(false, true, rows, n, dh, scale, q.row(r0), q.ld, k.p, k.ld, T(0), s, n);  // (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       T* si = s + i * n;
       const index_t len = past + r0 + i + 1;  // keys 0 .. position of this query
@@ -67,30 +92,28 @@ void attention_forward_head(const T* q, const T* k, const T* v, T* o, T* lse, in
       std::fill(si + len, si + n, T(0));
       lse[r0 + i] = m + static_cast<T>(std::log(sum));
     }
-    head_gemm(false, false, rows, dh, n, T(1), s, n, v, ldk, T(0), o + r0 * ldq, ldq);  // (rows, Dh)
+    head_gemm(false, false, rows, dh, n, T(1), s, n, v.p, v.ld, T(0), o.row(r0), o.ld);  // (rows, Dh)
   }
 }
 
-/// One query head's backward, strides as in the forward: dq (Tq, Dh) is written (beta = 0);
-/// dk and dv (Tk, Dh) are added to, so the G query heads of a kv head can accumulate into
-/// one buffer in turn. Null dq/dk/dv pointers skip that gradient. s and dp are scratch of
-/// min(Tq, block) * Tk, delta of Tq.
+/// One query head's backward: dq (Tq rows) is written (beta = 0); dk and dv (Tk rows) are
+/// added to, so the G query heads of a kv head can accumulate into one buffer in turn.
+/// A null dq/dk/dv skips that gradient. s and dp are scratch of min(Tq, block) * Tk,
+/// delta of Tq.
 template <class T>
-void attention_backward_head(const T* q, const T* k, const T* v, const T* o, const T* go, const T* lse, T* dq, T* dk,
-                             T* dv, index_t tq, index_t tk, index_t dh, index_t ldq, index_t ldk, T scale, T* s, T* dp,
-                             T* delta) {
+void attention_backward_head(HeadRows<const T> q, HeadRows<const T> k, HeadRows<const T> v, HeadRows<const T> o,
+                             HeadRows<const T> go, const T* lse, HeadRows<T> dq, HeadRows<T> dk, HeadRows<T> dv,
+                             index_t tq, index_t tk, index_t dh, T scale, T* s, T* dp, T* delta) {
   const index_t past = tk - tq;
   // rowsum(dO * O) = rowsum(dP * P): the softmax backward's per-row term.
   for (index_t i = 0; i < tq; ++i) {
     double acc = 0;
-    for (index_t d = 0; d < dh; ++d) acc += static_cast<double>(go[i * ldq + d]) * static_cast<double>(o[i * ldq + d]);
+    for (index_t d = 0; d < dh; ++d) acc += static_cast<double>(go.row(i)[d]) * static_cast<double>(o.row(i)[d]);
     delta[i] = static_cast<T>(acc);
   }
   for (index_t r0 = 0; r0 < tq; r0 += kAttentionRowBlock) {
     const index_t rows = std::min(kAttentionRowBlock, tq - r0), n = past + r0 + rows;
-    const T* qb = q + r0 * ldq;    // (rows, Dh)
-    const T* gob = go + r0 * ldq;  // (rows, Dh)
-    head_gemm(false, true, rows, n, dh, scale, qb, ldq, k, ldk, T(0), s, n);  // S (rows, n)
+    head_gemm(false, true, rows, n, dh, scale, q.row(r0), q.ld, k.p, k.ld, T(0), s, n);  // S (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       T* si = s + i * n;
       const index_t len = past + r0 + i + 1;
@@ -98,29 +121,29 @@ void attention_backward_head(const T* q, const T* k, const T* v, const T* o, con
       e = (e - lse[r0 + i]).exp();  // P recomputed from the saved log-sum-exp
       std::fill(si + len, si + n, T(0));
     }
-    if (dv) head_gemm(true, false, n, dh, rows, T(1), s, n, gob, ldq, T(1), dv, ldk);  // dV += P^T dO
-    if (!dq && !dk) continue;
-    head_gemm(false, true, rows, n, dh, T(1), gob, ldq, v, ldk, T(0), dp, n);  // dP = dO V^T (rows, n)
+    if (dv.p) head_gemm(true, false, n, dh, rows, T(1), s, n, go.row(r0), go.ld, T(1), dv.p, dv.ld);  // dV += P^T dO
+    if (!dq.p && !dk.p) continue;
+    head_gemm(false, true, rows, n, dh, T(1), go.row(r0), go.ld, v.p, v.ld, T(0), dp, n);  // dP = dO V^T (rows, n)
     for (index_t i = 0; i < rows; ++i) {
       const T di = delta[r0 + i];
       T* dpi = dp + i * n;
       const T* pi = s + i * n;
       for (index_t j = 0; j < n; ++j) dpi[j] = pi[j] * (dpi[j] - di);  // dS; masked entries have P = 0
     }
-    if (dq) head_gemm(false, false, rows, dh, n, scale, dp, n, k, ldk, T(0), dq + r0 * ldq, ldq);  // dQ = scale dS K
-    if (dk) head_gemm(true, false, n, dh, rows, scale, dp, n, qb, ldq, T(1), dk, ldk);  // dK += scale dS^T Q
+    if (dq.p) head_gemm(false, false, rows, dh, n, scale, dp, n, k.p, k.ld, T(0), dq.row(r0), dq.ld);  // scale dS K
+    if (dk.p) head_gemm(true, false, n, dh, rows, scale, dp, n, q.row(r0), q.ld, T(1), dk.p, dk.ld);   // scale dS^T Q
   }
 }
 
-/// Gradients of causal_attention for the inputs flagged in `need`: {dq, dk, dv} in the
-/// inputs' shapes (undefined where not needed). q, k, v, out and gout are contiguous;
-/// lse (B, Hq, Tq) is the forward's.
+/// Gradients of causal_attention for the inputs flagged in `need`: {dq, dk, dv}, contiguous,
+/// in the inputs' shapes (undefined where not needed). q, k, v have contiguous channels;
+/// out and gout are contiguous; lse (B, Hq, Tq) is the forward's.
 template <class T, class D>
 std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& q, const Tensor<T, D>& k, const Tensor<T, D>& v,
                                                const Tensor<T, D>& out, const Tensor<T, D>& gout,
                                                const Tensor<T, D>& lse, T scale, const bool need[3]) {
   const index_t b = q.size(0), tq = q.size(1), hq = q.size(2), dh = q.size(3), tk = k.size(1), hkv = k.size(2);
-  const index_t group = hq / hkv, blk = std::min(tq, kAttentionRowBlock), ldq = hq * dh, ldk = hkv * dh;
+  const index_t group = hq / hkv, blk = std::min(tq, kAttentionRowBlock);
   std::array<Tensor<T, D>, 3> grads;
   if (!need[0] && !need[1] && !need[2]) return grads;
   // The G query heads of a kv head add into the same dK/dV rows. A task owns one (batch,
@@ -130,12 +153,11 @@ std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& q, const Tens
   const index_t pairs = b * hkv, threads = cpu::ThreadPool::instance().num_threads();
   const index_t wanted = (threads + pairs - 1) / std::max<index_t>(pairs, 1);
   const index_t splits = std::clamp<index_t>(wanted, 1, std::max<index_t>(group, 1));
-  const Shape kv_parts{splits, b, tk, hkv, dh};
+  const Shape kv_parts{splits * b, tk, hkv, dh};  // the parts stacked along the batch axis
   Tensor<T, D> dq, dk, dv;
   if (need[0]) dq = Tensor<T, D>::zeros(q.shape());  // (B, Tq, Hq, Dh)
-  if (need[1]) dk = Tensor<T, D>::zeros(kv_parts);   // (splits, B, Tk, Hkv, Dh)
-  if (need[2]) dv = Tensor<T, D>::zeros(kv_parts);   // (splits, B, Tk, Hkv, Dh)
-  const index_t part_stride = b * tk * ldk;
+  if (need[1]) dk = Tensor<T, D>::zeros(kv_parts);   // (splits * B, Tk, Hkv, Dh)
+  if (need[2]) dv = Tensor<T, D>::zeros(kv_parts);   // (splits * B, Tk, Hkv, Dh)
   const index_t task_work = std::max<index_t>(1, tq * tk * std::max<index_t>(dh, 1) * (group / splits));
   cpu::parallel_for(pairs * splits, std::max<index_t>(1, (1 << 15) / task_work), [&](index_t lo, index_t hi) {
     Tensor<T, D> s = Tensor<T, D>::empty(Shape{blk * tk});   // (blk, Tk) probabilities
@@ -144,27 +166,26 @@ std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& q, const Tens
     for (index_t r = lo; r < hi; ++r) {
       const index_t pair = r / splits, part = r % splits, bb = pair / hkv, kvh = pair % hkv;
       const index_t h0 = kvh * group + part * group / splits, h1 = kvh * group + (part + 1) * group / splits;
-      const index_t ko = bb * tk * ldk + kvh * dh;  // first row of this kv head in (B, Tk, Hkv, Dh)
-      for (index_t h = h0; h < h1; ++h) {
-        const index_t qo = bb * tq * ldq + h * dh;  // first row of this query head in (B, Tq, Hq, Dh)
-        attention_backward_head(q.data() + qo, k.data() + ko, v.data() + ko, out.data() + qo, gout.data() + qo,
-                                lse.data() + (bb * hq + h) * tq, need[0] ? dq.data() + qo : nullptr,
-                                need[1] ? dk.data() + part * part_stride + ko : nullptr,
-                                need[2] ? dv.data() + part * part_stride + ko : nullptr, tq, tk, dh, ldq, ldk, scale,
-                                s.data(), dp.data(), delta.data());
-      }
+      const HeadRows<T> gk = need[1] ? head_out(dk, part * b + bb, kvh) : HeadRows<T>{};  // this part's dK rows
+      const HeadRows<T> gv = need[2] ? head_out(dv, part * b + bb, kvh) : HeadRows<T>{};
+      for (index_t h = h0; h < h1; ++h)
+        attention_backward_head(head_in(q, bb, h), head_in(k, bb, kvh), head_in(v, bb, kvh), head_in(out, bb, h),
+                                head_in(gout, bb, h), lse.data() + (bb * hq + h) * tq,
+                                need[0] ? head_out(dq, bb, h) : HeadRows<T>{}, gk, gv, tq, tk, dh, scale, s.data(),
+                                dp.data(), delta.data());
     }
   });
-  // (splits, B, Tk, Hkv, Dh) -> (B, Tk, Hkv, Dh), summing the parts of split groups.
+  // (splits * B, Tk, Hkv, Dh) -> (B, Tk, Hkv, Dh), summing the parts of split groups.
   const auto kv_grad = [&](const Tensor<T, D>& parts) {
-    if (splits == 1) return parts.reshape(Shape{b, tk, hkv, dh});
+    if (splits == 1) return parts;
+    const index_t part_size = b * tk * hkv * dh;
     Tensor<T, D> g = Tensor<T, D>::empty(Shape{b, tk, hkv, dh});  // (B, Tk, Hkv, Dh)
     T* pg = g.data();
     const T* pp = parts.data();
-    cpu::parallel_for(part_stride, 1 << 14, [&](index_t lo, index_t hi) {
+    cpu::parallel_for(part_size, 1 << 14, [&](index_t lo, index_t hi) {
       for (index_t i = lo; i < hi; ++i) {
         T acc = pp[i];
-        for (index_t sp = 1; sp < splits; ++sp) acc += pp[sp * part_stride + i];
+        for (index_t sp = 1; sp < splits; ++sp) acc += pp[sp * part_size + i];
         pg[i] = acc;
       }
     });
@@ -198,21 +219,23 @@ Var<T, D> causal_attention(const Var<T, D>& q, const Var<T, D>& k, const Var<T, 
   const double sc = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(std::max<index_t>(dh, 1)));
   MIXMOE_CHECK(std::isfinite(sc), op, "scale ", sc, " must be finite");
   const T st = static_cast<T>(sc);
-  const index_t group = hq / hkv, blk = std::min(tq, detail::kAttentionRowBlock), ldq = hq * dh, ldk = hkv * dh;
+  const index_t group = hq / hkv, blk = std::min(tq, detail::kAttentionRowBlock);
   const index_t head_work = std::max<index_t>(1, tq * tk * std::max<index_t>(dh, 1));
 
-  // The heads are read and written in place, as row-strided matrices of the (B, T, H, Dh)
-  // tensors: no head-major copies (a KV-cache step would otherwise copy the whole cache).
-  const Tensor<T, D> qc = q.value().contiguous(), kc = k.value().contiguous(), vc = v.value().contiguous();
+  // Heads are read in place as row-strided matrices of the (B, T, H, Dh) inputs, so a
+  // view such as the filled part of a KV cache is used without copying it.
+  const Tensor<T, D> qc = detail::channels_contiguous(q.value());
+  const Tensor<T, D> kc = detail::channels_contiguous(k.value());
+  const Tensor<T, D> vc = detail::channels_contiguous(v.value());
   Tensor<T, D> out = Tensor<T, D>::empty(q.shape());         // (B, Tq, Hq, Dh)
   Tensor<T, D> lse = Tensor<T, D>::empty(Shape{b, hq, tq});  // (B, Hq, Tq)
   cpu::parallel_for(b * hq, std::max<index_t>(1, (1 << 15) / head_work), [&](index_t lo, index_t hi) {
     Tensor<T, D> s = Tensor<T, D>::empty(Shape{blk * tk});  // (blk, Tk) scores of one row block
     for (index_t r = lo; r < hi; ++r) {
-      const index_t bb = r / hq, h = r % hq;
-      const index_t qo = bb * tq * ldq + h * dh, ko = bb * tk * ldk + (h / group) * dh;  // first rows of the heads
-      detail::attention_forward_head(qc.data() + qo, kc.data() + ko, vc.data() + ko, out.data() + qo,
-                                     lse.data() + r * tq, tq, tk, dh, ldq, ldk, st, s.data());
+      const index_t bb = r / hq, h = r % hq, kvh = h / group;
+      detail::attention_forward_head(detail::head_in(qc, bb, h), detail::head_in(kc, bb, kvh),
+                                     detail::head_in(vc, bb, kvh), detail::head_out(out, bb, h), lse.data() + r * tq,
+                                     tq, tk, dh, st, s.data());
     }
   });
 
