@@ -163,6 +163,12 @@ TEST_CASE("unary ops follow IEEE at domain edges and saturate without NaN", "[op
   REQUIRE(std::isnan(sqrt(Vf(Tf::from({-1.0f}, {1}))).item()));
   REQUIRE(std::isnan(pow_scalar(Vd(Td::from({-2.0}, {1})), 0.5).item()));
   REQUIRE(std::isnan(relu(Vd(Td::from({std::nan("")}, {1}))).item()));  // NaN is not hidden
+  // exp of -inf is exactly 0 and deep underflow flushes to 0, in the vectorised path too (long rows)
+  for (double v : exp(Vd(Td::full({37}, -kInf))).value().to_vector()) REQUIRE(v == 0.0);
+  for (double v : exp(Vd(Td::full({37}, -1000.0))).value().to_vector()) REQUIRE(v == 0.0);
+  for (float v : exp(Vf(Tf::full({37}, -100.0f))).value().to_vector()) REQUIRE(v == 0.0f);
+  for (float v : exp(Vf(Tf::full({37}, -80.0f))).value().to_vector()) REQUIRE(v == Approx(std::exp(-80.0f)));
+  REQUIRE(std::isnan(exp(Vd(Td::from({std::nan("")}, {1}))).item()));
   // the gradient of pow_scalar(x, 0) is 0 at x = 0 too (not 0 * inf)
   auto z = Vd(Td::from({0.0, 2.0}, {2}), true);
   sum(pow_scalar(z, 0.0)).backward();
@@ -312,6 +318,23 @@ TEST_CASE("softmax with masked (-inf) entries", "[ops][softmax]") {
   const auto g = x.grad().to_vector();
   REQUIRE(g[1] == 0.0);  // a masked entry gets no gradient
   for (double v : g) REQUIRE(std::isfinite(v));
+  // long rows (vectorised exp) in float and double, last axis and inner axis: masked entries exactly 0
+  for (index_t n : {37, 300}) {
+    Tf lf = Tf::zeros({2, n});
+    // masks in the first row only, so no row or column is masked entirely
+    for (index_t i = 0; i < 2 * n; ++i)
+      lf.data()[i] = i < n && i % 3 == 0 ? -std::numeric_limits<float>::infinity() : 0.1f * static_cast<float>(i);
+    for (int axis : {0, 1}) {
+      const auto pf = softmax(Vf(lf), axis).value().to_vector();
+      const auto pd = softmax(Vd(lf.to<double>()), axis).value().to_vector();
+      const auto lp = log_softmax(Vf(lf), axis).value().to_vector();
+      for (index_t i = 0; i < n; i += 3) {
+        REQUIRE(pf[i] == 0.0f);
+        REQUIRE(pd[i] == 0.0);
+        REQUIRE(lp[i] == -std::numeric_limits<float>::infinity());
+      }
+    }
+  }
   // a row with every entry masked has no distribution: NaN, as documented
   REQUIRE(std::isnan(softmax(Vd(Td::from({-kInf, -kInf}, {2}))).value().to_vector()[0]));
 }

@@ -88,7 +88,9 @@ void forward(const T* x, const T* w, const T* b, T* y, double* mean, double* rst
 template <class T>
 void backward(const T* g, const T* x, const T* w, const double* mean, const double* rstd, T* gx, double* pw, double* pb,
               index_t rows, index_t c, index_t blocks) {
-  cpu::parallel_for(blocks, 1, [&](index_t blo, index_t bhi) {
+  // blocks per thread so that each thread gets at least kGrain elements
+  const index_t grain = std::max<index_t>(1, kGrain * blocks / std::max<index_t>(1, rows * c));
+  cpu::parallel_for(blocks, grain, [&](index_t blo, index_t bhi) {
     for (index_t blk = blo; blk < bhi; ++blk) {
       const index_t r0 = rows * blk / blocks, r1 = rows * (blk + 1) / blocks;
       for (index_t r = r0; r < r1; ++r) {

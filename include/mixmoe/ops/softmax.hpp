@@ -8,10 +8,12 @@
 // before it, N its extent, I the product of the axes after it (I = 1 for the last axis).
 //
 // Numerically stable: the maximum along the axis is subtracted before exp, so no
-// logit magnitude overflows; the sums along the axis are accumulated in double. A
-// slice that is entirely -inf has no defined distribution and gives NaN, as in the
-// other frameworks (mask with a large negative number, not -inf, if every position
-// of a row can be masked).
+// logit magnitude overflows; the sums along the axis are accumulated in double.
+// Masked (-inf) entries get probability exactly 0 (and probabilities below the
+// smallest normal number are flushed to 0, see cpu::exp_flush). A slice that is
+// entirely -inf has no defined distribution and gives NaN, as in the other
+// frameworks (mask with a large negative number, not -inf, if every position of a
+// row can be masked).
 //
 // Both backwards work from the saved output y alone (x is not kept):
 //   softmax:      dx = y * (g - sum_N(g * y))
@@ -25,6 +27,7 @@
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/parallel.hpp"
+#include "mixmoe/backend/cpu/vmath.hpp"
 
 namespace mixmoe {
 
@@ -52,7 +55,7 @@ void forward(const T* x, T* y, index_t outer, index_t n, index_t inner, bool log
         const In<T> a(x + r * n, n);  // (N)
         Out<T> o(y + r * n, n);       // (N)
         const T m = a.maxCoeff();
-        o = (a - m).exp();
+        o = cpu::exp_flush(a - m);
         const double s = o.template cast<double>().sum();
         if (log)
           o = (a - m) - static_cast<T>(std::log(s));
@@ -81,7 +84,7 @@ void forward(const T* x, T* y, index_t outer, index_t n, index_t inner, bool log
       s.setZero();
       for (index_t j = 0; j < n; ++j) {
         Out<T> e(ys + j * inner, w);
-        e = (In<T>(xs + j * inner, w) - m).exp();
+        e = cpu::exp_flush(In<T>(xs + j * inner, w) - m);
         s += e.template cast<double>();
       }
       if (log) {
@@ -108,7 +111,7 @@ void backward(const T* g, const T* y, T* gx, index_t outer, index_t n, index_t i
         Out<T> o(gx + r * n, n);                          // (N)
         if (log) {
           const double s = gr.template cast<double>().sum();
-          o = gr - yr.exp() * static_cast<T>(s);
+          o = gr - cpu::exp_flush(yr) * static_cast<T>(s);
         } else {
           const double s = (gr.template cast<double>() * yr.template cast<double>()).sum();
           o = yr * (gr - static_cast<T>(s));
@@ -140,7 +143,7 @@ void backward(const T* g, const T* y, T* gx, index_t outer, index_t n, index_t i
         const In<T> gj(g + base + j * inner, w), yj(y + base + j * inner, w);
         Out<T> o(gx + base + j * inner, w);
         if (log)
-          o = gj - yj.exp() * sv;
+          o = gj - cpu::exp_flush(yj) * sv;
         else
           o = yj * (gj - sv);
       }

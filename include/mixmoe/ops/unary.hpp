@@ -10,7 +10,10 @@
 // pow_scalar of a negative base with a non-integer exponent. Checking every
 // element would cost an extra pass over the data on every call; a NaN loss is
 // caught once, by the training loop, instead. Gradients at the edge of a domain
-// are IEEE too: d sqrt(x)/dx and d log(x)/dx at x = 0 are +inf.
+// are IEEE too: d sqrt(x)/dx and d log(x)/dx at x = 0 are +inf. One exception:
+// exp (and sigmoid / silu through it) flushes results below the smallest normal
+// number to 0 (x < -87.3 in float, -708.4 in double), so exp(-inf) is exactly 0
+// with the vectorised exp too (see cpu::exp_flush).
 //
 // The kernels run Eigen array expressions over contiguous chunks (vectorised
 // exp/log/tanh/sqrt), split across threads for large tensors, and allocate
@@ -24,6 +27,7 @@
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/parallel.hpp"
+#include "mixmoe/backend/cpu/vmath.hpp"
 
 namespace mixmoe {
 
@@ -78,7 +82,7 @@ Tensor<T, D> map_chunks(const Tensor<T, D>& g, const Tensor<T, D>& s, F f) {
 /// a >= 0 and e/(1+e) for a < 0, so tiny results keep their relative precision.
 template <class T>
 void sigmoid_into(const In<T>& a, Out<T>& o) {
-  o = (-a.abs()).exp();
+  o = cpu::exp_flush(-a.abs());
   o = (a >= T(0)).select(T(1) / (T(1) + o), o / (T(1) + o));
 }
 
@@ -94,7 +98,7 @@ template <Scalar T, Device D>
 Var<T, D> exp(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "exp");
-  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.exp(); });
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = cpu::exp_flush(a); });
   return record("exp", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
                                  [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }));
