@@ -61,6 +61,14 @@ TEST_CASE("tensor misuse gives clear errors", "[tensor][errors]") {
   MIXMOE_REQUIRE_ERROR(t.permute({0, 0}), "repeated");
 }
 
+TEST_CASE("constant initialiser lists are stored exactly (GCC 12 AVX-512 SLP miscompile guard)", "[tensor]") {
+  // GCC 12 with -mavx512f and SLP vectorisation stored these as all ones; the build
+  // adds -fno-tree-slp-vectorize for GCC < 13 (CMakeLists.txt).
+  REQUIRE(Td::from({1.0, 1.0, 0.0, 0.0}, {4}).to_vector() == std::vector<double>{1.0, 1.0, 0.0, 0.0});
+  REQUIRE(Td::from({1, 1, 0, 0, 0, 0, 0, 0}, {8}).to_vector() == std::vector<double>{1, 1, 0, 0, 0, 0, 0, 0});
+  REQUIRE(Tf::from({2.f, 2.f, 0.f, 0.f}, {4}).to_vector() == std::vector<float>{2.f, 2.f, 0.f, 0.f});
+}
+
 TEST_CASE("empty tensors are valid", "[tensor]") {
   auto e = Td::zeros({0, 4});
   REQUIRE(e.numel() == 0);
