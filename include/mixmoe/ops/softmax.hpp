@@ -10,7 +10,7 @@
 // Numerically stable: the maximum along the axis is subtracted before exp, so no
 // logit magnitude overflows; the sums along the axis are accumulated in double.
 // Masked (-inf) entries get probability exactly 0 (and probabilities below the
-// smallest normal number are flushed to 0, see cpu::exp_flush). A slice that is
+// smallest normal number are flushed to 0, see cpu::flush_subnormal). A slice that is
 // entirely -inf has no defined distribution and gives NaN, as in the other
 // frameworks (mask with a large negative number, not -inf, if every position of a
 // row can be masked).
@@ -55,7 +55,8 @@ void forward(const T* x, T* y, index_t outer, index_t n, index_t inner, bool log
         const In<T> a(x + r * n, n);  // (N)
         Out<T> o(y + r * n, n);       // (N)
         const T m = a.maxCoeff();
-        o = cpu::exp_flush(a - m);
+        o = (a - m).exp();
+        cpu::flush_subnormal(o.data(), n);
         const double s = o.template cast<double>().sum();
         if (log)
           o = (a - m) - static_cast<T>(std::log(s));
@@ -84,7 +85,8 @@ void forward(const T* x, T* y, index_t outer, index_t n, index_t inner, bool log
       s.setZero();
       for (index_t j = 0; j < n; ++j) {
         Out<T> e(ys + j * inner, w);
-        e = cpu::exp_flush(In<T>(xs + j * inner, w) - m);
+        e = (In<T>(xs + j * inner, w) - m).exp();
+        cpu::flush_subnormal(e.data(), w);
         s += e.template cast<double>();
       }
       if (log) {
@@ -111,7 +113,9 @@ void backward(const T* g, const T* y, T* gx, index_t outer, index_t n, index_t i
         Out<T> o(gx + r * n, n);                          // (N)
         if (log) {
           const double s = gr.template cast<double>().sum();
-          o = gr - cpu::exp_flush(yr) * static_cast<T>(s);
+          o = yr.exp();
+          cpu::flush_subnormal(o.data(), n);
+          o = gr - o * static_cast<T>(s);
         } else {
           const double s = (gr.template cast<double>() * yr.template cast<double>()).sum();
           o = yr * (gr - static_cast<T>(s));
@@ -142,10 +146,13 @@ void backward(const T* g, const T* y, T* gx, index_t outer, index_t n, index_t i
       for (index_t j = 0; j < n; ++j) {
         const In<T> gj(g + base + j * inner, w), yj(y + base + j * inner, w);
         Out<T> o(gx + base + j * inner, w);
-        if (log)
-          o = gj - cpu::exp_flush(yj) * sv;
-        else
+        if (log) {
+          o = yj.exp();
+          cpu::flush_subnormal(o.data(), w);
+          o = gj - o * sv;
+        } else {
           o = yj * (gj - sv);
+        }
       }
     }
   });

@@ -13,7 +13,7 @@
 // are IEEE too: d sqrt(x)/dx and d log(x)/dx at x = 0 are +inf. One exception:
 // exp (and sigmoid / silu through it) flushes results below the smallest normal
 // number to 0 (x < -87.3 in float, -708.4 in double), so exp(-inf) is exactly 0
-// with the vectorised exp too (see cpu::exp_flush).
+// with the vectorised exp too (see cpu::flush_subnormal).
 //
 // The kernels run Eigen array expressions over contiguous chunks (vectorised
 // exp/log/tanh/sqrt), split across threads for large tensors, and allocate
@@ -22,8 +22,10 @@
 
 #include <cmath>
 #include <numbers>
+#include <type_traits>
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/SpecialFunctions>
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/parallel.hpp"
@@ -82,8 +84,25 @@ Tensor<T, D> map_chunks(const Tensor<T, D>& g, const Tensor<T, D>& s, F f) {
 /// a >= 0 and e/(1+e) for a < 0, so tiny results keep their relative precision.
 template <class T>
 void sigmoid_into(const In<T>& a, Out<T>& o) {
-  o = cpu::exp_flush(-a.abs());
-  o = (a >= T(0)).select(T(1) / (T(1) + o), o / (T(1) + o));
+  o = (-a.abs()).exp();
+  cpu::flush_subnormal(o.data(), o.size());
+  // a plain loop, vectorised as a blend (see backend/cpu/vmath.hpp)
+  for (index_t i = 0; i < a.size(); ++i) {
+    const T r = T(1) / (T(1) + o[i]);
+    o[i] = a[i] >= T(0) ? r : o[i] * r;
+  }
+}
+
+/// o = erf(a / sqrt 2). Float: Eigen's vectorised rational erf (a couple of ulp);
+/// double: std::erf, which has no packet form (Eigen's double erf is std::erf too).
+template <class T>
+void erf_scaled_into(const In<T>& a, Out<T>& o) {
+  constexpr T kRsqrt2 = T(1) / std::numbers::sqrt2_v<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    o = (a * kRsqrt2).erf();
+  } else {
+    for (index_t i = 0; i < a.size(); ++i) o[i] = std::erf(a[i] * kRsqrt2);
+  }
 }
 
 template <class T>
@@ -98,7 +117,10 @@ template <Scalar T, Device D>
 Var<T, D> exp(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "exp");
-  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = cpu::exp_flush(a); });
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) {
+    o = a.exp();
+    cpu::flush_subnormal(o.data(), o.size());
+  });
   return record("exp", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
                                  [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }));
@@ -134,11 +156,15 @@ template <Scalar T, Device D>
 Var<T, D> relu(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "relu");
-  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = (a < T(0)).select(T(0), a); });
+  // plain loops, vectorised as blends (see backend/cpu/vmath.hpp); a < 0 is false for NaN
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) {
+    for (index_t i = 0; i < a.size(); ++i) o[i] = a[i] < T(0) ? T(0) : a[i];
+  });
   return record("relu", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     // y > 0 exactly where x > 0, so the output serves as the mask.
-    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
-                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = (y > T(0)).select(g, T(0)); }));
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(), [](const In<T>& g, const In<T>& y, Out<T>& o) {
+      for (index_t i = 0; i < g.size(); ++i) o[i] = y[i] > T(0) ? g[i] : T(0);
+    }));
   });
 }
 
@@ -147,21 +173,19 @@ template <Scalar T, Device D>
 Var<T, D> gelu(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "gelu");
-  constexpr T kRsqrt2 = T(1) / std::numbers::sqrt2_v<T>;
   const Tensor<T, D> xc = x.value().contiguous();
-  // std::erf has no Eigen packet form: a plain loop.
   auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
-    for (index_t i = 0; i < a.size(); ++i) o[i] = T(0.5) * a[i] * (T(1) + std::erf(a[i] * kRsqrt2));
+    erf_scaled_into(a, o);
+    o = T(0.5) * a * (T(1) + o);
   });
   return record("gelu", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
-      // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-      constexpr T kRsqrt2Pi = std::numbers::inv_sqrtpi_v<T> * kRsqrt2;
-      for (index_t i = 0; i < v.size(); ++i) {
-        const T cdf = T(0.5) * (T(1) + std::erf(v[i] * kRsqrt2));
-        const T pdf = kRsqrt2Pi * std::exp(T(-0.5) * v[i] * v[i]);
-        o[i] = g[i] * (cdf + v[i] * pdf);
-      }
+      // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi). x phi(x) is 0 in
+      // every precision beyond |x| = 40; clamping there keeps x * (clamped tiny exp) from growing.
+      constexpr T kRsqrt2Pi = std::numbers::inv_sqrtpi_v<T> / std::numbers::sqrt2_v<T>;
+      erf_scaled_into(v, o);
+      o = g * (T(0.5) * (T(1) + o) + kRsqrt2Pi * v.max(T(-40)).min(T(40)) *
+                                         (T(-0.5) * v.max(T(-40)).min(T(40)).square()).exp());
     }));
   });
 }

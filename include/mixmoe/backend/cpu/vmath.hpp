@@ -1,26 +1,24 @@
-// Vectorised math shared by the CPU kernels of the element-wise ops (Eigen array
-// expressions, so they run on whole packets).
+// Vectorised math shared by the CPU kernels of the element-wise ops.
+//
+// Eigen 3.4's select() has no packet path (a select in an expression makes the whole
+// expression scalar), so conditional steps are plain loops written for the compiler
+// to vectorise as blends instead.
 #pragma once
 
 #include <limits>
-#include <numbers>
 
-#include <Eigen/Core>
+#include "mixmoe/core/shape.hpp"
 
 namespace mixmoe::cpu {
 
-/// ln of the smallest normal number of T (about -87.3 for float, -708.4 for double).
-template <class T>
-inline constexpr T kExpFlushBelow = static_cast<T>(std::numeric_limits<T>::min_exponent - 1) * std::numbers::ln2_v<T>;
-
-/// e^a coefficient-wise, with results below the smallest normal number flushed to 0.
+/// Sets p[i] below the smallest normal number to 0, in place; for exp results.
 /// Eigen's packet exp clamps its argument, so on its own exp(-inf) is about 3e-39 in
-/// float (6e-309 in double) instead of 0; flushed, masked (-inf) logits give exactly
-/// 0, on every instruction set. NaN stays NaN.
-template <class Derived>
-auto exp_flush(const Eigen::ArrayBase<Derived>& a) {
-  using T = typename Derived::Scalar;
-  return (a < kExpFlushBelow<T>).select(T(0), a.exp());
+/// float (6e-309 in double) instead of 0; flushed, masked (-inf) logits give exactly 0
+/// on every instruction set. Results that would be subnormal become 0 too. NaN stays.
+template <class T>
+void flush_subnormal(T* p, index_t n) {
+  constexpr T kMinNormal = std::numeric_limits<T>::min();
+  for (index_t i = 0; i < n; ++i) p[i] = p[i] < kMinNormal ? T(0) : p[i];
 }
 
 }  // namespace mixmoe::cpu
