@@ -25,9 +25,9 @@ struct SoftmaxTopK {
   Routing<T, D> operator()(const Var<T, D>& x, const RouteContext<D>&) const {
     const index_t n = x.size(0), e = proj.out_features();
     Routing<T, D> r;
-    r.logits = proj(x);                      // (N, E)
-    r.probs = softmax(r.logits, -1);         // (N, E)
-    auto top = topk(r.probs, k, -1);         // (N, K)
+    r.logits = proj(x);               // (N, E)
+    r.probs = softmax(r.logits, -1);  // (N, E)
+    auto top = topk(r.probs, k, -1);  // (N, K)
     r.token = Tensor<Index, D>::empty({n * k});
     for (index_t i = 0; i < n * k; ++i) r.token.data()[i] = static_cast<Index>(i / k);
     r.expert = top.indices.reshape({n * k});

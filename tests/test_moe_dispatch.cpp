@@ -120,7 +120,7 @@ TEST_CASE("gradcheck: combine_by_expert w.r.t. rows and gates", "[moe][dispatch]
   };
   const std::vector<Case> cases = {
       {{0, 0, 1, 1, 2, 2}, {1, 0, 0, 1, 1, 0}, 3, 2, 4, 0.0},
-      {{0, 1, 2, 3, 4}, {2, 2, 0, 2, 1}, 6, 3, 3, 0.0},  // token 5 gets nothing
+      {{0, 1, 2, 3, 4}, {2, 2, 0, 2, 1}, 6, 3, 3, 0.0},                    // token 5 gets nothing
       {{0, 0, 1, 1, 2, 2, 3, 3}, {0, 1, 0, 1, 0, 2, 0, 1}, 4, 3, 5, 0.7},  // with drops
       {{3, 1, 0, 2, 2, 0}, {1, 1, 0, 1, 1, 0}, 4, 2, 1, 0.0},
   };

@@ -6,8 +6,10 @@
 //   M' kept assignments (M' = M when dropless; fewer in capacity mode)
 //   DispatchPlan:       order (M') assignment of each sorted row, sorted_token (M'), offsets (E + 1)
 //   dispatch_by_expert: x (N, C) -> x_sorted (M', C), row r = x[sorted_token[r]]
-//   combine_by_expert:  y_sorted (M', C), gate_sorted (M') -> (N, C), out[sorted_token[r]] += gate_sorted[r] y_sorted[r]
-//   moe_forward:        x (N, C), Routing -> (N, C) = sum over kept assignments m of gate[m] expert[m](x[token[m]])
+//   combine_by_expert:  y_sorted (M', C), gate_sorted (M') -> (N, C),
+//                       out[sorted_token[r]] += gate_sorted[r] * y_sorted[r]
+//   moe_forward:        x (N, C), Routing -> (N, C),
+//                       out[token[m]] += gate[m] * expert[m](x[token[m]]) over the kept assignments m
 //
 // Order: the rows of one expert are in token order (ties, a token sent twice to the
 // same expert, in assignment order). The plan is a counting sort, computed on one
@@ -42,7 +44,7 @@ template <Device D = Cpu>
 struct DispatchPlan {
   Tensor<Index, D> order;          // (M') assignment index of each sorted row
   Tensor<Index, D> sorted_token;   // (M') token (row of x) of each sorted row
-  Tensor<Index, D> token_offsets;  // (N + 1) sorted rows of token n: token_rows[token_offsets[n] .. token_offsets[n + 1])
+  Tensor<Index, D> token_offsets;  // (N + 1) token n's rows are token_rows[token_offsets[n] .. token_offsets[n + 1])
   Tensor<Index, D> token_rows;     // (M') sorted rows grouped by token, ascending within a token
   std::vector<index_t> offsets;    // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
   std::vector<index_t> routed;     // (E) assignments the router sent to each expert, dropped ones included
@@ -65,7 +67,8 @@ inline index_t expert_capacity(double capacity_factor, index_t num_assignments, 
   MIXMOE_CHECK(num_experts > 0, "dispatch", "needs at least one expert, got ", num_experts);
   if (capacity_factor == 0 || num_assignments == 0) return 0;
   // The small slack keeps an exact product such as 1.25 * 8 / 2 = 5 from rounding up to 6.
-  const double c = std::ceil(capacity_factor * static_cast<double>(num_assignments) / static_cast<double>(num_experts) - 1e-9);
+  const double c =
+      std::ceil(capacity_factor * static_cast<double>(num_assignments) / static_cast<double>(num_experts) - 1e-9);
   return std::max<index_t>(1, static_cast<index_t>(c));
 }
 
@@ -84,8 +87,8 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
   const Index* tok = tc.data();
   const Index* ex = ec.data();
   for (index_t i = 0; i < m; ++i) {
-    MIXMOE_CHECK(tok[i] >= 0 && tok[i] < n, "dispatch", "token ", tok[i], " of assignment ", i,
-                 " is out of range for ", n, " tokens");
+    MIXMOE_CHECK(tok[i] >= 0 && tok[i] < n, "dispatch", "token ", tok[i], " of assignment ", i, " is out of range for ",
+                 n, " tokens");
     MIXMOE_CHECK(ex[i] >= 0 && ex[i] < e_count, "dispatch", "expert ", ex[i], " of assignment ", i,
                  " is out of range for ", e_count, " experts");
   }
@@ -164,7 +167,8 @@ Var<T, D> dispatch_by_expert(const Var<T, D>& x, const DispatchPlan<D>& plan) {
 template <Scalar T, Device D>
 Var<T, D> combine_by_expert(const Var<T, D>& y_sorted, const Var<T, D>& gate_sorted, const DispatchPlan<D>& plan,
                             index_t num_tokens) {
-  MIXMOE_CHECK(y_sorted.defined() && gate_sorted.defined(), "combine_by_expert", "y_sorted and gate_sorted must be defined");
+  MIXMOE_CHECK(y_sorted.defined() && gate_sorted.defined(), "combine_by_expert",
+               "y_sorted and gate_sorted must be defined");
   MIXMOE_CHECK(y_sorted.dim() == 2 && y_sorted.size(0) == plan.num_rows(), "combine_by_expert", "y_sorted must be (",
                plan.num_rows(), ", C) for a plan of ", plan.num_rows(), " rows, got ", y_sorted.shape());
   MIXMOE_CHECK(gate_sorted.dim() == 1 && gate_sorted.size(0) == plan.num_rows(), "combine_by_expert",

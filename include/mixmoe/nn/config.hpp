@@ -10,12 +10,21 @@
 
 namespace mixmoe {
 
+/// How a MixedMoE layer combines its expert groups (see moe/mixed_moe.hpp).
+enum class GroupMix {
+  shared_router,  // one router over the experts of all groups, top-k across them
+  group_gate,     // a router per group, top-k within it, mixed by a learned per-token gate softmax(x Wg^T)
+  fixed,          // a router per group, mixed with the constant weights fixed_mix
+};
+
 /// Sizes of the MoE FFN layers (read by MoE FFN types; dense models ignore it).
 struct MoEConfig {
   std::vector<index_t> experts_per_group{8};  // one entry per expert group, in the group order of the type
   index_t expert_hidden = 0;                  // hidden width of one expert; 0 = d_ff / experts in its group
   index_t top_k = 2;                          // experts per token (per group for per-group routing)
   double capacity_factor = 0.0;               // 0 = dropless; > 0 = capacity mode with token dropping
+  GroupMix mix = GroupMix::group_gate;        // combination of the groups (ignored with one group)
+  std::vector<double> fixed_mix{};            // GroupMix::fixed: one weight per group; empty = 1 / groups each
 };
 
 struct ModelConfig {

@@ -1,0 +1,340 @@
+// MixedMoE<Route, Groups...>: an MoE feed-forward layer over any number of expert
+// groups (Mix-MoE: LM experts and MT experts), a drop-in FFN of DecoderLM.
+//
+//   x (N, C) -> (N, C); G groups, group g has E_g experts, E = sum_g E_g, K = moe.top_k
+//
+// Group combination (cfg.moe.mix, fixed at construction):
+//   shared_router: one router over all E experts (global ids in group order: the
+//                  first group's experts, then the next group's, ...), top-K across groups;
+//   group_gate:    one router per group, top-min(K, E_g) within it; group g's gates are
+//                  multiplied by w_g(x) = softmax(x Wg^T)_g, Wg (G, C), learned per token;
+//   fixed:         one router per group, group g's gates multiplied by moe.fixed_mix[g]
+//                  (default 1/G).
+// With one group every mode is the same plain MoE: one router, no group weights (a
+// dense FFN is MixedMoE with one group of one expert and top_k 1).
+//
+// Sizes: group g has moe.experts_per_group[g] experts of hidden width moe.expert_hidden,
+// or d_ff / E_g when that is 0 (the upcycling split). Dispatch is dropless unless
+// moe.capacity_factor > 0 (per router: capacity = ceil(capacity_factor * M / E_router)).
+//
+// Parameter names: "<tag>.experts.<i>.*" per group, "router.*" (shared router or one
+// group) or "router.<tag>.*" (per-group routers), "group_gate.weight".
+//
+// Statistics: routing_records() holds, per router, the routing of the LAST forward call
+// (probs, logits, gates, tokens per expert, dropped count), for the auxiliary losses and
+// the routing statistics. They are mutable state of a const call: do not run one layer
+// object from two threads at once.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "mixmoe/moe/dispatch.hpp"
+#include "mixmoe/moe/expert_group.hpp"
+#include "mixmoe/moe/moe_layer.hpp"
+#include "mixmoe/moe/routing.hpp"
+#include "mixmoe/nn/config.hpp"
+#include "mixmoe/nn/linear.hpp"
+#include "mixmoe/nn/module.hpp"
+#include "mixmoe/ops/elementwise.hpp"
+#include "mixmoe/ops/index.hpp"
+#include "mixmoe/ops/shape_ops.hpp"
+#include "mixmoe/ops/softmax.hpp"
+
+namespace mixmoe {
+
+namespace detail {
+
+/// Index of the first group of the pack whose tag is Tag (sizeof...(Groups) when none).
+template <class Tag, class... Groups>
+constexpr std::size_t group_index_of() {
+  std::size_t i = 0;
+  const bool found = ((std::is_same_v<typename Groups::tag_type, Tag> ? true : (++i, false)) || ...);
+  return found ? i : sizeof...(Groups);
+}
+
+}  // namespace detail
+
+template <class Route, class... Groups>
+struct MixedMoE {
+  static_assert(sizeof...(Groups) >= 1, "MixedMoE<Route, Groups...>: needs at least one expert group");
+  static_assert((is_expert_group_v<Groups> && ...),
+                "MixedMoE<Route, Groups...>: every group must be an ExpertGroup<Expert, Tag> (moe/expert_group.hpp)");
+  using first_group = std::tuple_element_t<0, std::tuple<Groups...>>;
+  using value_type = typename first_group::value_type;
+  using device_type = typename first_group::device_type;
+  using T = value_type;
+  using D = device_type;
+  static_assert((std::is_same_v<typename Groups::value_type, T> && ...) &&
+                    (std::is_same_v<typename Groups::device_type, D> && ...),
+                "MixedMoE<Route, Groups...>: all groups must have the same scalar type and device");
+  using router_type = bind_router_t<Route, T, D>;
+  static_assert(Router<router_type>,
+                "MixedMoE<Route, Groups...>: Route must be a router (the Router concept of moe/routing.hpp) or a "
+                "policy with `template <Scalar T, Device D> using bind = ...`");
+  static_assert(std::is_same_v<typename router_type::value_type, T> &&
+                    std::is_same_v<typename router_type::device_type, D>,
+                "MixedMoE<Route, Groups...>: the router's scalar type and device must be the experts'");
+  static constexpr std::size_t num_groups = sizeof...(Groups);
+  static constexpr auto G = static_cast<index_t>(sizeof...(Groups));
+
+  MixedMoE() = default;
+
+  MixedMoE(const ModelConfig& cfg, Generator& gen) : d_model_(cfg.d_model) {
+    const MoEConfig& moe = cfg.moe;
+    MIXMOE_CHECK(static_cast<index_t>(moe.experts_per_group.size()) == G, "MixedMoE", "moe.experts_per_group has ",
+                 moe.experts_per_group.size(), " entries for the ", G, " expert groups (", group_names(), ")");
+    MIXMOE_CHECK(cfg.d_model > 0, "MixedMoE", "d_model must be positive, got ", cfg.d_model);
+    MIXMOE_CHECK(moe.top_k >= 1, "MixedMoE", "moe.top_k must be >= 1, got ", moe.top_k);
+    MIXMOE_CHECK(std::isfinite(moe.capacity_factor) && moe.capacity_factor >= 0, "MixedMoE",
+                 "moe.capacity_factor must be >= 0 (0 = dropless), got ", moe.capacity_factor);
+    capacity_factor_ = moe.capacity_factor;
+    std::vector<index_t> hidden(num_groups);
+    expert_offset_.assign(num_groups + 1, 0);
+    for (std::size_t g = 0; g < num_groups; ++g) {
+      const index_t n = moe.experts_per_group[g];
+      MIXMOE_CHECK(n >= 1, "MixedMoE", "group ", tag_name(g), " needs at least one expert, moe.experts_per_group[", g,
+                   "] is ", n);
+      if (moe.expert_hidden > 0) {
+        hidden[g] = moe.expert_hidden;
+      } else {
+        MIXMOE_CHECK(cfg.d_ff % n == 0, "MixedMoE", "d_ff ", cfg.d_ff, " is not divisible by the ", n,
+                     " experts of group ", tag_name(g), "; set moe.expert_hidden");
+        hidden[g] = cfg.d_ff / n;
+      }
+      expert_offset_[g + 1] = expert_offset_[g] + n;
+    }
+    for (std::size_t a = 0; a < num_groups; ++a)
+      for (std::size_t b = a + 1; b < num_groups; ++b)
+        MIXMOE_CHECK(std::string(tag_name(a)) != tag_name(b), "MixedMoE", "groups ", a, " and ", b,
+                     " have the same tag name '", tag_name(a), "': parameter names would collide");
+
+    const double out_std = cfg.init_std / std::sqrt(2.0 * static_cast<double>(std::max<index_t>(cfg.layers, 1)));
+    groups =
+        make_groups(moe.experts_per_group, cfg.d_model, hidden, out_std, gen, std::index_sequence_for<Groups...>{});
+
+    mix_ = num_groups == 1 ? GroupMix::shared_router : moe.mix;
+    if (mix_ == GroupMix::shared_router) {
+      MIXMOE_CHECK(moe.top_k <= num_experts(), "MixedMoE", "moe.top_k ", moe.top_k, " exceeds the ", num_experts(),
+                   " experts of the shared router");
+      routers.emplace_back(RouterShape{cfg.d_model, num_experts(), moe.top_k, cfg.vocab}, gen);
+    } else {
+      for (std::size_t g = 0; g < num_groups; ++g) {
+        const index_t n = expert_offset_[g + 1] - expert_offset_[g];
+        routers.emplace_back(RouterShape{cfg.d_model, n, std::min(moe.top_k, n), cfg.vocab}, gen);
+      }
+    }
+    for (std::size_t r = 0; r < routers.size(); ++r) {
+      const index_t want = mix_ == GroupMix::shared_router ? num_experts() : group_size(r);
+      MIXMOE_CHECK(routers[r].num_experts() == want, "MixedMoE", "router ", router_name(r), " reports ",
+                   routers[r].num_experts(), " experts, the layer built it for ", want);
+    }
+    if (mix_ == GroupMix::group_gate) group_gate = Linear<T, D>(cfg.d_model, G, false, gen);
+    if (mix_ == GroupMix::fixed) {
+      if (moe.fixed_mix.empty()) {
+        fixed_mix_.assign(num_groups, 1.0 / static_cast<double>(num_groups));
+      } else {
+        MIXMOE_CHECK(moe.fixed_mix.size() == num_groups, "MixedMoE", "moe.fixed_mix has ", moe.fixed_mix.size(),
+                     " weights for the ", G, " expert groups (", group_names(), ")");
+        for (std::size_t g = 0; g < num_groups; ++g)
+          MIXMOE_CHECK(std::isfinite(moe.fixed_mix[g]) && moe.fixed_mix[g] >= 0, "MixedMoE", "moe.fixed_mix[", g,
+                       "] = ", moe.fixed_mix[g], " must be a finite weight >= 0");
+        fixed_mix_ = moe.fixed_mix;
+      }
+    }
+  }
+
+  /// x (N, C) -> (N, C).
+  Var<T, D> operator()(const Var<T, D>& x) const { return (*this)(x, RouteContext<D>{}); }
+
+  /// x (N, C) -> (N, C), with per-call routing information (token ids for hash routers).
+  Var<T, D> operator()(const Var<T, D>& x, const RouteContext<D>& ctx) const {
+    MIXMOE_CHECK(!routers.empty(), "MixedMoE", "the layer is default-constructed: build it from a ModelConfig");
+    MIXMOE_CHECK(x.defined() && x.dim() == 2 && x.size(1) == d_model_, "MixedMoE", "input must be (N, ", d_model_,
+                 "), got ", x.defined() ? x.shape().to_string() : std::string("an undefined Var"));
+    std::vector<RoutingRecord<T, D>> records;
+    records.reserve(routers.size());
+    Var<T, D> out;
+    if (mix_ == GroupMix::shared_router) {
+      const Routing<T, D> routing = routers[0](x, ctx);
+      DispatchPlan<D> plan;
+      out = moe_forward(
+          x, routing, num_experts(), capacity_factor_,
+          [this](index_t e, const Var<T, D>& rows) { return call_expert(e, rows); }, &plan);
+      records.push_back(make_record(router_name(0), routing, plan));
+    } else {
+      Var<T, D> weights;  // (N * G) per-token group weights, row-major (N, G)
+      if (mix_ == GroupMix::group_gate) weights = reshape(softmax(group_gate(x), -1), Shape{x.size(0) * G});
+      [&]<std::size_t... I>(std::index_sequence<I...>) {
+        ((out = add_group(out, run_group<I>(x, ctx, weights, records))), ...);
+      }
+      (std::index_sequence_for<Groups...>{});
+    }
+    records_ = std::move(records);
+    return out;
+  }
+
+  void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
+    std::apply([&](auto&... g) { (g.visit_parameters(visit, prefix), ...); }, groups);
+    for (std::size_t r = 0; r < routers.size(); ++r)
+      routers[r].visit_parameters(visit, join_name(prefix, router_name(r)));
+    if (group_gate.weight.defined()) group_gate.visit_parameters(visit, join_name(prefix, "group_gate"));
+  }
+
+  /// An MoE layer is its own only MoE layer (see moe/moe_layer.hpp).
+  template <class F>
+  void visit_moe_layers(F&& f) {
+    f(*this);
+  }
+  template <class F>
+  void visit_moe_layers(F&& f) const {
+    f(*this);
+  }
+
+  /// Per router, the routing of the last forward call (empty before the first one).
+  [[nodiscard]] const std::vector<RoutingRecord<T, D>>& routing_records() const { return records_; }
+  /// Forgets the last forward's routings (and the graph their probabilities hold on to).
+  void clear_routing_records() const { records_.clear(); }
+
+  [[nodiscard]] GroupMix mix() const { return mix_; }
+  [[nodiscard]] double capacity_factor() const { return capacity_factor_; }
+  [[nodiscard]] index_t d_model() const { return d_model_; }
+  /// All experts, over every group.
+  [[nodiscard]] index_t num_experts() const { return expert_offset_.empty() ? 0 : expert_offset_.back(); }
+  [[nodiscard]] index_t group_size(std::size_t g) const { return expert_offset_[g + 1] - expert_offset_[g]; }
+  /// Global id of group g's first expert (the shared router's numbering).
+  [[nodiscard]] index_t expert_offset(std::size_t g) const { return expert_offset_[g]; }
+  /// The fixed group weights (GroupMix::fixed only).
+  [[nodiscard]] const std::vector<double>& fixed_mix() const { return fixed_mix_; }
+  [[nodiscard]] static const char* tag_name(std::size_t g) {
+    static constexpr const char* names[] = {Groups::tag_type::name...};
+    return names[g];
+  }
+  /// The parameter prefix of router r: "router" or "router.<tag>".
+  [[nodiscard]] std::string router_name(std::size_t r) const {
+    return mix_ == GroupMix::shared_router ? std::string("router") : "router." + std::string(tag_name(r));
+  }
+
+  /// Group I, or the group tagged Tag.
+  template <std::size_t I>
+  auto& group() {
+    return std::get<I>(groups);
+  }
+  template <std::size_t I>
+  const auto& group() const {
+    return std::get<I>(groups);
+  }
+  template <class Tag>
+  static constexpr std::size_t index_of = detail::group_index_of<Tag, Groups...>();
+  template <class Tag>
+  static constexpr bool has_group = index_of<Tag> < sizeof...(Groups);
+  template <class Tag>
+  auto& group() {
+    static_assert(has_group<Tag>, "MixedMoE::group<Tag>(): no group of the layer has this tag");
+    return std::get<index_of<Tag>>(groups);
+  }
+  template <class Tag>
+  const auto& group() const {
+    static_assert(has_group<Tag>, "MixedMoE::group<Tag>(): no group of the layer has this tag");
+    return std::get<index_of<Tag>>(groups);
+  }
+
+  std::tuple<Groups...> groups;
+  std::vector<router_type> routers;  // one (shared_router, or one group) or one per group, in group order
+  Linear<T, D> group_gate;           // (G, C) weight; GroupMix::group_gate only
+
+ private:
+  static std::string group_names() {
+    std::string s;
+    for (std::size_t g = 0; g < num_groups; ++g) {
+      if (g) s += ", ";
+      s += tag_name(g);
+    }
+    return s;
+  }
+
+  template <std::size_t... I>
+  static std::tuple<Groups...> make_groups(const std::vector<index_t>& counts, index_t d_model,
+                                           const std::vector<index_t>& hidden, double out_std, Generator& gen,
+                                           std::index_sequence<I...>) {
+    // A braced list is evaluated left to right: the groups draw from gen in group order.
+    return std::tuple<Groups...>{Groups(counts[I], d_model, hidden[I], gen, out_std)...};
+  }
+
+  /// Expert e of the shared numbering on its rows.
+  Var<T, D> call_expert(index_t e, const Var<T, D>& rows) const {
+    Var<T, D> out;
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+      (void)((e >= expert_offset_[I] && e < expert_offset_[I + 1]
+                  ? (out = std::get<I>(groups)(e - expert_offset_[I], rows), true)
+                  : false) ||
+             ...);
+    }
+    (std::index_sequence_for<Groups...>{});
+    return out;
+  }
+
+  /// Group I with its own router, its gates scaled by the group weights.
+  template <std::size_t I>
+  Var<T, D> run_group(const Var<T, D>& x, const RouteContext<D>& ctx, const Var<T, D>& weights,
+                      std::vector<RoutingRecord<T, D>>& records) const {
+    const auto& grp = std::get<I>(groups);
+    const Routing<T, D> routing = routers[I](x, ctx);
+    Routing<T, D> scaled = routing;
+    MIXMOE_CHECK(routing.gate.defined() && routing.token.defined(), "MixedMoE", "router ", router_name(I),
+                 " returned a routing without gates or tokens");
+    if (mix_ == GroupMix::group_gate) {
+      // w[token[m], I] for every assignment m of this group: the flat row-major index token * G + I.
+      const index_t m = routing.token.numel();
+      const Tensor<Index, D> tc = routing.token.contiguous();
+      Tensor<Index, D> at = Tensor<Index, D>::empty({m});
+      for (index_t i = 0; i < m; ++i) at.data()[i] = static_cast<Index>(tc.data()[i] * G + static_cast<index_t>(I));
+      MIXMOE_CHECK(routing.gate.dim() == 1 && routing.gate.size(0) == m, "MixedMoE", "router ", router_name(I),
+                   " returned gates ", routing.gate.shape(), " for ", m, " assignments");
+      scaled.gate = routing.gate * index_select(weights, 0, at);  // (M)
+    } else {
+      scaled.gate = routing.gate * fixed_mix_[I];
+    }
+    DispatchPlan<D> plan;
+    Var<T, D> y = moe_forward(
+        x, scaled, grp.size(), capacity_factor_, [&grp](index_t e, const Var<T, D>& rows) { return grp(e, rows); },
+        &plan);
+    records.push_back(make_record(router_name(I), routing, plan));
+    return y;
+  }
+
+  static Var<T, D> add_group(const Var<T, D>& acc, const Var<T, D>& y) { return acc.defined() ? acc + y : y; }
+
+  static RoutingRecord<T, D> make_record(std::string name, const Routing<T, D>& routing, const DispatchPlan<D>& plan) {
+    RoutingRecord<T, D> rec;
+    rec.name = std::move(name);
+    rec.routing = routing;
+    rec.routed = plan.routed;
+    rec.kept.resize(plan.routed.size());
+    for (std::size_t e = 0; e < plan.routed.size(); ++e) rec.kept[e] = plan.rows_of(static_cast<index_t>(e));
+    rec.dropped = plan.dropped;
+    rec.capacity = plan.capacity;
+    return rec;
+  }
+
+  index_t d_model_ = 0;
+  double capacity_factor_ = 0.0;
+  GroupMix mix_ = GroupMix::shared_router;
+  std::vector<index_t> expert_offset_;  // (G + 1)
+  std::vector<double> fixed_mix_;
+  mutable std::vector<RoutingRecord<T, D>> records_;
+};
+
+/// True for MixedMoE types.
+template <class L>
+inline constexpr bool is_mixed_moe_v = false;
+template <class Route, class... Groups>
+inline constexpr bool is_mixed_moe_v<MixedMoE<Route, Groups...>> = true;
+
+}  // namespace mixmoe

@@ -1,0 +1,79 @@
+// What losses and statistics need of an MoE layer, and how they find the layers of a model.
+//
+//   N tokens, E experts of one router, M assignments
+//
+// An MoE layer keeps, per router, the routing of its LAST forward call (a
+// RoutingRecord): the losses (loss/load_balance.hpp) and the statistics
+// (moe/routing_stats.hpp) read it after the forward and before the next one. With
+// gradient accumulation over micro-batches, add the auxiliary losses after every
+// forward, not once per step. Run the forward in a statement of its own: in
+//   cross_entropy(model(x), y) + load_balance_loss(model)
+// C++ may evaluate either operand first (GCC evaluates the loss first), so the loss
+// would read the previous forward's routing; the model-level losses refuse that.
+//
+// A model exposes its MoE layers with a member
+//   template <class F> void visit_moe_layers(F&& f);        // and a const overload
+// that calls visit_moe_layers(sub, f) on its sub-modules (an MoE layer's own member
+// calls f(*this)). visit_moe_layers(model, f) below uses that member when there is
+// one; otherwise it looks inside `blocks` (a range of blocks) and `ffn` members, the
+// layout of DecoderLM/DecoderBlock, so those work without a member of their own.
+#pragma once
+
+#include <concepts>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "mixmoe/moe/routing.hpp"
+
+namespace mixmoe {
+
+/// The routing of one router in an MoE layer's last forward, with its dispatch counts.
+template <Scalar T, Device D = Cpu>
+struct RoutingRecord {
+  std::string name;             // the router's parameter prefix inside the layer: "router", "router.lm", ...
+  Routing<T, D> routing;        // as the router returned it (probs and logits keep their graph until the next forward)
+  std::vector<index_t> routed;  // (E) assignments sent to each expert, dropped ones included
+  std::vector<index_t> kept;    // (E) assignments each expert processed
+  index_t dropped = 0;          // assignments over capacity
+  index_t capacity = 0;         // per-expert capacity; 0 = dropless
+  // Model-level auxiliary losses mark what they have read (one bit per loss), so that reading
+  // one forward's routing twice, or a previous step's, is an error instead of a stale loss.
+  mutable unsigned read_by_losses = 0;
+};
+
+/// A layer whose last forward's routings can be read: routing_records() const.
+template <class L>
+concept MoELayer = requires(const L& layer) {
+  typename L::value_type;
+  typename L::device_type;
+  {
+    layer.routing_records()
+    } -> std::convertible_to<const std::vector<RoutingRecord<typename L::value_type, typename L::device_type>>&>;
+};
+
+/// Calls f(layer) for every MoE layer of `model` (a model, a block or a layer), in forward order.
+template <class Model, class F>
+void visit_moe_layers(Model& model, F&& f) {
+  using M = std::remove_const_t<Model>;
+  if constexpr (requires { model.visit_moe_layers(f); }) {
+    model.visit_moe_layers(f);
+  } else if constexpr (MoELayer<M>) {
+    f(model);
+  } else if constexpr (requires { model.blocks.begin(); }) {
+    for (auto& block : model.blocks) visit_moe_layers(block, f);
+  } else if constexpr (requires { model.ffn; }) {
+    visit_moe_layers(model.ffn, f);
+  }
+  // anything else (a dense FFN, attention, ...) has no MoE layer
+}
+
+/// Number of MoE layers of a model.
+template <class Model>
+index_t count_moe_layers(Model& model) {
+  index_t n = 0;
+  visit_moe_layers(model, [&](auto&) { ++n; });
+  return n;
+}
+
+}  // namespace mixmoe
