@@ -21,8 +21,8 @@
 //   custom_router [--steps N] [--data FILE]
 //
 // Exit status: 0 when the router's gradient checks and the held-out loss went down.
-#include <mixmoe/mixmoe.hpp>
 #include <mixmoe/loss/load_balance.hpp>
+#include <mixmoe/mixmoe.hpp>
 #include <mixmoe/moe/expert_group.hpp>
 #include <mixmoe/moe/fourier_features.hpp>
 #include <mixmoe/moe/mixed_moe.hpp>
@@ -69,14 +69,14 @@ struct CosineRouter {
     MIXMOE_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "CosineRouter", "x must be token rows (N, ",
                  weight.size(1), "), got ", x.shape());
     const Var<T, D> cosine = linear(unit_rows(x), unit_rows(weight));  // (N, E)
-    return cosine * exp(log_scale);                                  // (N, E) * (1)
+    return cosine * exp(log_scale);                                    // (N, E) * (1)
   }
 
   /// The K largest of the given logits (N, E) per token; a wrapper may have added terms to them.
   Routing<T, D> select(const Var<T, D>& logits, const Var<T, D>& x, const RouteContext<D>& /*ctx*/) const {
     const index_t n = x.size(0), e = num_experts();
-    MIXMOE_CHECK(logits.dim() == 2 && logits.size(0) == n && logits.size(1) == e, "CosineRouter", "logits must be (",
-                 n, ", ", e, "), got ", logits.shape());
+    MIXMOE_CHECK(logits.dim() == 2 && logits.size(0) == n && logits.size(1) == e, "CosineRouter", "logits must be (", n,
+                 ", ", e, "), got ", logits.shape());
     Tensor<Index, D> picked;  // (N, K)
     {
       no_grad indices_only;  // which experts is a discrete choice: no gradient flows through it
@@ -195,9 +195,10 @@ int main(int argc, char** argv) {
   }
 
   // 1. The router's gradient comes from the autodiff: check it, and the Fourier-wrapped form's.
-  bool ok = check_router_gradient<CosineRouter<double>>("CosineRouter");
-  ok = check_router_gradient<bind_router_t<FourierFeatures<CosineTopK, transform::FFTMagnitude<>>, double, Cpu>>(
-           "FourierFeatures<CosineTopK, FFT>") && ok;
+  using Wrapped = bind_router_t<FourierFeatures<CosineTopK, transform::FFTMagnitude<>>, double, Cpu>;
+  const bool plain_ok = check_router_gradient<CosineRouter<double>>("CosineRouter");
+  const bool wrapped_ok = check_router_gradient<Wrapped>("FourierFeatures<CosineTopK, FFT>");
+  const bool ok = plain_ok && wrapped_ok;
 
   // 2. Data: bytes of a licence text, the last tenth held out.
   std::string text;

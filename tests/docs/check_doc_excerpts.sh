@@ -29,17 +29,24 @@ for md in "$@"; do
         ++programs
         for (i = 1; i <= n; ++i) known[norm(text[i])] = 1
       } else {
-        for (i = 1; i <= n; ++i) if (norm(text[i]) != "") { ++pending; want[pending] = norm(text[i]); at[pending] = where[i] }
+        for (i = 1; i <= n; ++i)
+          if (norm(text[i]) != "") { ++pending; want[pending] = norm(text[i]); at[pending] = where[i] }
       }
       next
     }
     inside { ++n; text[n] = $0; where[n] = NR }
     END {
       bad = 0
-      if (pending > 0 && programs == 0) { printf "%s: C++ fragments but no complete program to take them from\n", page; exit 1 }
+      if (pending > 0 && programs == 0) {
+        printf "%s: C++ fragments but no complete program to take them from\n", page
+        exit 1
+      }
       for (i = 1; i <= pending; ++i)
-        if (!(want[i] in known)) { printf "%s:%d: not a line of any program of the page: %s\n", page, at[i], want[i]; bad = 1 }
-      printf "%s: %d fragment lines, all from its %d program(s)%s\n", page, pending, programs, bad ? ": NO" : ""
+        if (!(want[i] in known)) {
+          printf "%s:%d: not a line of any program of the page: %s\n", page, at[i], want[i]
+          bad = 1
+        }
+      printf "%s: %d fragment lines, %s its %d program(s)\n", page, pending, bad ? "NOT all from" : "all from", programs
       exit bad
     }' "$md" || status=1
 done
