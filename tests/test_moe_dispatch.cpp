@@ -10,6 +10,7 @@ using namespace mixmoe::test;
 namespace {
 
 std::vector<Index> ints(const Tensor<Index>& t) { return t.to_vector(); }
+std::vector<index_t> list(const IndexList& l) { return {l.begin(), l.end()}; }
 
 // out[n] = sum over the kept assignments m of token n of gate[m] * expert[m](x[n]), one row at a time.
 template <class T, class F>
@@ -36,8 +37,8 @@ TEST_CASE("dispatch plan: rows sorted by expert, token order within an expert", 
   REQUIRE(plan.num_rows() == 10);
   REQUIRE(plan.dropped == 0);
   REQUIRE(plan.capacity == 0);
-  REQUIRE(plan.offsets == std::vector<index_t>{0, 4, 7, 10});
-  REQUIRE(plan.routed == std::vector<index_t>{4, 3, 3});
+  REQUIRE(list(plan.offsets) == std::vector<index_t>{0, 4, 7, 10});
+  REQUIRE(list(plan.routed) == std::vector<index_t>{4, 3, 3});
   // expert 0: assignments 1 (t0), 2 (t1), 6 (t3), 9 (t4); expert 1: 3, 5, 8; expert 2: 0, 4, 7
   REQUIRE(ints(plan.order) == std::vector<Index>{1, 2, 6, 9, 3, 5, 8, 0, 4, 7});
   REQUIRE(ints(plan.sorted_token) == std::vector<Index>{0, 1, 3, 4, 1, 2, 4, 0, 2, 3});
@@ -52,7 +53,7 @@ TEST_CASE("dispatch plan: assignments in any order come out in token order per e
   const std::vector<int> expert{1, 1, 0, 1, 1, 0};
   auto r = make_routing<double>(token, expert, std::vector<double>(6, 1.0), 4, 2);
   const auto plan = make_dispatch_plan(r);
-  REQUIRE(plan.offsets == std::vector<index_t>{0, 2, 6});
+  REQUIRE(list(plan.offsets) == std::vector<index_t>{0, 2, 6});
   REQUIRE(ints(plan.sorted_token) == std::vector<Index>{0, 0, 1, 2, 2, 3});
   REQUIRE(ints(plan.order) == std::vector<Index>{2, 5, 1, 3, 4, 0});  // ties in assignment order
 }
@@ -64,9 +65,9 @@ TEST_CASE("dispatch plan: capacity keeps each expert's first tokens and counts t
   // capacity = ceil(0.6 * 10 / 3) = 2
   const auto plan = make_dispatch_plan(r, 0.6);
   REQUIRE(plan.capacity == 2);
-  REQUIRE(plan.offsets == std::vector<index_t>{0, 2, 4, 6});
+  REQUIRE(list(plan.offsets) == std::vector<index_t>{0, 2, 4, 6});
   REQUIRE(plan.dropped == 4);
-  REQUIRE(plan.routed == std::vector<index_t>{4, 3, 3});  // the router's choice, drops included
+  REQUIRE(list(plan.routed) == std::vector<index_t>{4, 3, 3});  // the router's choice, drops included
   REQUIRE(ints(plan.sorted_token) == std::vector<Index>{0, 1, 1, 2, 0, 2});
   REQUIRE(ints(plan.order) == std::vector<Index>{1, 2, 3, 5, 0, 4});
   // exact products do not round up; a large factor keeps everything

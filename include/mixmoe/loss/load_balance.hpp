@@ -75,9 +75,10 @@ Var<T, D> router_z_loss(const Var<T, D>& logits) {
   const index_t n = logits.size(0), e_count = logits.size(1);
   MIXMOE_CHECK(n > 0 && e_count > 0, "router_z_loss", "logits ", logits.shape(), " are empty");
   const Tensor<T, D> lv = logits.value().contiguous();  // (N, E)
-  std::vector<double> z(static_cast<std::size_t>(n));   // logsumexp per token, in double
+  Tensor<double, D> z = Tensor<double, D>::empty({n});  // (N) logsumexp per token, in double
   {
     const T* pl = lv.data();
+    double* pz = z.data();
     cpu::parallel_for(n, std::max<index_t>(1, (1 << 14) / e_count), [&](index_t lo, index_t hi) {
       for (index_t t = lo; t < hi; ++t) {
         const T* row = pl + t * e_count;
@@ -85,29 +86,29 @@ Var<T, D> router_z_loss(const Var<T, D>& logits) {
         for (index_t e = 0; e < e_count; ++e) mx = std::max(mx, static_cast<double>(row[e]));
         double s = 0;
         for (index_t e = 0; e < e_count; ++e) s += std::exp(static_cast<double>(row[e]) - mx);
-        z[static_cast<std::size_t>(t)] = mx + std::log(s);
+        pz[t] = mx + std::log(s);
       }
     });
   }
   double acc = 0;
-  for (const double v : z) acc += v * v;
+  for (index_t t = 0; t < n; ++t) acc += z.data()[t] * z.data()[t];
   auto out = Tensor<T, D>::scalar(static_cast<T>(acc / static_cast<double>(n)));
-  return record("router_z_loss", std::move(out), {logits},
-                [lv, z = std::move(z), n, e_count](autograd::BackwardContext<T, D>& ctx) {
-                  const double g = static_cast<double>(ctx.grad_out().item()) * 2.0 / static_cast<double>(n);
-                  T* gl = ctx.grad_in(0).data();
-                  const T* pl = lv.data();
-                  cpu::parallel_for(n, std::max<index_t>(1, (1 << 14) / e_count), [&](index_t lo, index_t hi) {
-                    for (index_t t = lo; t < hi; ++t) {
-                      const double zt = z[static_cast<std::size_t>(t)];
-                      for (index_t e = 0; e < e_count; ++e) {
-                        // softmax = exp(logit - logsumexp)
-                        const double sm = std::exp(static_cast<double>(pl[t * e_count + e]) - zt);
-                        gl[t * e_count + e] += static_cast<T>(g * zt * sm);
-                      }
-                    }
-                  });
-                });
+  return record("router_z_loss", std::move(out), {logits}, [lv, z, n, e_count](autograd::BackwardContext<T, D>& ctx) {
+    const double g = static_cast<double>(ctx.grad_out().item()) * 2.0 / static_cast<double>(n);
+    T* gl = ctx.grad_in(0).data();
+    const T* pl = lv.data();
+    const double* pz = z.data();
+    cpu::parallel_for(n, std::max<index_t>(1, (1 << 14) / e_count), [&](index_t lo, index_t hi) {
+      for (index_t t = lo; t < hi; ++t) {
+        const double zt = pz[t];
+        for (index_t e = 0; e < e_count; ++e) {
+          // softmax = exp(logit - logsumexp)
+          const double sm = std::exp(static_cast<double>(pl[t * e_count + e]) - zt);
+          gl[t * e_count + e] += static_cast<T>(g * zt * sm);
+        }
+      }
+    });
+  });
 }
 
 /// Router z-loss of one routing's logits.

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -37,6 +38,10 @@
 
 namespace mixmoe {
 
+/// A host list of sizes or counts; it draws from the caching allocator, so a warm training
+/// step does not call malloc for it.
+using IndexList = std::vector<index_t, PoolAllocator<index_t>>;
+
 /// Where every assignment of a routing goes: the rows sorted by expert, and per token
 /// the sorted rows that add into it. Index tensors live on the device; the expert
 /// offsets are host values because they size the per-expert GEMMs.
@@ -46,8 +51,8 @@ struct DispatchPlan {
   Tensor<Index, D> sorted_token;   // (M') token (row of x) of each sorted row
   Tensor<Index, D> token_offsets;  // (N + 1) token n's rows are token_rows[token_offsets[n] .. token_offsets[n + 1])
   Tensor<Index, D> token_rows;     // (M') sorted rows grouped by token, ascending within a token
-  std::vector<index_t> offsets;    // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
-  std::vector<index_t> routed;     // (E) assignments the router sent to each expert, dropped ones included
+  IndexList offsets;               // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
+  IndexList routed;                // (E) assignments the router sent to each expert, dropped ones included
   index_t num_tokens = 0;          // N
   index_t num_experts = 0;         // E
   index_t num_assignments = 0;     // M
@@ -100,10 +105,10 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
   plan.capacity = capacity;
 
   // Pass 1: assignments in token order (stable counting sort by token).
-  std::vector<index_t> start(static_cast<std::size_t>(n) + 1, 0);
+  IndexList start(static_cast<std::size_t>(n) + 1, 0);
   for (index_t i = 0; i < m; ++i) ++start[static_cast<std::size_t>(tok[i]) + 1];
   for (index_t t = 0; t < n; ++t) start[t + 1] += start[t];
-  std::vector<Index> by_token(static_cast<std::size_t>(m));
+  std::vector<Index, PoolAllocator<Index>> by_token(static_cast<std::size_t>(m));
   for (index_t i = 0; i < m; ++i) by_token[static_cast<std::size_t>(start[tok[i]]++)] = static_cast<Index>(i);
 
   // Pass 2: stable by expert, so each expert's rows stay in token order; capacity keeps the first ones.
@@ -119,7 +124,7 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
   plan.order = Tensor<Index, D>::empty({rows});
   plan.sorted_token = Tensor<Index, D>::empty({rows});
   {
-    std::vector<index_t> fill(static_cast<std::size_t>(e_count), 0);
+    IndexList fill(static_cast<std::size_t>(e_count), 0);
     Index* ord = plan.order.data();
     Index* st = plan.sorted_token.data();
     for (const Index a : by_token) {
@@ -140,7 +145,7 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
     const Index* st = plan.sorted_token.data();
     for (index_t r = 0; r < rows; ++r) ++to[st[r] + 1];
     for (index_t t = 0; t < n; ++t) to[t + 1] += to[t];
-    std::vector<Index> next(to, to + n);
+    std::vector<Index, PoolAllocator<Index>> next(to, to + n);
     for (index_t r = 0; r < rows; ++r) tr[next[static_cast<std::size_t>(st[r])]++] = static_cast<Index>(r);
   }
   return plan;
@@ -256,7 +261,7 @@ Var<T, D> moe_forward(const Var<T, D>& x, const Routing<T, D>& routing, index_t 
     out = Var<T, D>(Tensor<T, D>::zeros({n, c}));  // nothing routed (or everything dropped)
   } else {
     const Var<T, D> x_sorted = dispatch_by_expert(x, plan);  // (M', C)
-    std::vector<Var<T, D>> blocks;
+    std::vector<Var<T, D>, PoolAllocator<Var<T, D>>> blocks;
     blocks.reserve(static_cast<std::size_t>(num_experts));
     for (index_t e = 0; e < num_experts; ++e) {
       const index_t lo = plan.offsets[e], hi = plan.offsets[e + 1];
@@ -268,8 +273,9 @@ Var<T, D> moe_forward(const Var<T, D>& x, const Routing<T, D>& routing, index_t 
                    " for a block of (", hi - lo, ", ", c, ")");
       blocks.push_back(std::move(y));
     }
-    const Var<T, D> y_sorted = blocks.size() == 1 ? blocks.front() : concat(blocks, 0);  // (M', C)
-    const Var<T, D> gate_sorted = index_select(routing.gate, 0, plan.order);             // (M')
+    const Var<T, D> y_sorted =
+        blocks.size() == 1 ? blocks.front() : concat(std::span<const Var<T, D>>(blocks.data(), blocks.size()), 0);
+    const Var<T, D> gate_sorted = index_select(routing.gate, 0, plan.order);  // (M')
     out = combine_by_expert(y_sorted, gate_sorted, plan, n);
   }
   if (plan_out) *plan_out = std::move(plan);

@@ -158,8 +158,9 @@ struct MixedMoE {
     MIXMOE_CHECK(!routers.empty(), "MixedMoE", "the layer is default-constructed: build it from a ModelConfig");
     MIXMOE_CHECK(x.defined() && x.dim() == 2 && x.size(1) == d_model_, "MixedMoE", "input must be (N, ", d_model_,
                  "), got ", x.defined() ? x.shape().to_string() : std::string("an undefined Var"));
-    std::vector<RoutingRecord<T, D>> records;
-    records.reserve(routers.size());
+    // Written in place: the records' vectors keep their capacity from step to step.
+    std::vector<RoutingRecord<T, D>>& records = records_;
+    records.clear();
     Var<T, D> out;
     if (mix_ == GroupMix::shared_router) {
       const Routing<T, D> routing = routers[0](x, ctx);
@@ -176,7 +177,6 @@ struct MixedMoE {
       }
       (std::index_sequence_for<Groups...>{});
     }
-    records_ = std::move(records);
     return out;
   }
 

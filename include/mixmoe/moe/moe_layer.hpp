@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "mixmoe/moe/dispatch.hpp"
 #include "mixmoe/moe/routing.hpp"
 
 namespace mixmoe {
@@ -31,12 +32,12 @@ namespace mixmoe {
 /// The routing of one router in an MoE layer's last forward, with its dispatch counts.
 template <Scalar T, Device D = Cpu>
 struct RoutingRecord {
-  std::string name;             // the router's parameter prefix inside the layer: "router", "router.lm", ...
-  Routing<T, D> routing;        // as the router returned it (probs and logits keep their graph until the next forward)
-  std::vector<index_t> routed;  // (E) assignments sent to each expert, dropped ones included
-  std::vector<index_t> kept;    // (E) assignments each expert processed
-  index_t dropped = 0;          // assignments over capacity
-  index_t capacity = 0;         // per-expert capacity; 0 = dropless
+  std::string name;       // the router's parameter prefix inside the layer: "router", "router.lm", ...
+  Routing<T, D> routing;  // as the router returned it (probs and logits keep their graph until the next forward)
+  IndexList routed;       // (E) assignments sent to each expert, dropped ones included
+  IndexList kept;         // (E) assignments each expert processed
+  index_t dropped = 0;    // assignments over capacity
+  index_t capacity = 0;   // per-expert capacity; 0 = dropless
   // Model-level auxiliary losses mark what they have read (one bit per loss), so that reading
   // one forward's routing twice, or a previous step's, is an error instead of a stale loss.
   mutable unsigned read_by_losses = 0;

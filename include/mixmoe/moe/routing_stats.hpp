@@ -46,8 +46,8 @@ struct RoutingStats {
 };
 
 /// Statistics of one routing (dispatch counts: `kept` per expert and `dropped`; empty kept = all kept).
-template <Scalar T, Device D>
-RoutingStats routing_stats(const Routing<T, D>& routing, const std::vector<index_t>& kept = {}, index_t dropped = 0) {
+template <Scalar T, Device D, class List = std::vector<index_t>>
+RoutingStats routing_stats(const Routing<T, D>& routing, const List& kept = {}, index_t dropped = 0) {
   const Var<T, D>& probs = routing.probs;
   MIXMOE_CHECK(probs.defined() && probs.dim() == 2, "routing_stats", "routing.probs must be (N, E), got ",
                probs.defined() ? probs.shape().to_string() : std::string("an undefined Var"));
@@ -67,7 +67,10 @@ RoutingStats routing_stats(const Routing<T, D>& routing, const std::vector<index
                  e_count, " experts");
     ++s.tokens_per_expert[static_cast<std::size_t>(e)];
   }
-  s.kept_per_expert = kept.empty() ? s.tokens_per_expert : kept;
+  if (kept.empty())
+    s.kept_per_expert = s.tokens_per_expert;
+  else
+    s.kept_per_expert.assign(kept.begin(), kept.end());
   s.dropped = dropped;
   const Tensor<T, D> p = probs.value().contiguous();
   double h = 0;

@@ -18,8 +18,11 @@
 // nothing that holds them (an optimizer) goes stale.
 #pragma once
 
+#include <cstddef>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mixmoe/moe/expert_group.hpp"
