@@ -334,6 +334,20 @@ TEST_CASE("model-level losses average over every router of every MoE layer", "[m
   auto logits2 = model(ids);
   auto loss2 = mean(logits2) + load_balance_loss(model);
   REQUIRE(std::isfinite(loss2.item()));
+  // after backward, the trainer may let go of the graph the records hold; the values stay for statistics
+  auto probs_node = std::weak_ptr(model.blocks[0].ffn.routing_records()[0].routing.probs.node());
+  loss2.backward();
+  logits2 = Vd();
+  loss2 = Vd();
+  REQUIRE_FALSE(probs_node.expired());  // still held by the records
+  release_routing_graphs(model);
+  REQUIRE(probs_node.expired());
+  const auto& rec = model.blocks[0].ffn.routing_records()[0];
+  REQUIRE_FALSE(rec.routing.probs.requires_grad());
+  REQUIRE(rec.routing.probs.shape() == Shape{8, 2});
+  REQUIRE(collect_routing_stats(model).size() == 4);
+  MIXMOE_REQUIRE_ERROR(router_z_loss(model),
+                       "[router_z_loss] the routing graph of MoE layer 0 (router.lm) was released");
   // a dense model has no MoE layers: a constant 0
   DecoderLM<CausalSelfAttention<double>, SwiGLU<double>> dense(cfg);
   REQUIRE(count_moe_layers(dense) == 0);

@@ -131,10 +131,13 @@ Var<typename Model::value_type, typename Model::device_type> mean_over_routers(c
     MIXMOE_CHECK(!moe.routing_records().empty(), op, "MoE layer ", layer,
                  " has no recorded routing: run a forward pass before computing the loss (in its own statement: in "
                  "`cross_entropy(model(x), y) + loss(model)` C++ may evaluate the loss first)");
-    for (const auto& rec : moe.routing_records())
+    for (const auto& rec : moe.routing_records()) {
+      MIXMOE_CHECK(!rec.graph_released, op, "the routing graph of MoE layer ", layer, " (", rec.name,
+                   ") was released (release_routing_graphs): run a forward pass first");
       MIXMOE_CHECK(!(rec.read_by_losses & loss_bit), op, "the routing of MoE layer ", layer, " (", rec.name,
                    ") was already used by this loss: run a forward pass first (in its own statement: in "
                    "`cross_entropy(model(x), y) + loss(model)` C++ may evaluate the loss first)");
+    }
     ++layer;
   });
   V total;

@@ -22,7 +22,8 @@
 //
 // Statistics: routing_records() holds, per router, the routing of the LAST forward call
 // (probs, logits, gates, tokens per expert, dropped count), for the auxiliary losses and
-// the routing statistics. They are mutable state of a const call: do not run one layer
+// the routing statistics; release_routing_graph() drops the graph they hold (see
+// moe/moe_layer.hpp). They are mutable state of a const call: do not run one layer
 // object from two threads at once.
 #pragma once
 
@@ -201,6 +202,10 @@ struct MixedMoE {
   [[nodiscard]] const std::vector<RoutingRecord<T, D>>& routing_records() const { return records_; }
   /// Forgets the last forward's routings (and the graph their probabilities hold on to).
   void clear_routing_records() const { records_.clear(); }
+  /// Keeps the last forward's routing values (statistics) but lets go of their graph.
+  void release_routing_graph() const {
+    for (auto& rec : records_) rec.release_graph();
+  }
 
   [[nodiscard]] GroupMix mix() const { return mix_; }
   [[nodiscard]] double capacity_factor() const { return capacity_factor_; }

@@ -11,6 +11,11 @@
 // C++ may evaluate either operand first (GCC evaluates the loss first), so the loss
 // would read the previous forward's routing; the model-level losses refuse that.
 //
+// Memory: the recorded probs and logits keep their graph (and through it the forward's
+// activations) alive until the layer's next forward. A trainer that wants that memory
+// back as soon as the step is done calls release_routing_graphs(model) after backward:
+// the values stay (statistics still work), the graph goes.
+//
 // A model exposes its MoE layers with a member
 //   template <class F> void visit_moe_layers(F&& f);        // and a const overload
 // that calls visit_moe_layers(sub, f) on its sub-modules (an MoE layer's own member
@@ -41,6 +46,14 @@ struct RoutingRecord {
   // Model-level auxiliary losses mark what they have read (one bit per loss), so that reading
   // one forward's routing twice, or a previous step's, is an error instead of a stale loss.
   mutable unsigned read_by_losses = 0;
+  bool graph_released = false;  // release_graph() ran: values only, no gradient to take
+
+  /// Keeps the values of gate, probs and logits and lets go of their graph.
+  void release_graph() {
+    for (Var<T, D>* v : {&routing.gate, &routing.probs, &routing.logits})
+      if (v->defined()) *v = v->detach();
+    graph_released = true;
+  }
 };
 
 /// A layer whose last forward's routings can be read: routing_records() const.
@@ -67,6 +80,15 @@ void visit_moe_layers(Model& model, F&& f) {
     visit_moe_layers(model.ffn, f);
   }
   // anything else (a dense FFN, attention, ...) has no MoE layer
+}
+
+/// Lets go of the graph held by every MoE layer's last routing (values kept for statistics);
+/// call it after backward. Layers without release_routing_graph() are left alone.
+template <class Model>
+void release_routing_graphs(Model& model) {
+  visit_moe_layers(model, [](auto& layer) {
+    if constexpr (requires { layer.release_routing_graph(); }) layer.release_routing_graph();
+  });
 }
 
 /// Number of MoE layers of a model.
