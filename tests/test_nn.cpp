@@ -2,6 +2,11 @@
 // KV-cache decoding against the full forward.
 #include "test_util.hpp"
 
+#include <mixmoe/moe/expert_group.hpp>
+#include <mixmoe/moe/fourier_features.hpp>
+#include <mixmoe/moe/hash_router.hpp>
+#include <mixmoe/moe/mixed_moe.hpp>
+#include <mixmoe/moe/top_k_router.hpp>
 #include <mixmoe/nn/decoder.hpp>
 #include <mixmoe/nn/ffn.hpp>
 
@@ -118,4 +123,39 @@ TEST_CASE("a dense LM learns a repeating sequence", "[nn][training]") {
   INFO("loss " << first << " -> " << last);
   REQUIRE(first > 2.0f);  // about ln 11
   REQUIRE(last < 0.3f);
+}
+
+TEST_CASE("MoE DecoderLMs: token ids reach the router; decoding matches the full forward", "[nn][moe][decode]") {
+  auto cfg = tiny_config();
+  cfg.moe.experts_per_group = {4};
+  cfg.moe.top_k = 1;
+  cfg.moe.expert_hidden = 6;
+  const auto ids = ids_of({1, 4, 2, 7, 3, 9, 0, 5}, 1, 8);
+  {
+    using HashLM = DecoderLM<CausalSelfAttention<float>, MixedMoE<HashRouting, ExpertGroup<SwiGLU<float>, tag::generic>>>;
+    HashLM model(cfg);
+    no_grad ng;
+    const Tf full = model(ids).value();
+    DecodeState<float> state;
+    for (index_t t = 0; t < 8; ++t) {
+      Tf step = model(Tensor<Index>(ids.slice(1, t, t + 1).contiguous()), &state).value();
+      REQUIRE(max_abs_diff(step, full.slice(1, t, t + 1).contiguous()) < 1e-5);
+    }
+  }
+  {
+    cfg.moe.experts_per_group = {2, 2};
+    using MixedLM = DecoderLM<CausalSelfAttention<float>,
+                              MixedMoE<FourierFeatures<TopK<>, transform::FFTMagnitude<>>, ExpertGroup<SwiGLU<float>, tag::lm>,
+                                       ExpertGroup<SwiGLU<float>, tag::mt>>>;
+    MixedLM model(cfg);
+    no_grad ng;
+    const Tf full = model(ids).value();
+    DecodeState<float> state;
+    Tf prompt = model(Tensor<Index>(ids.slice(1, 0, 3).contiguous()), &state).value();
+    REQUIRE(max_abs_diff(prompt, full.slice(1, 0, 3).contiguous()) < 1e-5);
+    for (index_t t = 3; t < 8; ++t) {
+      Tf step = model(Tensor<Index>(ids.slice(1, t, t + 1).contiguous()), &state).value();
+      REQUIRE(max_abs_diff(step, full.slice(1, t, t + 1).contiguous()) < 1e-5);
+    }
+  }
 }

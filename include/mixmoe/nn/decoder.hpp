@@ -5,12 +5,16 @@
 //
 // The FFN sees tokens as rows (N = B*T, C), which is what MoE routing wants; a
 // dense FFN is indifferent. Any FFN type works that is constructible from
-// (const ModelConfig&, Generator&) and callable on (N, C) -> (N, C).
+// (const ModelConfig&, Generator&) and callable on (N, C) -> (N, C). An FFN that is
+// also callable as ffn(x, RouteContext) (the MoE layers) gets the token ids of the
+// rows (hash routing needs them) and training = grad_enabled() (false under no_grad:
+// evaluation and decoding).
 #pragma once
 
 #include <string>
 #include <vector>
 
+#include "mixmoe/moe/routing.hpp"
 #include "mixmoe/nn/attention.hpp"
 #include "mixmoe/nn/config.hpp"
 #include "mixmoe/nn/linear.hpp"
@@ -45,11 +49,16 @@ struct DecoderBlock {
   DecoderBlock(const ModelConfig& cfg, Generator& gen)
       : norm1(cfg.d_model, cfg.norm_eps), attn(cfg, gen), norm2(cfg.d_model, cfg.norm_eps), ffn(cfg, gen) {}
 
-  /// x (B, T, C) -> (B, T, C)
-  Var<T, D> operator()(const Var<T, D>& x, KVCache<T, D>* cache = nullptr) const {
+  /// x (B, T, C) -> (B, T, C); route carries the (B*T) token ids for MoE FFNs.
+  Var<T, D> operator()(const Var<T, D>& x, KVCache<T, D>* cache = nullptr, const RouteContext<D>* route = nullptr) const {
     const index_t b = x.size(0), t = x.size(1), c = x.size(2);
-    auto h = x + attn(norm1(x), cache);                                       // (B, T, C)
-    auto f = ffn(reshape(norm2(h), Shape{b * t, c}));                         // (B*T, C)
+    auto h = x + attn(norm1(x), cache);          // (B, T, C)
+    auto rows = reshape(norm2(h), Shape{b * t, c});  // (B*T, C)
+    Var<T, D> f;
+    if constexpr (std::is_invocable_v<const FFN&, const Var<T, D>&, const RouteContext<D>&>)
+      f = route ? ffn(rows, *route) : ffn(rows);
+    else
+      f = ffn(rows);
     return h + reshape(f, Shape{b, t, c});
   }
 
@@ -99,7 +108,9 @@ struct DecoderLM {
     MIXMOE_CHECK(ids.dim() == 2, "DecoderLM", "token ids must be (B, T), got ", ids.shape());
     if (state && state->layers.size() != blocks.size()) state->layers.resize(blocks.size());
     auto x = embed(ids);  // (B, T, C)
-    for (std::size_t i = 0; i < blocks.size(); ++i) x = blocks[i](x, state ? &state->layers[i] : nullptr);
+    const Tensor<Index, D> flat_ids = ids.reshape(Shape{ids.numel()});  // (B*T), the FFN's rows
+    const RouteContext<D> route{&flat_ids, grad_enabled()};
+    for (std::size_t i = 0; i < blocks.size(); ++i) x = blocks[i](x, state ? &state->layers[i] : nullptr, &route);
     return norm(x);
   }
 
