@@ -40,13 +40,18 @@ concept GroupTag = requires {
   { Tag::name } -> std::convertible_to<const char*>;
 };
 
+namespace detail {
+template <class E>
+concept expert_callable = requires(const E& e, const module_var_t<E>& x) {
+  { e(x) } -> std::same_as<module_var_t<E>>;
+};
+}  // namespace detail
+
 /// An expert: a module callable on token rows (n, C) -> (n, C), constructible from
 /// (d_model, hidden, Generator&). FeedForward and SwiGLU are experts.
 template <class E>
-concept ExpertModule = Module<E> && std::constructible_from<E, index_t, index_t, Generator&> &&
-    requires(const E& e, const module_var_t<E>& x) {
-  { e(x) } -> std::same_as<module_var_t<E>>;
-};
+concept ExpertModule =
+    Module<E> && std::constructible_from<E, index_t, index_t, Generator&> && detail::expert_callable<E>;
 
 template <class E, class Tag>
 struct ExpertGroup {
@@ -55,7 +60,7 @@ struct ExpertGroup {
                 "visit_parameters(visitor, prefix); see nn/module.hpp)");
   static_assert(std::constructible_from<E, index_t, index_t, Generator&>,
                 "ExpertGroup<E, Tag>: E must be constructible from (index_t d_model, index_t hidden, Generator&)");
-  static_assert(ExpertModule<E>,
+  static_assert(!Module<E> || detail::expert_callable<E>,
                 "ExpertGroup<E, Tag>: E must have `Var<T, D> operator()(const Var<T, D>& x) const` "
                 "mapping rows (n, C) to (n, C)");
   static_assert(GroupTag<Tag>, "ExpertGroup<E, Tag>: Tag must have `static constexpr const char* name`");

@@ -39,6 +39,7 @@
 #include "mixmoe/moe/dispatch.hpp"
 #include "mixmoe/moe/expert_group.hpp"
 #include "mixmoe/moe/moe_layer.hpp"
+#include "mixmoe/moe/router_check.hpp"
 #include "mixmoe/moe/routing.hpp"
 #include "mixmoe/nn/config.hpp"
 #include "mixmoe/nn/linear.hpp"
@@ -75,13 +76,9 @@ struct MixedMoE {
   static_assert((std::is_same_v<typename Groups::value_type, T> && ...) &&
                     (std::is_same_v<typename Groups::device_type, D> && ...),
                 "MixedMoE<Route, Groups...>: all groups must have the same scalar type and device");
-  using router_type = bind_router_t<Route, T, D>;
-  static_assert(Router<router_type>,
-                "MixedMoE<Route, Groups...>: Route must be a router (the Router concept of moe/routing.hpp) or a "
-                "policy with `template <Scalar T, Device D> using bind = ...`");
-  static_assert(std::is_same_v<typename router_type::value_type, T> &&
-                    std::is_same_v<typename router_type::device_type, D>,
-                "MixedMoE<Route, Groups...>: the router's scalar type and device must be the experts'");
+  // Binds a policy (TopK<2>, ...) to T and D, or takes a concrete router; a missing member of the
+  // Router concept fails here with a one-line message naming it (moe/router_check.hpp).
+  using router_type = checked_router_t<Route, T, D>;
   static constexpr std::size_t num_groups = sizeof...(Groups);
   static constexpr auto G = static_cast<index_t>(sizeof...(Groups));
 
