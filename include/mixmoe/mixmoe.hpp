@@ -28,4 +28,28 @@
 #include "mixmoe/ops/topk.hpp"
 #include "mixmoe/ops/unary.hpp"
 
+#include "mixmoe/nn/attention.hpp"
+#include "mixmoe/nn/config.hpp"
+#include "mixmoe/nn/decoder.hpp"
+#include "mixmoe/nn/ffn.hpp"
+#include "mixmoe/nn/linear.hpp"
+#include "mixmoe/nn/module.hpp"
+
+#include "mixmoe/moe/dispatch.hpp"
+#include "mixmoe/moe/expert_choice_router.hpp"
+#include "mixmoe/moe/expert_group.hpp"
+#include "mixmoe/moe/fourier_features.hpp"
+#include "mixmoe/moe/hash_router.hpp"
+#include "mixmoe/moe/mixed_moe.hpp"
+#include "mixmoe/moe/moe_layer.hpp"
+#include "mixmoe/moe/router_check.hpp"
+#include "mixmoe/moe/routing.hpp"
+#include "mixmoe/moe/routing_stats.hpp"
+#include "mixmoe/moe/switch_router.hpp"
+#include "mixmoe/moe/top_k_router.hpp"
+#include "mixmoe/moe/upcycle.hpp"
+
+#include "mixmoe/loss/load_balance.hpp"
+
+#include "mixmoe/train/freeze.hpp"
 #include "mixmoe/train/optimizer.hpp"
