@@ -28,24 +28,21 @@
 #include <Eigen/Core>
 
 #include "mixmoe/autograd/var.hpp"
+#include "mixmoe/backend/cpu/vmath.hpp"
 #include "mixmoe/backend/cpu/parallel.hpp"
 
 namespace mixmoe {
 
 namespace detail::norm_impl {
 
-// Elements per thread below which splitting a loop costs more than it saves.
-inline constexpr index_t kGrain = 1 << 14;
 // Most row blocks whose partial parameter gradients are summed at the end (fixed: deterministic).
 inline constexpr index_t kMaxBlocks = 32;
 inline constexpr index_t kMinRowsPerBlock = 16;
 
-template <class T>
-using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
-template <class T>
-using In = Eigen::Map<const Array<T>>;
-template <class T>
-using Out = Eigen::Map<Array<T>>;
+using cpu::Array;
+using cpu::In;
+using cpu::Out;
+using cpu::kGrain;
 
 template <class T, class D>
 void check_args(const char* op, const Var<T, D>& x, const Var<T, D>& weight, const Var<T, D>& bias, double eps) {

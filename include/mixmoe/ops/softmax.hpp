@@ -33,17 +33,13 @@ namespace mixmoe {
 
 namespace detail::softmax_impl {
 
-// Elements per thread below which splitting a loop costs more than it saves.
-inline constexpr index_t kGrain = 1 << 14;
 // Columns of an inner (I > 1) slice handled together: per-column max and sum live on the stack.
 inline constexpr index_t kBlock = 256;
 
-template <class T>
-using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
-template <class T>
-using In = Eigen::Map<const Array<T>>;
-template <class T>
-using Out = Eigen::Map<Array<T>>;
+using cpu::Array;
+using cpu::In;
+using cpu::Out;
+using cpu::kGrain;
 
 /// y = softmax or log_softmax of x (contiguous, viewed as (O, N, I)) along N.
 template <class T>

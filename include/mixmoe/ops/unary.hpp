@@ -35,15 +35,11 @@ namespace mixmoe {
 
 namespace detail::unary_impl {
 
-// Below this many elements per thread, splitting costs more than it saves.
-inline constexpr index_t kGrain = 1 << 14;
 
-template <class T>
-using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
-template <class T>
-using In = Eigen::Map<const Array<T>>;
-template <class T>
-using Out = Eigen::Map<Array<T>>;
+using cpu::Array;
+using cpu::In;
+using cpu::Out;
+using cpu::kGrain;
 
 inline void check_defined(bool defined, const char* op) {
   MIXMOE_CHECK(defined, op, "the input is an undefined Var");

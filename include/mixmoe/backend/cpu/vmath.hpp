@@ -7,9 +7,22 @@
 
 #include <limits>
 
+#include <Eigen/Core>
+
 #include "mixmoe/core/shape.hpp"
 
 namespace mixmoe::cpu {
+
+/// Elements per thread below which splitting an element-wise loop costs more than it saves.
+inline constexpr index_t kGrain = 1 << 14;
+
+/// Eigen views of a contiguous chunk, for vectorised exp/log/tanh/erf.
+template <class T>
+using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
+template <class T>
+using In = Eigen::Map<const Array<T>>;
+template <class T>
+using Out = Eigen::Map<Array<T>>;
 
 /// Sets p[i] below the smallest normal number to 0, in place; for exp results.
 /// Eigen's packet exp clamps its argument, so on its own exp(-inf) is about 3e-39 in
