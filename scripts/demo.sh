@@ -7,8 +7,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/deps.sh
 
 # ---- the demo: the one place that names it ------------------------------------
-DEMO_TARGET=minimal                                # CMake target of the example
-DEMO_BINARY=build/demo/examples/minimal/minimal    # where the build puts it
+DEMO_TARGET=custom_router                          # CMake target of the example (a mixed-MoE LM on real text)
+DEMO_BINARY=build/demo/examples/custom_router/custom_router  # where the build puts it
 DEMO_ARGS=()                                       # its arguments, before the user's
 # --------------------------------------------------------------------------------
 
