@@ -61,7 +61,7 @@ TEST_CASE("backward checks its gradient's shape", "[autograd][errors]") {
 template <class T>
 Var<T> cube(const Var<T>& x) {
   auto out = detail::map(x.value(), [](T v) { return v * v * v; });
-  return record("cube", out, {x}, [xv = x.value()](autograd::BackwardContext<T, Cpu>& ctx) {
+  return record("cube", out, {x}, [xv = x.value().contiguous()](autograd::BackwardContext<T, Cpu>& ctx) {
     Tensor<T> g = ctx.grad_in(0);
     for (index_t i = 0; i < g.numel(); ++i) g.data()[i] += 3 * xv.data()[i] * xv.data()[i] * ctx.grad_out().data()[i];
   });
@@ -71,7 +71,7 @@ Var<T> cube(const Var<T>& x) {
 template <class T>
 Var<T> wrong_cube(const Var<T>& x) {
   auto out = detail::map(x.value(), [](T v) { return v * v * v; });
-  return record("wrong_cube", out, {x}, [xv = x.value()](autograd::BackwardContext<T, Cpu>& ctx) {
+  return record("wrong_cube", out, {x}, [xv = x.value().contiguous()](autograd::BackwardContext<T, Cpu>& ctx) {
     Tensor<T> g = ctx.grad_in(0);
     for (index_t i = 0; i < g.numel(); ++i) g.data()[i] += 2 * xv.data()[i] * xv.data()[i] * ctx.grad_out().data()[i];
   });

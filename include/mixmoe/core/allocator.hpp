@@ -1,6 +1,7 @@
 // Caching allocator for tensor storage. A training step allocates the same sizes
-// every time, so freed blocks are kept in size classes and handed out again: after
-// the first step, a step makes no call to the system allocator.
+// every time, so freed blocks are kept in size classes and handed out again: once the
+// caches are warm (two steps with AdamW, whose state is created in the first), a step
+// makes no call to the system allocator.
 //
 // Size classes are spaced 1/8 of a power of two apart (at most 12.5% waste), so
 // sizes that vary from step to step (MoE expert blocks) still hit warm classes.
