@@ -1,5 +1,7 @@
 # Finds mixmoe's dependencies; used by the build tree and by the installed package.
-# Creates mixmoe::fftw (FFTW 3, float and double) and, when MIXMOE_USE_BLAS, mixmoe::blas.
+# Creates mixmoe::fftw (FFTW 3, float and double), mixmoe::sentencepiece (the tokenizer
+# library and its trainer) and, when MIXMOE_USE_BLAS, mixmoe::blas. nlohmann_json (JSON of
+# checkpoint headers and configs) comes with its own CMake package.
 include(CMakeFindDependencyMacro)
 find_dependency(Eigen3 3.4 NO_MODULE)
 set(THREADS_PREFER_PTHREAD_FLAG ON)
@@ -30,4 +32,19 @@ if(NOT TARGET mixmoe::blas)
 endif()
 if(MIXMOE_USE_BLAS AND NOT TARGET mixmoe::blas)
   message(FATAL_ERROR "MIXMOE_USE_BLAS is ON but OpenBLAS was not found: install libopenblas-dev, or configure with -DMIXMOE_USE_BLAS=OFF to use Eigen's GEMM")
+endif()
+
+find_dependency(nlohmann_json 3)
+
+if(NOT TARGET mixmoe::sentencepiece)
+  find_path(MIXMOE_SPM_INCLUDE_DIR sentencepiece_processor.h)
+  find_library(MIXMOE_SPM_LIB sentencepiece)
+  find_library(MIXMOE_SPM_TRAIN_LIB sentencepiece_train)
+  if(NOT MIXMOE_SPM_INCLUDE_DIR OR NOT MIXMOE_SPM_LIB OR NOT MIXMOE_SPM_TRAIN_LIB)
+    message(FATAL_ERROR "mixmoe needs SentencePiece (library and trainer): install the Debian package libsentencepiece-dev")
+  endif()
+  add_library(mixmoe::sentencepiece INTERFACE IMPORTED)
+  set_target_properties(mixmoe::sentencepiece PROPERTIES
+    INTERFACE_INCLUDE_DIRECTORIES "${MIXMOE_SPM_INCLUDE_DIR}"
+    INTERFACE_LINK_LIBRARIES "${MIXMOE_SPM_TRAIN_LIB};${MIXMOE_SPM_LIB}")
 endif()

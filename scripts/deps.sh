@@ -13,14 +13,19 @@ MIXMOE_DEPS_BUILD=(
   libeigen3-dev   # Eigen 3.4
   libfftw3-dev    # FFTW 3, float and double
   libopenblas-dev # CBLAS GEMM (MIXMOE_USE_BLAS=ON, the default)
+  libsentencepiece-dev # the tokenizer (data/tokenizer.hpp) and its trainer
+  nlohmann-json3-dev   # JSON: safetensors headers, configs, corpus manifests
 )
 
 # The examples (examples/), demo included.
-MIXMOE_DEPS_EXAMPLES=()
+MIXMOE_DEPS_EXAMPLES=(
+  libcli11-dev # command-line options of the example programs
+)
 
 # The tests (tests/).
 MIXMOE_DEPS_TESTS=(
-  catch2 # Catch2 v2, <catch2/catch.hpp>
+  catch2  # Catch2 v2, <catch2/catch.hpp>
+  gettext # msgfmt: the .mo reader's tests compile their own catalogs
 )
 
 # The benchmarks (benchmarks/): none beyond the library's yet (they time
