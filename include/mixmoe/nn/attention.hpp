@@ -1,6 +1,7 @@
 // Causal self-attention with rotary positions, grouped-query heads and a KV cache.
 //
 //   x (B, T, C) -> (B, T, C); H query heads, Hkv key/value heads, Dh = C / H
+//   (cfg.attn_bias adds biases to Wq, Wk, Wv, zero at initialisation, as Qwen2 has)
 //   q = x Wq^T (B, T, H, Dh), k, v = x Wk^T, x Wv^T (B, T, Hkv, Dh), rope on q and k,
 //   o = causal_attention(q, k, v) (B, T, H, Dh) -> Wo -> (B, T, C)
 //
@@ -57,9 +58,9 @@ struct CausalSelfAttention {
 
   CausalSelfAttention() = default;
   CausalSelfAttention(const ModelConfig& cfg, Generator& gen)
-      : wq(cfg.d_model, cfg.d_model, false, gen),
-        wk(cfg.d_model, cfg.kv_head_count() * cfg.head_dim(), false, gen),
-        wv(cfg.d_model, cfg.kv_head_count() * cfg.head_dim(), false, gen),
+      : wq(cfg.d_model, cfg.d_model, cfg.attn_bias, gen),
+        wk(cfg.d_model, cfg.kv_head_count() * cfg.head_dim(), cfg.attn_bias, gen),
+        wv(cfg.d_model, cfg.kv_head_count() * cfg.head_dim(), cfg.attn_bias, gen),
         wo(cfg.d_model, cfg.d_model, false, gen, cfg.init_std / std::sqrt(2.0 * static_cast<double>(cfg.layers))),
         heads(cfg.heads),
         kv_heads(cfg.kv_head_count()),

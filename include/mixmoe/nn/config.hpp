@@ -38,6 +38,7 @@ struct ModelConfig {
   double norm_eps = 1e-6;
   double init_std = 0.02;     // embeddings and the residual-branch output projections
   bool tie_embeddings = true;  // output head shares the token embedding
+  bool attn_bias = false;      // biases on the q/k/v projections of attention (Qwen2 layout); o has none
   std::uint64_t seed = 0;     // initialisation
   MoEConfig moe{};
 
