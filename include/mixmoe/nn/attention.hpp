@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "mixmoe/nn/config.hpp"
 #include "mixmoe/nn/linear.hpp"
@@ -48,6 +49,24 @@ struct KVCache {
     k.slice(1, length, length + t).copy_from(k_new);
     v.slice(1, length, length + t).copy_from(v_new);
     length += t;
+  }
+
+  /// Keeps the cached batch rows `rows`, in that order (a row may repeat): row i becomes the old
+  /// row rows[i]. Beam search calls it with the parent of each surviving beam.
+  void reorder(const std::vector<index_t>& rows) {
+    MIXMOE_CHECK(!rows.empty(), "KVCache::reorder", "no rows given");
+    if (!k.defined()) return;  // nothing cached yet
+    const index_t b = k.size(0);
+    for (index_t r : rows)
+      MIXMOE_CHECK(r >= 0 && r < b, "KVCache::reorder", "row ", r, " out of range for a cache of batch ", b);
+    const Shape s{static_cast<index_t>(rows.size()), k.size(1), k.size(2), k.size(3)};
+    auto nk = Tensor<T, D>::empty(s), nv = Tensor<T, D>::empty(s);
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      nk[static_cast<index_t>(i)].slice(0, 0, length).copy_from(k[rows[i]].slice(0, 0, length));
+      nv[static_cast<index_t>(i)].slice(0, 0, length).copy_from(v[rows[i]].slice(0, 0, length));
+    }
+    k = nk;
+    v = nv;
   }
 };
 

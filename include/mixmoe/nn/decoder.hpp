@@ -83,6 +83,10 @@ struct DecodeState {
   void reset() {
     for (auto& c : layers) c.reset();
   }
+  /// Keeps batch rows `rows` of every layer's cache, in that order (see KVCache::reorder).
+  void reorder(const std::vector<index_t>& rows) {
+    for (auto& c : layers) c.reorder(rows);
+  }
 };
 
 template <AttentionLayer Attn, FeedForwardLayer FFN>
