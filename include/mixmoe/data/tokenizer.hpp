@@ -177,8 +177,8 @@ class Tokenizer {
     MIXMOE_CHECK(opt.max_sentences >= 0, where, "max_sentences ", opt.max_sentences, " is negative");
     const int reserved = 4 + static_cast<int>(opt.user_symbols.size()) + (opt.byte_fallback ? 256 : 0);
     MIXMOE_CHECK(opt.vocab_size > reserved, where, "vocab_size ", opt.vocab_size,
-                 " leaves no room for learned pieces: ", reserved, " ids are taken by <pad> <unk> <s> </s>, ", opt.user_symbols.size(), " user symbols",
-                 (opt.byte_fallback ? " and 256 byte pieces" : ""));
+                 " leaves no room for learned pieces: ", reserved, " ids are taken by <pad> <unk> <s> </s>, ",
+                 opt.user_symbols.size(), " user symbols", (opt.byte_fallback ? " and 256 byte pieces" : ""));
     std::unordered_set<std::string> seen;
     std::string symbols;
     for (std::size_t i = 0; i < opt.user_symbols.size(); ++i) {
