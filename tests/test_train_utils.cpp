@@ -258,6 +258,10 @@ TEST_CASE("Progress formats numbers and durations", "[train][progress]") {
 }
 
 TEST_CASE("Progress on a terminal redraws one line, at most 4 times a second", "[train][progress]") {
+  // Each redraw pads with spaces up to the length of the text it overwrites.
+  const auto pad = [](const std::string& now, const std::string& before) {
+    return std::string(before.size() > now.size() ? before.size() - now.size() : 0, ' ');
+  };
   double t = 0;
   std::ostringstream os;
   Progress bar(2000, "stage1", os,
@@ -268,28 +272,25 @@ TEST_CASE("Progress on a terminal redraws one line, at most 4 times a second", "
   const std::string l1 = "stage1  [#####.....]  50% 1000/2000 loss 3.5 lr 1.0e-03 | 2.0k tok/s (avg 2.0k) | "
                          "1m00s elapsed, ETA 1m00s";
   CHECK(os.str() == "\r" + l1);
-  t = 62;
-  bar.update(1040, {{"loss", 3.21}, {"lr", 1e-3}}, 124600);
-  // 2300 tok/s over the last 2 s; moving average with a 1 s half-life: 2000 + 0.75 * 300 = 2225.
-  CHECK(bar.tokens_per_second() == Approx(2225.0));
-  const std::string l2 = "stage1  [#####.....]  52% 1040/2000 loss 3.21 lr 1.0e-03 | 2.2k tok/s (avg 2.0k) | "
-                         "1m02s elapsed, ETA 57s";
+  t = 64;
+  bar.update(1040, {{"loss", 3.21}, {"lr", 1e-3}}, 136000);  // 4000 tok/s over the last 4 s
+  // Weights halve every second: (120000 / 16 + 16000) tokens in (60 / 16 + 4) s.
+  CHECK(bar.tokens_per_second() == Approx(23500.0 / 7.75));
+  const std::string l2 = "stage1  [#####.....]  52% 1040/2000 loss 3.21 lr 1.0e-03 | 3.0k tok/s (avg 2.1k) | "
+                         "1m04s elapsed, ETA 59s";
   REQUIRE(l2.size() + 1 == l1.size());
   CHECK(os.str() == "\r" + l1 + "\r" + l2 + " ");  // a shorter line erases the rest of the longer one
-  t = 62.1;
-  bar.update(1041, {}, 124700);  // within 0.25 s of the last redraw: nothing drawn
-  CHECK(os.str() == "\r" + l1 + "\r" + l2 + " ");
+  t = 64.1;
+  bar.update(1041, {}, 136400);  // within 0.25 s of the last redraw: nothing drawn
+  CHECK(os.str() == "\r" + l1 + "\r" + l2 + pad(l2, l1));
   CHECK(bar.line().find(" 1041/2000 loss 3.21 lr 1.0e-03 ") != std::string::npos);  // metrics kept
 
   t = 120;
   bar.update(2000, {{"loss", 2.1}}, 240000);
-  const std::string l3 = "stage1  [##########] 100% 2000/2000 loss 2.1 | 2.0k tok/s (avg 2.0k) | 2m00s elapsed, ETA 0s";
+  // 103600 tokens in the last 55.9 s: 1853 tok/s (the older intervals weigh 2^-55.9 now).
+  const std::string l3 = "stage1  [##########] 100% 2000/2000 loss 2.1 | 1.9k tok/s (avg 2.0k) | 2m00s elapsed, ETA 0s";
   bar.finish();
   const std::string fin = "stage1  [##########] 100% 2000/2000 loss 2.1 | 240.0k tok, 2.0k tok/s | done in 2m00s";
-  // Each redraw pads with spaces up to the length of the text it overwrites.
-  const auto pad = [](const std::string& now, const std::string& before) {
-    return std::string(before.size() > now.size() ? before.size() - now.size() : 0, ' ');
-  };
   REQUIRE(l3.size() < l2.size());
   REQUIRE(fin.size() < l3.size());
   CHECK(os.str() == "\r" + l1 + "\r" + l2 + " " + "\r" + l3 + pad(l3, l2) + "\r" + fin + pad(fin, l3) + "\n");

@@ -13,8 +13,8 @@
 //
 // and, when the stream is not a terminal (CI logs, files), the same line as a new line each
 // time another 10% is done or 10 s have passed since the last one, whichever comes first.
-// finish() prints the final line with the totals. The tokens/s shown while running is an
-// exponential moving average (half-life 5 s), "avg" and the ETA use the whole run's rate.
+// finish() prints the final line with the totals. The tokens/s shown while running weighs
+// the recent past most (weights halve every 5 s), "avg" and the ETA use the whole run's rate.
 // The clock is an option, so output can be produced deterministically in tests.
 #pragma once
 
@@ -134,7 +134,7 @@ class Progress {
   [[nodiscard]] std::string line() const { return running_line(opt_.clock()); }
 
   [[nodiscard]] bool terminal() const { return terminal_; }
-  /// Moving average of tokens/s (0 until two updates with tokens are apart in time).
+  /// Tokens/s with exponentially fading weights on older intervals (0 until time has passed).
   [[nodiscard]] double tokens_per_second() const { return rate_ema_; }
   /// Tokens/s over the whole run so far.
   [[nodiscard]] double average_tokens_per_second() const {
@@ -206,16 +206,14 @@ class Progress {
     const double now = opt_.clock();
     done_ = done;
     if (tokens >= 0) {
+      // Tokens and seconds, each summed with weights halving every half-life: their ratio is the
+      // recent rate, and equals the overall rate until the older intervals have faded.
       const double dt = now - rate_time_;
       if (dt > 0) {
-        const double inst = static_cast<double>(tokens - rate_tokens_) / dt;
-        if (!have_rate_) {
-          rate_ema_ = inst;
-          have_rate_ = true;
-        } else {
-          const double w = 1.0 - std::exp(-dt * std::log(2.0) / opt_.rate_halflife_seconds);
-          rate_ema_ += w * (inst - rate_ema_);
-        }
+        const double decay = std::exp2(-dt / opt_.rate_halflife_seconds);
+        rate_tokens_sum_ = rate_tokens_sum_ * decay + static_cast<double>(tokens - rate_tokens_);
+        rate_seconds_sum_ = rate_seconds_sum_ * decay + dt;
+        rate_ema_ = rate_tokens_sum_ / rate_seconds_sum_;
         rate_time_ = now;
         rate_tokens_ = tokens;
       }
@@ -311,8 +309,9 @@ class Progress {
   // moving average of tokens/s
   double rate_time_ = 0;
   std::int64_t rate_tokens_ = 0;
+  double rate_tokens_sum_ = 0;
+  double rate_seconds_sum_ = 0;
   double rate_ema_ = 0;
-  bool have_rate_ = false;
   // drawing state
   std::size_t drawn_width_ = 0;  // terminal: width of the line on screen (0: nothing drawn yet)
   double last_draw_ = 0;
