@@ -1,0 +1,171 @@
+// ModelConfig and MoEConfig <-> JSON, the "config" object of a checkpoint's config.json.
+//
+//   {"vocab": 8000, "d_model": 256, "layers": 4, "heads": 4, "kv_heads": 0, "d_ff": 1024,
+//    "rope_theta": 10000.0, "norm_eps": 1e-06, "init_std": 0.02, "tie_embeddings": true,
+//    "attn_bias": false, "seed": 0,
+//    "moe": {"experts_per_group": [8], "expert_hidden": 0, "top_k": 2, "capacity_factor": 0.0,
+//            "mix": "group_gate", "fixed_mix": []}}
+//
+// Reading: a missing field keeps its default (files from older versions load); an unknown
+// field or a value of the wrong type is an error naming the field ("config.moe.top_k: expected
+// an integer, got "two""), so a typo is never silently ignored. The result is validate()d.
+#pragma once
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mixmoe/core/error.hpp"
+#include "mixmoe/nn/config.hpp"
+
+namespace mixmoe {
+
+inline const char* group_mix_name(GroupMix m) {
+  switch (m) {
+    case GroupMix::shared_router: return "shared_router";
+    case GroupMix::group_gate: return "group_gate";
+    case GroupMix::fixed: return "fixed";
+  }
+  return "?";
+}
+
+inline nlohmann::json moe_config_to_json(const MoEConfig& m) {
+  return {{"experts_per_group", m.experts_per_group},
+          {"expert_hidden", m.expert_hidden},
+          {"top_k", m.top_k},
+          {"capacity_factor", m.capacity_factor},
+          {"mix", group_mix_name(m.mix)},
+          {"fixed_mix", m.fixed_mix}};
+}
+
+inline nlohmann::json model_config_to_json(const ModelConfig& c) {
+  return {{"vocab", c.vocab},
+          {"d_model", c.d_model},
+          {"layers", c.layers},
+          {"heads", c.heads},
+          {"kv_heads", c.kv_heads},
+          {"d_ff", c.d_ff},
+          {"rope_theta", c.rope_theta},
+          {"norm_eps", c.norm_eps},
+          {"init_std", c.init_std},
+          {"tie_embeddings", c.tie_embeddings},
+          {"attn_bias", c.attn_bias},
+          {"seed", c.seed},
+          {"moe", moe_config_to_json(c.moe)}};
+}
+
+namespace detail::json_cfg {
+
+using nlohmann::json;
+
+inline void check_keys(const json& j, const std::string& where, const std::set<std::string>& known) {
+  MIXMOE_CHECK(j.is_object(), "config", where, ": expected an object, got ", j.dump());
+  for (auto it = j.begin(); it != j.end(); ++it)
+    MIXMOE_CHECK(known.count(it.key()) > 0, "config", where, ": unknown field '", it.key(), "'");
+}
+
+inline void read(const json& j, const std::string& where, const char* key, std::int64_t& out) {
+  if (!j.contains(key)) return;
+  const json& v = j.at(key);
+  MIXMOE_CHECK(v.is_number_integer(), "config", where, ".", key, ": expected an integer, got ", v.dump());
+  out = v.get<std::int64_t>();
+}
+
+inline void read(const json& j, const std::string& where, const char* key, std::uint64_t& out) {
+  if (!j.contains(key)) return;
+  const json& v = j.at(key);
+  MIXMOE_CHECK(v.is_number_unsigned(), "config", where, ".", key, ": expected a non-negative integer, got ", v.dump());
+  out = v.get<std::uint64_t>();
+}
+
+inline void read(const json& j, const std::string& where, const char* key, double& out) {
+  if (!j.contains(key)) return;
+  const json& v = j.at(key);
+  MIXMOE_CHECK(v.is_number(), "config", where, ".", key, ": expected a number, got ", v.dump());
+  out = v.get<double>();
+}
+
+inline void read(const json& j, const std::string& where, const char* key, bool& out) {
+  if (!j.contains(key)) return;
+  const json& v = j.at(key);
+  MIXMOE_CHECK(v.is_boolean(), "config", where, ".", key, ": expected true or false, got ", v.dump());
+  out = v.get<bool>();
+}
+
+template <class E>
+void read_list(const json& j, const std::string& where, const char* key, std::vector<E>& out) {
+  if (!j.contains(key)) return;
+  const json& v = j.at(key);
+  MIXMOE_CHECK(v.is_array(), "config", where, ".", key, ": expected an array, got ", v.dump());
+  out.clear();
+  for (const auto& x : v) {
+    if constexpr (std::is_integral_v<E>)
+      MIXMOE_CHECK(x.is_number_integer(), "config", where, ".", key, ": expected integers, got ", v.dump());
+    else
+      MIXMOE_CHECK(x.is_number(), "config", where, ".", key, ": expected numbers, got ", v.dump());
+    out.push_back(x.get<E>());
+  }
+}
+
+}  // namespace detail::json_cfg
+
+/// Reads an MoEConfig; `where` names the object in errors ("config.moe").
+inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string& where = "moe") {
+  using namespace detail::json_cfg;
+  check_keys(j, where, {"experts_per_group", "expert_hidden", "top_k", "capacity_factor", "mix", "fixed_mix"});
+  MoEConfig m;
+  read_list(j, where, "experts_per_group", m.experts_per_group);
+  read(j, where, "expert_hidden", m.expert_hidden);
+  read(j, where, "top_k", m.top_k);
+  read(j, where, "capacity_factor", m.capacity_factor);
+  read_list(j, where, "fixed_mix", m.fixed_mix);
+  if (j.contains("mix")) {
+    const auto& v = j.at("mix");
+    MIXMOE_CHECK(v.is_string(), "config", where, ".mix: expected a string, got ", v.dump());
+    const auto s = v.get<std::string>();
+    if (s == "shared_router") m.mix = GroupMix::shared_router;
+    else if (s == "group_gate") m.mix = GroupMix::group_gate;
+    else if (s == "fixed") m.mix = GroupMix::fixed;
+    else detail::fail("config", where, ".mix: unknown value '", s, "' (shared_router, group_gate or fixed)");
+  }
+  return m;
+}
+
+/// Reads and validates a ModelConfig; `where` names the object in errors ("config.json: config").
+inline ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& where = "config") {
+  using namespace detail::json_cfg;
+  check_keys(j, where, {"vocab", "d_model", "layers", "heads", "kv_heads", "d_ff", "rope_theta", "norm_eps", "init_std",
+                        "tie_embeddings", "attn_bias", "seed", "moe"});
+  ModelConfig c;
+  read(j, where, "vocab", c.vocab);
+  read(j, where, "d_model", c.d_model);
+  read(j, where, "layers", c.layers);
+  read(j, where, "heads", c.heads);
+  read(j, where, "kv_heads", c.kv_heads);
+  read(j, where, "d_ff", c.d_ff);
+  read(j, where, "rope_theta", c.rope_theta);
+  read(j, where, "norm_eps", c.norm_eps);
+  read(j, where, "init_std", c.init_std);
+  read(j, where, "tie_embeddings", c.tie_embeddings);
+  read(j, where, "attn_bias", c.attn_bias);
+  read(j, where, "seed", c.seed);
+  if (j.contains("moe")) c.moe = moe_config_from_json(j.at("moe"), where + ".moe");
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    detail::fail("config", where, ": ", e.what());
+  }
+  return c;
+}
+
+/// nlohmann::json conversions (json j = cfg; cfg = j.get<ModelConfig>()).
+inline void to_json(nlohmann::json& j, const MoEConfig& m) { j = moe_config_to_json(m); }
+inline void from_json(const nlohmann::json& j, MoEConfig& m) { m = moe_config_from_json(j); }
+inline void to_json(nlohmann::json& j, const ModelConfig& c) { j = model_config_to_json(c); }
+inline void from_json(const nlohmann::json& j, ModelConfig& c) { c = model_config_from_json(j); }
+
+}  // namespace mixmoe
