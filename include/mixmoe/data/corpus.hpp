@@ -393,7 +393,8 @@ struct CorpusOptions {
   bool include_plural = true;  ///< a plural entry also gives (msgid_plural, msgstr[1] or msgstr[0])
   std::map<std::string, std::string> package_groups = default_package_groups();  ///< package -> group
   std::vector<std::string> test_groups = {"linux-pam", "apt", "shadow", "systemd"};
-  std::vector<std::string> dev_groups = {"adduser", "psmisc", "xz-utils", "sed"};
+  std::vector<std::string> dev_groups = {"adduser", "avahi", "libgphoto2-port12", "make",
+                                         "psmisc",  "sed",   "wget",              "xz-utils"};
   bool drop_overlap = true;           ///< drop dev/test pairs whose English occurs in train (any language)
   std::ostream* progress = &std::cerr;  ///< one line per package; nullptr for silence
 };
