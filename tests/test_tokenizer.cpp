@@ -62,14 +62,14 @@ const std::vector<Lang>& ui_languages() {
         "Закрыть @ без сохранения", "Новый @", "Недавние @"},
        {"файл", "каталог", "документ", "рисунок", "проект", "закладку", "раздел", "список", "отчёт", "профиль"}},
       {"ja",
-       {"@を開く", "@に名前を付けて保存…", "選択した@を削除しますか？", "@を読み込めませんでした：%s",
-        "%d 個の@を選択", "@の名前を「%1$s」に変更", "@ {0} が変更されました", "フォルダーに@を表示",
-        "@をクリップボードにコピー", "保存せずに@を閉じる", "新しい@", "最近使った@"},
-       {"ファイル", "フォルダー", "ドキュメント", "画像", "プロジェクト", "ブックマーク", "ウィンドウ", "タブ", "メッセージ",
-        "アカウント"}},
+       {"@を開く", "@に名前を付けて保存…", "選択した@を削除しますか？", "@を読み込めませんでした：%s", "%d 個の@を選択",
+        "@の名前を「%1$s」に変更", "@ {0} が変更されました", "フォルダーに@を表示", "@をクリップボードにコピー",
+        "保存せずに@を閉じる", "新しい@", "最近使った@"},
+       {"ファイル", "フォルダー", "ドキュメント", "画像", "プロジェクト", "ブックマーク", "ウィンドウ", "タブ",
+        "メッセージ", "アカウント"}},
       {"zh",
-       {"打开@", "将@另存为…", "删除所选@？", "无法加载@：%s", "已选择 %d 个@", "将@重命名为“%1$s”",
-        "@ {0} 已更改", "在文件夹中显示@", "将@复制到剪贴板", "关闭@而不保存", "新建@", "最近的@"},
+       {"打开@", "将@另存为…", "删除所选@？", "无法加载@：%s", "已选择 %d 个@", "将@重命名为“%1$s”", "@ {0} 已更改",
+        "在文件夹中显示@", "将@复制到剪贴板", "关闭@而不保存", "新建@", "最近的@"},
        {"文件", "文件夹", "文档", "图像", "项目", "书签", "窗口", "标签页", "消息", "账户"}},
   };
   return langs;
@@ -191,8 +191,7 @@ TEST_CASE("tokenizer: decode(encode(s)) == s for UI strings in seven languages",
   REQUIRE(tok.encode(line).size() * 2 < line.size());
 }
 
-TEST_CASE("tokenizer: NFKC normalisation rewrites typical UI characters (why identity is the default)",
-          "[tokenizer]") {
+TEST_CASE("tokenizer: NFKC normalisation rewrites typical UI characters (why identity is the default)", "[tokenizer]") {
   TokenizerOptions opt = small_options();
   opt.normalization = "nmt_nfkc";
   opt.remove_extra_whitespaces = true;
@@ -266,10 +265,10 @@ TEST_CASE("tokenizer: errors name the file, the tag or the byte", "[tokenizer]")
   MIXMOE_REQUIRE_ERROR(tok.lang_tag_id(""), "empty language code");
   MIXMOE_REQUIRE_ERROR(tok.id("<no such piece>"), "no piece '<no such piece>'");
   MIXMOE_REQUIRE_ERROR(tok.encode("ok \xff bad"), "text is not valid UTF-8: bad sequence at byte 3 (0xff)");
-  MIXMOE_REQUIRE_ERROR(tok.encode("\xC0\xAF"), "at byte 0");          // overlong '/'
-  MIXMOE_REQUIRE_ERROR(tok.encode("a\xED\xA0\x80"), "at byte 1");     // a UTF-16 surrogate
+  MIXMOE_REQUIRE_ERROR(tok.encode("\xC0\xAF"), "at byte 0");            // overlong '/'
+  MIXMOE_REQUIRE_ERROR(tok.encode("a\xED\xA0\x80"), "at byte 1");       // a UTF-16 surrogate
   MIXMOE_REQUIRE_ERROR(tok.encode("ab\xF4\x90\x80\x80"), "at byte 2");  // above U+10FFFF
-  MIXMOE_REQUIRE_ERROR(tok.encode("abc\xE3\x81"), "at byte 3");       // truncated
+  MIXMOE_REQUIRE_ERROR(tok.encode("abc\xE3\x81"), "at byte 3");         // truncated
   const std::vector<index_t> bad = {5, 700};
   MIXMOE_REQUIRE_ERROR(tok.decode(bad), "id 700 at position 1 is outside the vocabulary of 700");
   MIXMOE_REQUIRE_ERROR(Tokenizer().encode("x"), "[Tokenizer::encode] no model loaded");
@@ -416,7 +415,7 @@ TEST_CASE("batching: token-budget batches hold every example once per epoch, wit
       real += b.tokens;
     }
     REQUIRE(seen.size() == 300);
-    REQUIRE(std::set<index_t>(seen.begin(), seen.end()).size() == 300);  // each exactly once
+    REQUIRE(std::set<index_t>(seen.begin(), seen.end()).size() == 300);      // each exactly once
     REQUIRE(static_cast<double>(real) / static_cast<double>(padded) > 0.9);  // length sorting: little padding
     epoch_orders.push_back(order);
   }

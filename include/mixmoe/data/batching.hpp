@@ -42,10 +42,10 @@ struct Example {
 /// A batch for a causal LM: feed `inputs` to the model and take cross_entropy(logits, targets)
 /// with the same ignore_index (the default of CrossEntropyOptions, -100).
 struct Batch {
-  Tensor<Index> inputs;             // (B, T): ids[:-1] of each example, right-padded with pad_id
-  Tensor<Index> targets;            // (B, T): ids[1:], ignore_index on prompt and padding positions
-  index_t tokens = 0;               // real (non-padding) positions of inputs
-  index_t target_tokens = 0;        // positions of targets that are not ignore_index (the loss count)
+  Tensor<Index> inputs;              // (B, T): ids[:-1] of each example, right-padded with pad_id
+  Tensor<Index> targets;             // (B, T): ids[1:], ignore_index on prompt and padding positions
+  index_t tokens = 0;                // real (non-padding) positions of inputs
+  index_t target_tokens = 0;         // positions of targets that are not ignore_index (the loss count)
   std::vector<index_t> example_ids;  // row b came from example (or block) example_ids[b] of the source
 };
 
@@ -205,8 +205,8 @@ class TokenBudgetBatcher {
     start_ = s.generator;
     epoch_ = s.epoch;
     plan_epoch();
-    MIXMOE_CHECK(s.batch <= plan_.size(), "TokenBudgetBatcher::set_state", "batch ", s.batch,
-                 " is past the epoch's ", plan_.size(), " batches (a state of different data or options?)");
+    MIXMOE_CHECK(s.batch <= plan_.size(), "TokenBudgetBatcher::set_state", "batch ", s.batch, " is past the epoch's ",
+                 plan_.size(), " batches (a state of different data or options?)");
     batch_ = static_cast<std::size_t>(s.batch);
   }
 
@@ -233,8 +233,8 @@ class TokenBudgetBatcher {
     std::vector<index_t> cur;
     for (index_t i : order) {
       const auto rows = static_cast<index_t>(cur.size());
-      const bool fits = (rows + 1) * (len(i) - 1) <= opt_.token_budget &&
-                        (opt_.max_batch_size == 0 || rows < opt_.max_batch_size);
+      const bool fits =
+          (rows + 1) * (len(i) - 1) <= opt_.token_budget && (opt_.max_batch_size == 0 || rows < opt_.max_batch_size);
       if (!fits && !cur.empty()) plan_.push_back(std::exchange(cur, {}));
       cur.push_back(i);
     }
@@ -255,11 +255,11 @@ class TokenBudgetBatcher {
 };
 
 struct LMStreamOptions {
-  index_t block_len = 256;   // T: input (and target) positions per row
-  index_t batch_size = 8;    // rows per batch; the last batch of an epoch has the remaining blocks
-  index_t eos_id = 3;        // Tokenizer::kEosId, appended after every sentence
-  std::uint64_t seed = 0;    // of the per-epoch block order
-  bool shuffle = true;       // false: blocks in stream order every epoch
+  index_t block_len = 256;  // T: input (and target) positions per row
+  index_t batch_size = 8;   // rows per batch; the last batch of an epoch has the remaining blocks
+  index_t eos_id = 3;       // Tokenizer::kEosId, appended after every sentence
+  std::uint64_t seed = 0;   // of the per-epoch block order
+  bool shuffle = true;      // false: blocks in stream order every epoch
 };
 
 /// Monolingual LM data: the sentences, each followed by eos, form one token stream that is cut
@@ -326,8 +326,8 @@ class LMBlockStream {
     start_ = s.generator;
     epoch_ = s.epoch;
     plan_epoch();
-    MIXMOE_CHECK(s.batch <= batches_per_epoch(), "LMBlockStream::set_state", "batch ", s.batch,
-                 " is past the epoch's ", batches_per_epoch(), " batches (a state of different data or options?)");
+    MIXMOE_CHECK(s.batch <= batches_per_epoch(), "LMBlockStream::set_state", "batch ", s.batch, " is past the epoch's ",
+                 batches_per_epoch(), " batches (a state of different data or options?)");
     batch_ = static_cast<std::size_t>(s.batch);
   }
 

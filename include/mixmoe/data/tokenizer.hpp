@@ -44,17 +44,17 @@ namespace mixmoe {
 
 struct TokenizerOptions {
   int vocab_size = 8000;
-  std::string model_type = "unigram";     // "unigram" or "bpe"
-  double character_coverage = 0.9995;     // share of characters the vocabulary covers (< 1 for ja/zh)
-  std::vector<std::string> user_symbols;  // always one token each: language tags, <sep> (no ',' in them)
-  bool byte_fallback = true;              // characters outside the vocabulary become byte pieces, not <unk>
-  int max_sentences = 0;                  // train on a seeded sample of this many sentences; 0: all
-  std::uint64_t seed = 0;                 // of that sample
-  int threads = 1;                        // trainer threads; the model depends on this number
+  std::string model_type = "unigram";      // "unigram" or "bpe"
+  double character_coverage = 0.9995;      // share of characters the vocabulary covers (< 1 for ja/zh)
+  std::vector<std::string> user_symbols;   // always one token each: language tags, <sep> (no ',' in them)
+  bool byte_fallback = true;               // characters outside the vocabulary become byte pieces, not <unk>
+  int max_sentences = 0;                   // train on a seeded sample of this many sentences; 0: all
+  std::uint64_t seed = 0;                  // of that sample
+  int threads = 1;                         // trainer threads; the model depends on this number
   std::string normalization = "identity";  // SentencePiece rule: "identity", "nmt_nfkc", "nfkc", ...
-  bool remove_extra_whitespaces = false;  // SentencePiece's squeezing of leading, trailing, double spaces
-  bool hard_vocab_limit = true;           // false: a smaller vocabulary when the text is too small
-  bool verbose = false;                   // SentencePiece's training log on stderr
+  bool remove_extra_whitespaces = false;   // SentencePiece's squeezing of leading, trailing, double spaces
+  bool hard_vocab_limit = true;            // false: a smaller vocabulary when the text is too small
+  bool verbose = false;                    // SentencePiece's training log on stderr
 };
 
 namespace detail {
