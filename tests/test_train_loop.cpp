@@ -1,0 +1,202 @@
+// train_loop: an interrupted and resumed run equals an uninterrupted one (losses, log, weights),
+// evaluation / best checkpoint / early stopping, and a diverging run stops with the last good
+// checkpoint intact.
+#include "test_util.hpp"
+
+#include <filesystem>
+#include <fstream>
+
+#include <mixmoe/data/batching.hpp>
+#include <mixmoe/moe/expert_group.hpp>
+#include <mixmoe/moe/mixed_moe.hpp>
+#include <mixmoe/moe/top_k_router.hpp>
+#include <mixmoe/nn/decoder.hpp>
+#include <mixmoe/nn/ffn.hpp>
+#include <mixmoe/train/loop.hpp>
+
+using namespace mixmoe;
+namespace fs = std::filesystem;
+
+namespace {
+
+using Expert = SwiGLU<float>;
+using MoEFFN = MixedMoE<TopK<1>, ExpertGroup<Expert, tag::lm>, ExpertGroup<Expert, tag::mt>>;
+using LoopLM = DecoderLM<CausalSelfAttention<float>, MoEFFN>;
+
+ModelConfig loop_config() {
+  ModelConfig c;
+  c.vocab = 13;
+  c.d_model = 16;
+  c.layers = 2;
+  c.heads = 2;
+  c.d_ff = 32;
+  c.seed = 5;
+  c.moe.experts_per_group = {2, 2};
+  c.moe.expert_hidden = 8;
+  c.moe.top_k = 1;
+  return c;
+}
+
+// Sentences of a little grammar: a counting pattern the model can learn.
+std::vector<Example> loop_examples() {
+  std::vector<Example> ex;
+  for (int i = 0; i < 24; ++i) {
+    Example e;
+    const int len = 3 + i % 5;
+    for (int p = 0; p < len; ++p) e.ids.push_back(4 + (i + p) % 9);
+    e.target_begin = 1;
+    ex.push_back(std::move(e));
+  }
+  return ex;
+}
+
+fs::path fresh_dir(const std::string& name) {
+  const fs::path d = fs::temp_directory_path() / ("mixmoe_test_loop_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+struct Run {
+  LoopResult result;
+  std::vector<float> weights;
+  std::vector<nlohmann::json> log;
+};
+
+std::vector<float> flat_weights(LoopLM& m) {
+  std::vector<float> w;
+  for (const auto& p : parameters(m)) {
+    const auto t = p.value().contiguous();
+    w.insert(w.end(), t.data(), t.data() + t.numel());
+  }
+  return w;
+}
+
+// Trains for `steps` of a schedule of `total` steps, in `dir`.
+Run run_loop(const fs::path& dir, std::int64_t steps, std::int64_t total) {
+  LoopLM model(loop_config());
+  AdamW<float> opt(parameters(model), {.lr = 1e-2});
+  TokenBudgetBatcher data(loop_examples(), {.token_budget = 24, .max_len = 16, .seed = 9});
+  MetricsLog log(dir / "metrics.jsonl");
+  LoopOptions o;
+  o.stage = "loop-test";
+  o.steps = steps;
+  o.schedule = {.peak_lr = 1e-2, .min_lr = 1e-3, .warmup_steps = 3, .total_steps = total};
+  o.label_smoothing = 0.1;
+  o.checkpoint_dir = dir / "ckpt";
+  o.checkpoint_every = 4;
+  o.log_every = 1;
+  o.out = nullptr;
+  o.metrics = &log;
+  Run r;
+  r.result = train_loop(model, opt, data, o);
+  r.weights = flat_weights(model);
+  r.log = read_metrics(dir / "metrics.jsonl");
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("train_loop: a resumed run is bit-identical to an uninterrupted one", "[train][resume]") {
+  const fs::path a = fresh_dir("a"), b = fresh_dir("b");
+  const Run whole = run_loop(a, 14, 14);
+  REQUIRE(whole.result.steps == 14);
+  REQUIRE(whole.log.size() == 14);
+  // The loss goes down on this learnable data.
+  REQUIRE(whole.log.back()["ce"].get<double>() < whole.log.front()["ce"].get<double>());
+
+  // Interrupted after step 8 (the last checkpoint is at 8), then resumed to 14.
+  const Run first = run_loop(b, 8, 14);
+  REQUIRE(first.result.steps == 8);
+  const Run resumed = run_loop(b, 14, 14);
+  CHECK(resumed.result.resumed_from == 8);
+  REQUIRE(resumed.result.steps == 14);
+  REQUIRE(resumed.log.size() == whole.log.size());
+  for (std::size_t i = 0; i < whole.log.size(); ++i) {
+    INFO("log line " << i);
+    CHECK(resumed.log[i]["step"] == whole.log[i]["step"]);
+    CHECK(resumed.log[i]["loss"].get<double>() == whole.log[i]["loss"].get<double>());
+    CHECK(resumed.log[i]["lr"].get<double>() == whole.log[i]["lr"].get<double>());
+  }
+  REQUIRE(resumed.weights.size() == whole.weights.size());
+  CHECK(std::memcmp(resumed.weights.data(), whole.weights.data(), whole.weights.size() * sizeof(float)) == 0);
+
+  // Interrupted off the checkpoint grid: a run's last step is always saved.
+  const fs::path c = fresh_dir("c");
+  (void)run_loop(c, 10, 14);  // checkpoints at 4, 8 and at its own end, 10
+  const Run again = run_loop(c, 14, 14);
+  CHECK(again.result.resumed_from == 10);
+  CHECK(std::memcmp(again.weights.data(), whole.weights.data(), whole.weights.size() * sizeof(float)) == 0);
+  for (const auto& d : {a, b, c}) fs::remove_all(d);
+}
+
+TEST_CASE("train_loop: evaluation, best checkpoint and early stopping", "[train][eval]") {
+  const fs::path d = fresh_dir("eval");
+  LoopLM model(loop_config());
+  AdamW<float> opt(parameters(model), {.lr = 1e-2});
+  TokenBudgetBatcher data(loop_examples(), {.token_budget = 24, .max_len = 16, .seed = 9});
+  LoopOptions o;
+  o.stage = "eval-test";
+  o.steps = 40;
+  o.eval_every = 2;
+  o.patience = 3;
+  o.checkpoint_dir = d / "ckpt";
+  o.out = nullptr;
+  // A score that improves twice and then never again: stops after 3 more evaluations.
+  int calls = 0;
+  const std::vector<double> scores{1.0, 2.0, 1.5, 1.9, 1.8, 5.0};
+  auto eval = [&](LoopLM&) {
+    const double s = scores.at(static_cast<std::size_t>(calls++));
+    return EvalResult{s, {{"score", s}}};
+  };
+  const LoopResult r = train_loop(model, opt, data, o, std::function<EvalResult(LoopLM&)>(eval));
+  CHECK(r.stopped_early);
+  CHECK(calls == 5);
+  CHECK(r.steps == 10);
+  REQUIRE(r.best_score);
+  CHECK(*r.best_score == 2.0);
+  CHECK(r.best_step == 4);
+  CHECK(open_checkpoint(d / "ckpt" / "best") == d / "ckpt" / "best");
+  CHECK(read_model_info(d / "ckpt" / "best").extra["step"] == 4);
+  // Resuming a run that stopped early does nothing more.
+  LoopLM model2(loop_config());
+  AdamW<float> opt2(parameters(model2), {.lr = 1e-2});
+  const LoopResult r2 = train_loop(model2, opt2, data, o, std::function<EvalResult(LoopLM&)>(eval));
+  CHECK(r2.steps == 10);
+  CHECK(calls == 5);
+  fs::remove_all(d);
+}
+
+TEST_CASE("train_loop: non-finite steps are skipped, then training stops with the last checkpoint intact",
+          "[train][faults]") {
+  const fs::path d = fresh_dir("nan");
+  LoopLM model(loop_config());
+  AdamW<float> opt(parameters(model), {.lr = 1e-2});
+  TokenBudgetBatcher data(loop_examples(), {.token_budget = 24, .max_len = 16, .seed = 9});
+  LoopOptions o;
+  o.stage = "nan-test";
+  o.steps = 4;
+  o.checkpoint_dir = d / "ckpt";
+  o.out = nullptr;
+  (void)train_loop(model, opt, data, o);
+  const std::vector<float> good = flat_weights(model);
+
+  // Poison one weight: every later step has a nan loss; the guard gives up after 3 in a row.
+  model.embed.weight.value().data()[0] = std::numeric_limits<float>::quiet_NaN();
+  o.steps = 20;
+  o.guard.max_consecutive = 3;
+  std::ostringstream warnings;
+  o.guard.warn = &warnings;
+  o.out = &warnings;
+  o.progress.mode = ProgressOptions::Mode::Log;
+  o.resume = false;  // (resuming would load the good weights back)
+  MIXMOE_REQUIRE_ERROR(train_loop(model, opt, data, o), "training diverged");
+  CHECK(warnings.str().find("skipping step") != std::string::npos);
+  // The checkpoint of the last good state is intact and loads.
+  LoopLM restored(loop_config());
+  AdamW<float> opt3(parameters(restored), {.lr = 1e-2});
+  const TrainState st = load_training_state(d / "ckpt" / "last", restored, opt3);
+  CHECK(st.global_step == 4);
+  CHECK(flat_weights(restored) == good);
+  fs::remove_all(d);
+}
