@@ -25,8 +25,9 @@ using nlohmann::json;
 namespace {
 
 template <class T>
-using MixLM = DecoderLM<CausalSelfAttention<T>, MixedMoE<FourierFeatures<TopK<>, transform::FFTMagnitude<>>,
-                                                         ExpertGroup<SwiGLU<T>, tag::lm>, ExpertGroup<SwiGLU<T>, tag::mt>>>;
+using MixLM =
+    DecoderLM<CausalSelfAttention<T>, MixedMoE<FourierFeatures<TopK<>, transform::FFTMagnitude<>>,
+                                               ExpertGroup<SwiGLU<T>, tag::lm>, ExpertGroup<SwiGLU<T>, tag::mt>>>;
 template <class T>
 using DenseLM = DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>;
 
@@ -145,7 +146,8 @@ TEST_CASE("safetensors: write and read back every dtype, metadata, 8-byte aligne
   REQUIRE(std::isnan(f16_to_float(0x7e00)));
   REQUIRE(std::isnan(bf16_to_float(float_to_bf16(NAN))));
   // Integers cannot be read as floats and the other way round, with the tensor named.
-  MIXMOE_REQUIRE_ERROR(f.get<float>("c"), "mem.safetensors: tensor 'c' has dtype I64, which cannot be read as floating");
+  MIXMOE_REQUIRE_ERROR(f.get<float>("c"),
+                       "mem.safetensors: tensor 'c' has dtype I64, which cannot be read as floating");
   MIXMOE_REQUIRE_ERROR(f.get<std::int32_t>("a"), "tensor 'a' has dtype F32, which cannot be read as integers");
   MIXMOE_REQUIRE_ERROR(f.get<float>("nope"), "no tensor 'nope'");
   MIXMOE_REQUIRE_ERROR(f.get<float>("a", Shape{4, 3}), "tensor 'a' has shape (3, 4), expected (4, 3)");
@@ -177,7 +179,8 @@ TEST_CASE("safetensors: every malformed file is refused, naming the file and the
   MIXMOE_REQUIRE_ERROR(parse(good.substr(0, 5)), "truncated: 5 bytes, too short");
   MIXMOE_REQUIRE_ERROR(parse(good.substr(0, 8)), "is larger than the file (8 bytes)");
   MIXMOE_REQUIRE_ERROR(parse(good.substr(0, 8 + n / 2)), "is larger than the file");
-  MIXMOE_REQUIRE_ERROR(parse(good.substr(0, 8 + n)), "tensor 'layer.bias': shape [4] is larger than the data buffer (0 bytes)");
+  MIXMOE_REQUIRE_ERROR(parse(good.substr(0, 8 + n)),
+                       "tensor 'layer.bias': shape [4] is larger than the data buffer (0 bytes)");
   MIXMOE_REQUIRE_ERROR(parse(good.substr(0, good.size() - 1)), "go past the end of the data buffer");
   MIXMOE_REQUIRE_ERROR(parse(good + "x"), "trailing bytes");
 
@@ -196,9 +199,9 @@ TEST_CASE("safetensors: every malformed file is refused, naming the file and the
   MIXMOE_REQUIRE_ERROR(parse(make_file("[1, 2]", 0)), "does not start with '{'");
   MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"t":{"dtype":"F17","shape":[2,3],"data_offsets":[0,24]}})", 24)),
                        "tensor 't': unknown dtype 'F17'");
-  MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"t":{"dtype":"F32","shape":[2,4],"data_offsets":[0,24]}})", 24)),
+  MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"t":{"dtype":"F32","shape":[2,4],"data_offsets":[0,24]}})", 40)),
                        "tensor 't': shape [2,4] of F32 needs 32 bytes but data_offsets [0, 24] hold 24");
-  MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"t":{"dtype":"F64","shape":[2,3],"data_offsets":[0,24]}})", 24)),
+  MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"t":{"dtype":"F64","shape":[2,3],"data_offsets":[0,24]}})", 56)),
                        "needs 48 bytes");
   MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"t":{"dtype":"F32","shape":[-2,3],"data_offsets":[0,24]}})", 24)),
                        "tensor 't': shape [-2,3] has a negative extent");
@@ -272,10 +275,13 @@ TEST_CASE("ModelConfig <-> JSON round trip and field-naming errors", "[checkpoin
   REQUIRE(back.moe.experts_per_group == std::vector<index_t>{2, 3});
   // Missing fields keep their defaults; wrong types and unknown fields are named.
   REQUIRE(model_config_from_json(json{{"vocab", 100}}).vocab == 100);
-  MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"vocab", "big"}}), "config.vocab: expected an integer, got \"big\"");
+  MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"vocab", "big"}}),
+                       "config.vocab: expected an integer, got \"big\"");
   MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"vocabulary", 1}}), "config: unknown field 'vocabulary'");
-  MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"moe", {{"mix", "best"}}}}), "config.moe.mix: unknown value 'best'");
-  MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"moe", {{"top_k", 1.5}}}}), "config.moe.top_k: expected an integer");
+  MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"moe", {{"mix", "best"}}}}),
+                       "config.moe.mix: unknown value 'best'");
+  MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"moe", {{"top_k", 1.5}}}}),
+                       "config.moe.top_k: expected an integer");
   MIXMOE_REQUIRE_ERROR(model_config_from_json(json{{"d_model", 10}, {"heads", 4}}), "not divisible by heads");
 }
 
@@ -344,12 +350,14 @@ TEST_CASE("loading a model checkpoint checks names, shapes, dtypes and configura
   // Missing and unexpected names: a dense model against the MoE checkpoint.
   ModelConfig dense_cfg = moe_config(1);
   DenseLM<double> dense(dense_cfg);
-  MIXMOE_REQUIRE_ERROR(load_model(dense, ck, {.check_config = false}), "6 missing (layers.0.ffn.w_down.weight");
-  MIXMOE_REQUIRE_ERROR(load_model(dense, ck, {.check_config = false}), "unexpected (layers.0.ffn.lm.experts.0.w_down");
+  MIXMOE_REQUIRE_ERROR(load_model(dense, ck, {.check_config = false}),
+                       "6 missing (layers.0.ffn.w_gate.weight, layers.0.ffn.w_up.weight");
+  MIXMOE_REQUIRE_ERROR(load_model(dense, ck, {.check_config = false}), "40 unexpected (layers.0.ffn.group_gate.weight");
 
   // Weights files with one defect each (no manifest: the single-file form).
   auto params = named_parameters(model);
-  auto write_variant = [&](const fs::path& p, const std::string& skip, const std::string& as_int, const std::string& reshape) {
+  auto write_variant = [&](const fs::path& p, const std::string& skip, const std::string& as_int,
+                           const std::string& reshape) {
     SafetensorsWriter w;
     for (auto& [name, v] : params) {
       if (name == skip) continue;
@@ -446,7 +454,8 @@ TEST_CASE("training resume is bit-identical to an uninterrupted run", "[checkpoi
   st.extra = {{"note", "x"}};
   const fs::path ck = dir.path / "train";
   save_training_state(ck, part.model, part.opt, st, "mixmoe-mix-fft");
-  for (const char* f : {"model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json", "MANIFEST.json"})
+  for (const char* f :
+       {"model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json", "MANIFEST.json"})
     REQUIRE(fs::exists(ck / f));
   const auto of = SafetensorsFile::open(ck / "optimizer.safetensors");
   REQUIRE(of.contains("adam.m.embed.weight"));
@@ -487,7 +496,8 @@ TEST_CASE("training resume is bit-identical to an uninterrupted run", "[checkpoi
   Run other(1, 7);
   AdamW<float> wrong_beta(trainable_parameters(other.model), {.lr = 1e-2, .beta1 = 0.8, .weight_decay = 0.05});
   MIXMOE_REQUIRE_ERROR(load_training_state(ck, other.model, wrong_beta), "AdamW beta1 is 0.8");
-  set_requires_grad(other.model, [](std::string_view n) { return n.starts_with("embed"); }, false);
+  set_requires_grad(
+      other.model, [](std::string_view n) { return n.starts_with("embed"); }, false);
   AdamW<float> fewer(trainable_parameters(other.model), {.lr = 1e-2, .weight_decay = 0.05});
   MIXMOE_REQUIRE_ERROR(load_training_state(ck, other.model, fewer), "1 only in the checkpoint (embed.weight)");
 }
@@ -660,7 +670,8 @@ struct HfModel {
     std::vector<double> y(x.size());
     for (index_t r = 0; r < n; ++r) {
       double ms = 0;
-      for (index_t c = 0; c < hidden; ++c) ms += x[static_cast<std::size_t>(r * hidden + c)] * x[static_cast<std::size_t>(r * hidden + c)];
+      for (index_t c = 0; c < hidden; ++c)
+        ms += x[static_cast<std::size_t>(r * hidden + c)] * x[static_cast<std::size_t>(r * hidden + c)];
       const double inv = 1.0 / std::sqrt(ms / static_cast<double>(hidden) + eps);
       for (index_t c = 0; c < hidden; ++c)
         y[static_cast<std::size_t>(r * hidden + c)] = x[static_cast<std::size_t>(r * hidden + c)] * inv * wt[c];
@@ -674,7 +685,8 @@ struct HfModel {
     for (index_t t = 0; t < t_len; ++t)
       for (index_t h = 0; h < nh; ++h)
         for (index_t i = 0; i < half; ++i) {
-          const double a = static_cast<double>(t) * std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dh));
+          const double a =
+              static_cast<double>(t) * std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dh));
           double& x1 = x[static_cast<std::size_t>(t * nh * dh + h * dh + i)];
           double& x2 = x[static_cast<std::size_t>(t * nh * dh + h * dh + i + half)];
           const double r1 = x1 * std::cos(a) - x2 * std::sin(a), r2 = x2 * std::cos(a) + x1 * std::sin(a);
@@ -690,7 +702,8 @@ struct HfModel {
     std::vector<double> x(static_cast<std::size_t>(T * hidden));
     for (index_t t = 0; t < T; ++t)
       for (index_t c = 0; c < hidden; ++c)
-        x[static_cast<std::size_t>(t * hidden + c)] = at("model.embed_tokens.weight")[ids[static_cast<std::size_t>(t)] * hidden + c];
+        x[static_cast<std::size_t>(t * hidden + c)] =
+            at("model.embed_tokens.weight")[ids[static_cast<std::size_t>(t)] * hidden + c];
     for (index_t l = 0; l < layers; ++l) {
       const std::string p = "model.layers." + std::to_string(l) + ".";
       auto bias = [&](const char* n) { return qwen2 ? at(p + "self_attn." + n + "_proj.bias") : nullptr; };
@@ -709,7 +722,8 @@ struct HfModel {
           for (index_t j = 0; j <= t; ++j) {
             double d = 0;
             for (index_t i = 0; i < dh; ++i)
-              d += q[static_cast<std::size_t>(t * heads * dh + hh * dh + i)] * k[static_cast<std::size_t>(j * kv_heads * dh + kh * dh + i)];
+              d += q[static_cast<std::size_t>(t * heads * dh + hh * dh + i)] *
+                   k[static_cast<std::size_t>(j * kv_heads * dh + kh * dh + i)];
             s[static_cast<std::size_t>(j)] = d / std::sqrt(static_cast<double>(dh));
             mx = std::max(mx, s[static_cast<std::size_t>(j)]);
           }
@@ -737,7 +751,8 @@ struct HfModel {
 
 double max_diff_to_reference(const HfModel& ref, DenseLM<double>& model, const std::vector<int>& ids) {
   no_grad ng;
-  const auto logits = model(Tensor<Index>::from_indices(ids, {1, static_cast<index_t>(ids.size())})).value().to_vector();
+  const auto logits =
+      model(Tensor<Index>::from_indices(ids, {1, static_cast<index_t>(ids.size())})).value().to_vector();
   const auto want = ref.forward(ids);
   REQUIRE(logits.size() == want.size());
   double m = 0;
@@ -779,7 +794,8 @@ TEST_CASE("HF import: a LLaMA checkpoint (GQA, sharded) matches a naive referenc
   // Errors name the tensor, the shape, the model type.
   DenseLM<double> model(hf_config(dir.path / "one"));
   ref.save(dir.path / "missing", Dtype::F32, 1, "model.layers.1.mlp.up_proj.weight");
-  MIXMOE_REQUIRE_ERROR(load_hf_dense(model, dir.path / "missing"), "1 tensor(s) missing: model.layers.1.mlp.up_proj.weight");
+  MIXMOE_REQUIRE_ERROR(load_hf_dense(model, dir.path / "missing"),
+                       "1 tensor(s) missing: model.layers.1.mlp.up_proj.weight");
   HfModel wrong = ref;
   wrong.w["model.layers.0.self_attn.k_proj.weight"].resize(16 * 16);
   wrong.shapes["model.layers.0.self_attn.k_proj.weight"] = Shape{16, 16};
@@ -792,7 +808,8 @@ TEST_CASE("HF import: a LLaMA checkpoint (GQA, sharded) matches a naive referenc
   extra.w["model.layers.0.self_attn.rotary_emb.inv_freq"] = {1.0, 0.5};  // ignored
   extra.shapes["model.layers.0.self_attn.rotary_emb.inv_freq"] = Shape{2};
   extra.save(dir.path / "extra", Dtype::F32);
-  MIXMOE_REQUIRE_ERROR(load_hf_dense(model, dir.path / "extra"), "unexpected tensor 'model.layers.2.mlp.up_proj.weight'");
+  MIXMOE_REQUIRE_ERROR(load_hf_dense(model, dir.path / "extra"),
+                       "unexpected tensor 'model.layers.2.mlp.up_proj.weight'");
 
   json cfg = ref.config();
   auto with_config = [&](const json& j) {
@@ -812,7 +829,8 @@ TEST_CASE("HF import: a LLaMA checkpoint (GQA, sharded) matches a naive referenc
   MIXMOE_REQUIRE_ERROR(with_config(cfg), "heads 4 is not divisible by kv_heads 3");
 }
 
-TEST_CASE("HF import: a Qwen2 checkpoint (q/k/v biases, tied embeddings, BF16) matches the reference", "[checkpoint][hf]") {
+TEST_CASE("HF import: a Qwen2 checkpoint (q/k/v biases, tied embeddings, BF16) matches the reference",
+          "[checkpoint][hf]") {
   ScratchDir dir("qwen2");
   HfModel ref;
   ref.qwen2 = true;

@@ -61,12 +61,12 @@ inline std::filesystem::path parent_or_dot(const std::filesystem::path& p) {
 /// fsyncs a directory, so that renames and creations inside it are durable.
 inline void sync_directory(const std::filesystem::path& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  MIXMOE_CHECK(fd >= 0, "atomic_file", dir.string(), ": cannot open the directory to sync it: ",
-               detail::errno_text(errno));
+  MIXMOE_CHECK(fd >= 0, "atomic_file", dir.string(),
+               ": cannot open the directory to sync it: ", detail::errno_text(errno));
   detail::FdGuard guard(fd);
   // Some file systems do not support fsync on directories (EINVAL): nothing more can be done there.
-  MIXMOE_CHECK(::fsync(fd) == 0 || errno == EINVAL, "atomic_file", dir.string(), ": fsync of the directory failed: ",
-               detail::errno_text(errno));
+  MIXMOE_CHECK(::fsync(fd) == 0 || errno == EINVAL, "atomic_file", dir.string(),
+               ": fsync of the directory failed: ", detail::errno_text(errno));
 }
 
 /// Writes all of `data` to a new file and fsyncs it (fails if it exists); throws naming the path.
@@ -79,8 +79,8 @@ inline void write_file_synced(const std::filesystem::path& path, std::string_vie
   while (left > 0) {
     const ssize_t n = ::write(fd, p, left);
     if (n < 0 && errno == EINTR) continue;
-    MIXMOE_CHECK(n > 0, "atomic_file", path.string(), ": write failed after ", data.size() - left, " of ",
-                 data.size(), " bytes: ", detail::errno_text(errno));
+    MIXMOE_CHECK(n > 0, "atomic_file", path.string(), ": write failed after ", data.size() - left, " of ", data.size(),
+                 " bytes: ", detail::errno_text(errno));
     p += n;
     left -= static_cast<std::size_t>(n);
   }
@@ -143,8 +143,8 @@ inline void replace_directory(const std::filesystem::path& staged, const std::fi
     // A complete "<target>.old" can only be left by a crash after the first rename below, and then
     // target is complete too (the second rename happened) or missing (we would not be here).
     fs::remove_all(old, ec);
-    MIXMOE_CHECK(::rename(target.c_str(), old.c_str()) == 0, "atomic_file", "cannot move ", target.string(), " aside to ",
-                 old.string(), ": ", detail::errno_text(errno));
+    MIXMOE_CHECK(::rename(target.c_str(), old.c_str()) == 0, "atomic_file", "cannot move ", target.string(),
+                 " aside to ", old.string(), ": ", detail::errno_text(errno));
   }
   MIXMOE_CHECK(::rename(staged.c_str(), target.c_str()) == 0, "atomic_file", "cannot rename ", staged.string(), " to ",
                target.string(), ": ", detail::errno_text(errno));

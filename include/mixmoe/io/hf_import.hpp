@@ -102,8 +102,8 @@ inline ModelConfig hf_config(const std::filesystem::path& dir) {
   c.tie_embeddings = get_flag(j, "tie_word_embeddings", false, where);
   c.attn_bias = type == "qwen2";
   c.moe = MoEConfig{};
-  MIXMOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "hf_import", where,
-               ": rope_scaling ", j.contains("rope_scaling") ? j["rope_scaling"].dump() : "", " is not supported");
+  MIXMOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "hf_import", where, ": rope_scaling ",
+               j.contains("rope_scaling") ? j["rope_scaling"].dump() : "", " is not supported");
   MIXMOE_CHECK(j.value("hidden_act", std::string("silu")) == "silu", "hf_import", where, ": hidden_act '",
                j.value("hidden_act", std::string()), "' is not supported (silu only)");
   if (type == "llama") {
@@ -134,10 +134,10 @@ inline std::map<std::string, std::string> hf_dense_name_map(const ModelConfig& c
     m[hf + "post_attention_layernorm.weight"] = ours + "norm2.weight";
     for (const char* p : {"q", "k", "v", "o"}) {
       m[hf + "self_attn." + p + "_proj.weight"] = ours + "attn.w" + p + ".weight";
-      if (cfg.attn_bias && std::string(p) != "o") m[hf + "self_attn." + p + "_proj.bias"] = ours + "attn.w" + p + ".bias";
+      if (cfg.attn_bias && std::string(p) != "o")
+        m[hf + "self_attn." + p + "_proj.bias"] = ours + "attn.w" + p + ".bias";
     }
-    for (const char* p : {"gate", "up", "down"})
-      m[hf + "mlp." + p + "_proj.weight"] = ours + "ffn.w_" + p + ".weight";
+    for (const char* p : {"gate", "up", "down"}) m[hf + "mlp." + p + "_proj.weight"] = ours + "ffn.w_" + p + ".weight";
   }
   m["model.norm.weight"] = "norm.weight";
   if (!cfg.tie_embeddings) m["lm_head.weight"] = "head.weight";
@@ -190,8 +190,8 @@ void load_hf_dense(DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>& model, const st
       auto it = names.find(n);
       if (it == names.end()) {
         const bool ignorable = n.ends_with("rotary_emb.inv_freq") || (cfg.tie_embeddings && n == "lm_head.weight");
-        MIXMOE_CHECK(ignorable, "hf_import", f.origin(), ": unexpected tensor '", n, "' for a ", cfg.layers,
-                     "-layer ", cfg.attn_bias ? "qwen2" : "llama", " model");
+        MIXMOE_CHECK(ignorable, "hf_import", f.origin(), ": unexpected tensor '", n, "' for a ", cfg.layers, "-layer ",
+                     cfg.attn_bias ? "qwen2" : "llama", " model");
         continue;
       }
       MIXMOE_CHECK(!loaded.count(n), "hf_import", f.origin(), ": tensor '", n, "' appears in two shards");

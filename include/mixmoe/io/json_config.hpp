@@ -26,20 +26,19 @@ namespace mixmoe {
 
 inline const char* group_mix_name(GroupMix m) {
   switch (m) {
-    case GroupMix::shared_router: return "shared_router";
-    case GroupMix::group_gate: return "group_gate";
-    case GroupMix::fixed: return "fixed";
+    case GroupMix::shared_router:
+      return "shared_router";
+    case GroupMix::group_gate:
+      return "group_gate";
+    case GroupMix::fixed:
+      return "fixed";
   }
   return "?";
 }
 
 inline nlohmann::json moe_config_to_json(const MoEConfig& m) {
-  return {{"experts_per_group", m.experts_per_group},
-          {"expert_hidden", m.expert_hidden},
-          {"top_k", m.top_k},
-          {"capacity_factor", m.capacity_factor},
-          {"mix", group_mix_name(m.mix)},
-          {"fixed_mix", m.fixed_mix}};
+  return {{"experts_per_group", m.experts_per_group}, {"expert_hidden", m.expert_hidden}, {"top_k", m.top_k},
+          {"capacity_factor", m.capacity_factor},     {"mix", group_mix_name(m.mix)},     {"fixed_mix", m.fixed_mix}};
 }
 
 inline nlohmann::json model_config_to_json(const ModelConfig& c) {
@@ -127,10 +126,14 @@ inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string
     const auto& v = j.at("mix");
     MIXMOE_CHECK(v.is_string(), "config", where, ".mix: expected a string, got ", v.dump());
     const auto s = v.get<std::string>();
-    if (s == "shared_router") m.mix = GroupMix::shared_router;
-    else if (s == "group_gate") m.mix = GroupMix::group_gate;
-    else if (s == "fixed") m.mix = GroupMix::fixed;
-    else detail::fail("config", where, ".mix: unknown value '", s, "' (shared_router, group_gate or fixed)");
+    if (s == "shared_router")
+      m.mix = GroupMix::shared_router;
+    else if (s == "group_gate")
+      m.mix = GroupMix::group_gate;
+    else if (s == "fixed")
+      m.mix = GroupMix::fixed;
+    else
+      detail::fail("config", where, ".mix: unknown value '", s, "' (shared_router, group_gate or fixed)");
   }
   return m;
 }
@@ -138,8 +141,9 @@ inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string
 /// Reads and validates a ModelConfig; `where` names the object in errors ("config.json: config").
 inline ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& where = "config") {
   using namespace detail::json_cfg;
-  check_keys(j, where, {"vocab", "d_model", "layers", "heads", "kv_heads", "d_ff", "rope_theta", "norm_eps", "init_std",
-                        "tie_embeddings", "attn_bias", "seed", "moe"});
+  check_keys(j, where,
+             {"vocab", "d_model", "layers", "heads", "kv_heads", "d_ff", "rope_theta", "norm_eps", "init_std",
+              "tie_embeddings", "attn_bias", "seed", "moe"});
   ModelConfig c;
   read(j, where, "vocab", c.vocab);
   read(j, where, "d_model", c.d_model);

@@ -46,21 +46,36 @@ enum class Dtype { F32, F64, F16, BF16, I32, I64, BOOL, U8, I8, I16, U16, U32, U
 
 inline const char* dtype_name(Dtype d) {
   switch (d) {
-    case Dtype::F32: return "F32";
-    case Dtype::F64: return "F64";
-    case Dtype::F16: return "F16";
-    case Dtype::BF16: return "BF16";
-    case Dtype::I32: return "I32";
-    case Dtype::I64: return "I64";
-    case Dtype::BOOL: return "BOOL";
-    case Dtype::U8: return "U8";
-    case Dtype::I8: return "I8";
-    case Dtype::I16: return "I16";
-    case Dtype::U16: return "U16";
-    case Dtype::U32: return "U32";
-    case Dtype::U64: return "U64";
-    case Dtype::F8_E4M3: return "F8_E4M3";
-    case Dtype::F8_E5M2: return "F8_E5M2";
+    case Dtype::F32:
+      return "F32";
+    case Dtype::F64:
+      return "F64";
+    case Dtype::F16:
+      return "F16";
+    case Dtype::BF16:
+      return "BF16";
+    case Dtype::I32:
+      return "I32";
+    case Dtype::I64:
+      return "I64";
+    case Dtype::BOOL:
+      return "BOOL";
+    case Dtype::U8:
+      return "U8";
+    case Dtype::I8:
+      return "I8";
+    case Dtype::I16:
+      return "I16";
+    case Dtype::U16:
+      return "U16";
+    case Dtype::U32:
+      return "U32";
+    case Dtype::U64:
+      return "U64";
+    case Dtype::F8_E4M3:
+      return "F8_E4M3";
+    case Dtype::F8_E5M2:
+      return "F8_E5M2";
   }
   return "?";
 }
@@ -68,10 +83,21 @@ inline const char* dtype_name(Dtype d) {
 /// Bytes per element.
 inline std::size_t dtype_size(Dtype d) {
   switch (d) {
-    case Dtype::F64: case Dtype::I64: case Dtype::U64: return 8;
-    case Dtype::F32: case Dtype::I32: case Dtype::U32: return 4;
-    case Dtype::F16: case Dtype::BF16: case Dtype::I16: case Dtype::U16: return 2;
-    default: return 1;
+    case Dtype::F64:
+    case Dtype::I64:
+    case Dtype::U64:
+      return 8;
+    case Dtype::F32:
+    case Dtype::I32:
+    case Dtype::U32:
+      return 4;
+    case Dtype::F16:
+    case Dtype::BF16:
+    case Dtype::I16:
+    case Dtype::U16:
+      return 2;
+    default:
+      return 1;
   }
 }
 
@@ -85,10 +111,14 @@ inline std::optional<Dtype> parse_dtype(std::string_view s) {
 /// The dtype a tensor of element type T is stored as by default.
 template <Element T>
 constexpr Dtype dtype_of() {
-  if constexpr (std::is_same_v<T, float>) return Dtype::F32;
-  else if constexpr (std::is_same_v<T, double>) return Dtype::F64;
-  else if constexpr (std::is_same_v<T, std::int32_t>) return Dtype::I32;
-  else return Dtype::I64;
+  if constexpr (std::is_same_v<T, float>)
+    return Dtype::F32;
+  else if constexpr (std::is_same_v<T, double>)
+    return Dtype::F64;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return Dtype::I32;
+  else
+    return Dtype::I64;
 }
 
 // ---- half-precision conversions ---------------------------------------------------------
@@ -109,7 +139,7 @@ inline float f16_to_float(std::uint16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000) << 16;
   const std::uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
   if (exp == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf, NaN
-  if (exp == 0) {                                                                      // zero, subnormal
+  if (exp == 0) {                                                                   // zero, subnormal
     const float v = std::ldexp(static_cast<float>(mant), -24);
     return sign ? -v : v;
   }
@@ -123,8 +153,8 @@ inline std::uint16_t float_to_f16(float f) {
   const float a = std::fabs(f);
   if (std::isnan(f)) return static_cast<std::uint16_t>(sign | 0x7e00);
   if (a >= 65520.0f) return static_cast<std::uint16_t>(sign | 0x7c00);  // rounds past the largest half
-  if (a < 0x1.0p-14f) {                                                  // subnormal half: units of 2^-24
-    const float q = std::nearbyint(a * 0x1.0p24f);                       // ties to even (default rounding)
+  if (a < 0x1.0p-14f) {                                                 // subnormal half: units of 2^-24
+    const float q = std::nearbyint(a * 0x1.0p24f);                      // ties to even (default rounding)
     return static_cast<std::uint16_t>(sign | static_cast<std::uint16_t>(q));
   }
   const std::uint32_t au = std::bit_cast<std::uint32_t>(a);
@@ -167,13 +197,20 @@ void store_le(unsigned char* p, U v) {
 template <class U>
 U load_element(Dtype d, const unsigned char* base, std::size_t i) {
   switch (d) {
-    case Dtype::F32: return static_cast<U>(load_le<float>(base + 4 * i));
-    case Dtype::F64: return static_cast<U>(load_le<double>(base + 8 * i));
-    case Dtype::F16: return static_cast<U>(f16_to_float(load_le<std::uint16_t>(base + 2 * i)));
-    case Dtype::BF16: return static_cast<U>(bf16_to_float(load_le<std::uint16_t>(base + 2 * i)));
-    case Dtype::I32: return static_cast<U>(load_le<std::int32_t>(base + 4 * i));
-    case Dtype::I64: return static_cast<U>(load_le<std::int64_t>(base + 8 * i));
-    default: return U{};
+    case Dtype::F32:
+      return static_cast<U>(load_le<float>(base + 4 * i));
+    case Dtype::F64:
+      return static_cast<U>(load_le<double>(base + 8 * i));
+    case Dtype::F16:
+      return static_cast<U>(f16_to_float(load_le<std::uint16_t>(base + 2 * i)));
+    case Dtype::BF16:
+      return static_cast<U>(bf16_to_float(load_le<std::uint16_t>(base + 2 * i)));
+    case Dtype::I32:
+      return static_cast<U>(load_le<std::int32_t>(base + 4 * i));
+    case Dtype::I64:
+      return static_cast<U>(load_le<std::int64_t>(base + 8 * i));
+    default:
+      return U{};
   }
 }
 
@@ -248,7 +285,8 @@ class SafetensorsFile {
     constexpr bool want_float = Scalar<T>;
     const bool ok = want_float ? detail::is_float_dtype(e.dtype) : (e.dtype == Dtype::I32 || e.dtype == Dtype::I64);
     MIXMOE_CHECK(ok, "safetensors", origin_, ": tensor '", name, "' has dtype ", dtype_name(e.dtype),
-                 ", which cannot be read as ", want_float ? "floating point (F32, F64, F16, BF16)" : "integers (I32, I64)");
+                 ", which cannot be read as ",
+                 want_float ? "floating point (F32, F64, F16, BF16)" : "integers (I32, I64)");
     MIXMOE_CHECK(e.shape.size() <= static_cast<std::size_t>(kMaxDims), "safetensors", origin_, ": tensor '", name,
                  "' has ", e.shape.size(), " axes; tensors have at most ", kMaxDims);
     Shape s;
@@ -351,8 +389,8 @@ class SafetensorsFile {
       for (const auto& x : v["shape"]) {
         MIXMOE_CHECK(x.is_number_integer(), op, origin_, ": tensor '", name, "': shape ", v["shape"].dump(),
                      " has a non-integer extent");
-        MIXMOE_CHECK(x.is_number_unsigned() || x.get<std::int64_t>() >= 0, op, origin_, ": tensor '", name,
-                     "': shape ", v["shape"].dump(), " has a negative extent");
+        MIXMOE_CHECK(x.is_number_unsigned() || x.get<std::int64_t>() >= 0, op, origin_, ": tensor '", name, "': shape ",
+                     v["shape"].dump(), " has a negative extent");
         const std::uint64_t ex = x.get<std::uint64_t>();
         MIXMOE_CHECK(ex <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), op, origin_,
                      ": tensor '", name, "': extent ", ex, " is too large");
@@ -371,7 +409,8 @@ class SafetensorsFile {
                        v["data_offsets"][0].is_number_unsigned() && v["data_offsets"][1].is_number_unsigned(),
                    op, origin_, ": tensor '", name, "': data_offsets must be two non-negative integers");
       const auto b = v["data_offsets"][0].get<std::uint64_t>(), en = v["data_offsets"][1].get<std::uint64_t>();
-      MIXMOE_CHECK(b <= en, op, origin_, ": tensor '", name, "': data_offsets [", b, ", ", en, "] end before they begin");
+      MIXMOE_CHECK(b <= en, op, origin_, ": tensor '", name, "': data_offsets [", b, ", ", en,
+                   "] end before they begin");
       MIXMOE_CHECK(en <= buffer, op, origin_, ": tensor '", name, "': data_offsets [", b, ", ", en,
                    "] go past the end of the data buffer (", buffer, " bytes): truncated file?");
       MIXMOE_CHECK(en - b == bytes, op, origin_, ": tensor '", name, "': shape ", v["shape"].dump(), " of ",
@@ -394,13 +433,13 @@ class SafetensorsFile {
       if (e.begin < pos)
         detail::fail(op, origin_, ": tensor '", e.name, "' (bytes ", e.begin, "..", e.end, ") overlaps tensor '",
                      prev->name, "' (bytes ", prev->begin, "..", prev->end, ")");
-      MIXMOE_CHECK(e.begin == pos, op, origin_, ": bytes ", pos, "..", e.begin, " of the data buffer belong to no tensor",
-                   " (before tensor '", e.name, "')");
+      MIXMOE_CHECK(e.begin == pos, op, origin_, ": bytes ", pos, "..", e.begin,
+                   " of the data buffer belong to no tensor", " (before tensor '", e.name, "')");
       pos = e.end;
       prev = &e;
     }
-    MIXMOE_CHECK(pos == buffer, op, origin_, ": the data buffer has ", buffer, " bytes but the tensors end at byte ", pos,
-                 " (trailing bytes)");
+    MIXMOE_CHECK(pos == buffer, op, origin_, ": the data buffer has ", buffer, " bytes but the tensors end at byte ",
+                 pos, " (trailing bytes)");
     for (std::size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].name] = i;
   }
 
@@ -432,13 +471,26 @@ class SafetensorsWriter {
     const T* in = c.data();
     for (std::size_t i = 0; i < n; ++i) {
       switch (as) {
-        case Dtype::F32: detail::store_le(out + 4 * i, static_cast<float>(in[i])); break;
-        case Dtype::F64: detail::store_le(out + 8 * i, static_cast<double>(in[i])); break;
-        case Dtype::BF16: detail::store_le(out + 2 * i, float_to_bf16(static_cast<float>(in[i]))); break;
-        case Dtype::F16: detail::store_le(out + 2 * i, float_to_f16(static_cast<float>(in[i]))); break;
-        case Dtype::I32: detail::store_le(out + 4 * i, static_cast<std::int32_t>(in[i])); break;
-        case Dtype::I64: detail::store_le(out + 8 * i, static_cast<std::int64_t>(in[i])); break;
-        default: break;
+        case Dtype::F32:
+          detail::store_le(out + 4 * i, static_cast<float>(in[i]));
+          break;
+        case Dtype::F64:
+          detail::store_le(out + 8 * i, static_cast<double>(in[i]));
+          break;
+        case Dtype::BF16:
+          detail::store_le(out + 2 * i, float_to_bf16(static_cast<float>(in[i])));
+          break;
+        case Dtype::F16:
+          detail::store_le(out + 2 * i, float_to_f16(static_cast<float>(in[i])));
+          break;
+        case Dtype::I32:
+          detail::store_le(out + 4 * i, static_cast<std::int32_t>(in[i]));
+          break;
+        case Dtype::I64:
+          detail::store_le(out + 8 * i, static_cast<std::int64_t>(in[i]));
+          break;
+        default:
+          break;
       }
     }
     names_.insert(name);
@@ -454,9 +506,8 @@ class SafetensorsWriter {
     if (!metadata_.empty()) header["__metadata__"] = metadata_;
     std::size_t offset = 0;
     for (const auto& it : items_) {
-      header[it.name] = {{"dtype", dtype_name(it.dtype)},
-                         {"shape", it.shape},
-                         {"data_offsets", {offset, offset + it.bytes.size()}}};
+      header[it.name] = {
+          {"dtype", dtype_name(it.dtype)}, {"shape", it.shape}, {"data_offsets", {offset, offset + it.bytes.size()}}};
       offset += it.bytes.size();
     }
     std::string text = header.dump();

@@ -36,9 +36,9 @@
 #include <utility>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <signal.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include "mixmoe/core/error.hpp"
 #include "mixmoe/core/random.hpp"
@@ -143,8 +143,7 @@ inline std::string checkpoint_problem(const std::filesystem::path& dir, bool ver
   } catch (const Error& e) {
     return e.what();
   }
-  if (!m.is_object() || m.value("format", "") != "mixmoe-checkpoint" || !m.contains("files") ||
-      !m["files"].is_object())
+  if (!m.is_object() || m.value("format", "") != "mixmoe-checkpoint" || !m.contains("files") || !m["files"].is_object())
     return std::string(kCheckpointManifest) + " is not a mixmoe checkpoint manifest";
   if (!m["format_version"].is_number_integer() || m["format_version"].get<int>() > kCheckpointFormatVersion)
     return std::string(kCheckpointManifest) + ": unsupported format_version " + m["format_version"].dump();
@@ -203,12 +202,8 @@ namespace detail {
 
 inline nlohmann::json model_info_json(const ModelConfig& cfg, const std::string& model_type, const char* dtype,
                                       const nlohmann::json& extra) {
-  return {{"format", "mixmoe"},
-          {"format_version", kCheckpointFormatVersion},
-          {"model_type", model_type},
-          {"dtype", dtype},
-          {"config", model_config_to_json(cfg)},
-          {"extra", extra}};
+  return {{"format", "mixmoe"}, {"format_version", kCheckpointFormatVersion}, {"model_type", model_type},
+          {"dtype", dtype},     {"config", model_config_to_json(cfg)},        {"extra", extra}};
 }
 
 inline ModelInfo model_info_from_json(const nlohmann::json& j, const std::string& where) {
@@ -268,7 +263,8 @@ void load_parameters_from(M& model, const SafetensorsFile& f) {
     std::string msg;
     if (!missing.empty()) msg += std::to_string(missing.size()) + " missing (" + name_list(missing) + ")";
     if (!unexpected.empty())
-      msg += (msg.empty() ? "" : "; ") + std::to_string(unexpected.size()) + " unexpected (" + name_list(unexpected) + ")";
+      msg +=
+          (msg.empty() ? "" : "; ") + std::to_string(unexpected.size()) + " unexpected (" + name_list(unexpected) + ")";
     if (!mismatched.empty())
       msg += (msg.empty() ? "" : "; ") + std::to_string(mismatched.size()) + " with a different shape (" +
              name_list(mismatched) + ")";
@@ -330,8 +326,8 @@ inline ModelInfo read_model_info(const std::filesystem::path& path, bool verify_
     MIXMOE_CHECK(md.count("mixmoe.config"), "checkpoint", path.string(), ": no mixmoe.config in the metadata");
     ModelInfo info;
     try {
-      info.config = model_config_from_json(nlohmann::json::parse(md.at("mixmoe.config")),
-                                           path.string() + ": mixmoe.config");
+      info.config =
+          model_config_from_json(nlohmann::json::parse(md.at("mixmoe.config")), path.string() + ": mixmoe.config");
       if (md.count("mixmoe.extra")) info.extra = nlohmann::json::parse(md.at("mixmoe.extra"));
     } catch (const nlohmann::json::exception& e) {
       detail::fail("checkpoint", path.string(), ": metadata is not valid JSON: ", e.what());
@@ -423,13 +419,15 @@ inline std::int64_t get_int(const nlohmann::json& j, const char* key, const std:
 inline nlohmann::json train_state_to_json(const TrainState& s) {
   nlohmann::json rng = nlohmann::json::object();
   for (const auto& [name, st] : s.rng)
-    rng[name] = {{"s", {detail::hex64(st.s[0]), detail::hex64(st.s[1]), detail::hex64(st.s[2]), detail::hex64(st.s[3])}},
-                 {"spare_bits", detail::double_bits(st.spare)},
-                 {"have_spare", st.have_spare}};
+    rng[name] = {
+        {"s", {detail::hex64(st.s[0]), detail::hex64(st.s[1]), detail::hex64(st.s[2]), detail::hex64(st.s[3])}},
+        {"spare_bits", detail::double_bits(st.spare)},
+        {"have_spare", st.have_spare}};
   nlohmann::json best = nullptr;
   if (s.best_validation) best = {{"value", *s.best_validation}, {"bits", detail::double_bits(*s.best_validation)}};
-  return {{"global_step", s.global_step}, {"epoch", s.epoch},       {"data_position", s.data_position},
-          {"rng", rng},                   {"scheduler", s.scheduler}, {"best_validation", best},
+  return {{"global_step", s.global_step},     {"epoch", s.epoch},
+          {"data_position", s.data_position}, {"rng", rng},
+          {"scheduler", s.scheduler},         {"best_validation", best},
           {"skipped_steps", s.skipped_steps}, {"extra", s.extra}};
 }
 
@@ -443,8 +441,8 @@ inline TrainState train_state_from_json(const nlohmann::json& j, const std::stri
   s.scheduler = j.value("scheduler", nlohmann::json());
   s.extra = j.value("extra", nlohmann::json());
   if (j.contains("best_validation") && !j["best_validation"].is_null())
-    s.best_validation = detail::double_from_bits(j["best_validation"].value("bits", nlohmann::json()),
-                                                 where + ": best_validation");
+    s.best_validation =
+        detail::double_from_bits(j["best_validation"].value("bits", nlohmann::json()), where + ": best_validation");
   if (j.contains("rng")) {
     MIXMOE_CHECK(j["rng"].is_object(), "checkpoint", where, ": rng must be an object");
     for (auto it = j["rng"].begin(); it != j["rng"].end(); ++it) {
@@ -488,8 +486,10 @@ std::vector<std::string> optimizer_parameter_names(M& model, const Optimizer<T, 
 /// moments absent), its step count and options, and `state`.
 template <detail::ConfiguredModule M, Scalar T, Device D>
 void save_training_state(const std::filesystem::path& dir, M& model, AdamW<T, D>& opt, const TrainState& state,
-                         const std::string& model_type = "mixmoe", const nlohmann::json& extra = nlohmann::json::object()) {
-  static_assert(std::is_same_v<typename M::value_type, T>, "save_training_state: model and optimizer scalar types differ");
+                         const std::string& model_type = "mixmoe",
+                         const nlohmann::json& extra = nlohmann::json::object()) {
+  static_assert(std::is_same_v<typename M::value_type, T>,
+                "save_training_state: model and optimizer scalar types differ");
   const auto names = detail::optimizer_parameter_names(model, opt);
   SafetensorsWriter ow;
   for (std::size_t i = 0; i < names.size(); ++i) {
@@ -503,7 +503,8 @@ void save_training_state(const std::filesystem::path& dir, M& model, AdamW<T, D>
       {"type", "AdamW"},
       {"steps", opt.steps()},
       {"parameters", names},
-      {"options", {{"lr", o.lr}, {"beta1", o.beta1}, {"beta2", o.beta2}, {"eps", o.eps}, {"weight_decay", o.weight_decay}}},
+      {"options",
+       {{"lr", o.lr}, {"beta1", o.beta1}, {"beta2", o.beta2}, {"eps", o.eps}, {"weight_decay", o.weight_decay}}},
       {"options_bits",
        {{"lr", detail::double_bits(o.lr)},
         {"beta1", detail::double_bits(o.beta1)},
@@ -579,7 +580,8 @@ TrainState load_training_state(const std::filesystem::path& dir, M& model, AdamW
   std::map<std::string, bool> used;
   for (std::size_t i = 0; i < names.size(); ++i) {
     const Shape s = opt.parameters()[i].shape();
-    for (auto [prefix, vec] : {std::pair{"adam.m.", &opt.first_moments()}, std::pair{"adam.v.", &opt.second_moments()}}) {
+    for (auto [prefix, vec] :
+         {std::pair{"adam.m.", &opt.first_moments()}, std::pair{"adam.v.", &opt.second_moments()}}) {
       const std::string key = prefix + names[i];
       if (f.contains(key)) {
         (*vec)[i] = f.get<T>(key, s);
