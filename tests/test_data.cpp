@@ -238,8 +238,10 @@ TEST_CASE("mo: every truncation and single-byte corruption parses or throws mixm
                        "truncated or corrupt: translation 5 (9 bytes at byte 456) ends at byte 466 of 465");
   std::string no_nul = full;
   no_nul.back() = 'x';
-  MIXMOE_REQUIRE_ERROR(parse_mo(no_nul, "de/x.mo"), "corrupt: translation 5 (9 bytes at byte 456) is not followed by a NUL");
-  MIXMOE_REQUIRE_ERROR(parse_mo(full.substr(0, 40), "de/x.mo"), "table of 6 original strings at byte 28 ends at byte 76 of 40");
+  MIXMOE_REQUIRE_ERROR(parse_mo(no_nul, "de/x.mo"),
+                       "corrupt: translation 5 (9 bytes at byte 456) is not followed by a NUL");
+  MIXMOE_REQUIRE_ERROR(parse_mo(full.substr(0, 40), "de/x.mo"),
+                       "table of 6 original strings at byte 28 ends at byte 76 of 40");
 }
 
 TEST_CASE("mo: bad magic, revision, absurd counts and offsets are named", "[data][mo]") {
@@ -254,7 +256,8 @@ TEST_CASE("mo: bad magic, revision, absurd counts and offsets are named", "[data
   MIXMOE_REQUIRE_ERROR(parse_mo(bad, "x.mo"), "unsupported major revision 2");
   bad = good;
   bad[8] = bad[9] = bad[10] = bad[11] = '\xFF';  // N = 2^32 - 1
-  MIXMOE_REQUIRE_ERROR(parse_mo(bad, "x.mo"), "table of 4294967295 original strings at byte 28 ends at byte 34359738388");
+  MIXMOE_REQUIRE_ERROR(parse_mo(bad, "x.mo"),
+                       "table of 4294967295 original strings at byte 28 ends at byte 34359738388");
   bad = good;
   bad[16] = bad[17] = bad[18] = bad[19] = '\xFF';  // translation table at 2^32 - 1
   MIXMOE_REQUIRE_ERROR(parse_mo(bad, "x.mo"), "table of 2 translations at byte 4294967295");
@@ -263,7 +266,8 @@ TEST_CASE("mo: bad magic, revision, absurd counts and offsets are named", "[data
   bad[28 + 8 + 7] = '\x7F';
   MIXMOE_REQUIRE_ERROR(parse_mo(bad, "x.mo"), "original string 1 (1 bytes at byte 2130706672) ends at byte");
   bad = good;
-  bad[28 + 8] = bad[28 + 9] = bad[28 + 10] = bad[28 + 11] = '\xFF';  // length 2^32 - 1: offset + length overflows 32 bits
+  bad[28 + 8] = bad[28 + 9] = bad[28 + 10] = bad[28 + 11] =
+      '\xFF';  // length 2^32 - 1: offset + length overflows 32 bits
   MIXMOE_REQUIRE_ERROR(parse_mo(bad, "x.mo"), "original string 1 (4294967295 bytes");
   // Invalid UTF-8 in a UTF-8 catalog.
   const std::string bad_utf8 = make_mo({{"", "Content-Type: text/plain; charset=UTF-8\n"}, {"a", "\xC3("}}, false);
@@ -278,11 +282,11 @@ TEST_CASE("mo: bad magic, revision, absurd counts and offsets are named", "[data
 TEST_CASE("text: UTF-8 validation", "[data][text]") {
   CHECK(is_valid_utf8("plain ASCII"));
   CHECK(is_valid_utf8("Größe 日本語 😀"));
-  CHECK(find_invalid_utf8("ab\xC3(") == 2u);            // bad continuation
-  CHECK(find_invalid_utf8("\xC0\xAF") == 0u);           // overlong '/'
-  CHECK(find_invalid_utf8("x\xED\xA0\x80") == 1u);      // surrogate
-  CHECK(find_invalid_utf8("\xF4\x90\x80\x80") == 0u);   // above U+10FFFF
-  CHECK(find_invalid_utf8("ok\xE6\x97") == 2u);         // truncated sequence
+  CHECK(find_invalid_utf8("ab\xC3(") == 2u);           // bad continuation
+  CHECK(find_invalid_utf8("\xC0\xAF") == 0u);          // overlong '/'
+  CHECK(find_invalid_utf8("x\xED\xA0\x80") == 1u);     // surrogate
+  CHECK(find_invalid_utf8("\xF4\x90\x80\x80") == 0u);  // above U+10FFFF
+  CHECK(find_invalid_utf8("ok\xE6\x97") == 2u);        // truncated sequence
   CHECK(utf8_length("Größe 日本") == 8u);
 }
 
@@ -291,7 +295,8 @@ TEST_CASE("text: lines and parallel TSV with CRLF, BOM, extra columns and errors
   LineReadOptions keep;
   keep.skip_empty = false;
   CHECK(parse_lines("a\n\nb\n", "m.txt", keep) == std::vector<std::string>{"a", "", "b"});
-  MIXMOE_REQUIRE_ERROR(parse_lines("ok\nbad \xFF here\n", "m.txt"), "[text] m.txt:2: invalid UTF-8 at byte 5 of the line");
+  MIXMOE_REQUIRE_ERROR(parse_lines("ok\nbad \xFF here\n", "m.txt"),
+                       "[text] m.txt:2: invalid UTF-8 at byte 5 of the line");
 
   const auto pairs = parse_parallel_tsv("Hello\tHallo\r\n\nFile\tDatei\tgtk20\tx\n", "c.tsv");
   REQUIRE(pairs.size() == 2);
@@ -304,7 +309,8 @@ TEST_CASE("text: lines and parallel TSV with CRLF, BOM, extra columns and errors
                        "[tsv] c.tsv:2: expected 2 or more tab-separated columns, found 1");
   ParallelTsvOptions strict;
   strict.allow_extra_columns = false;
-  MIXMOE_REQUIRE_ERROR(parse_parallel_tsv("a\tb\tc\n", "c.tsv", strict), "c.tsv:1: expected 2 tab-separated columns, found 3");
+  MIXMOE_REQUIRE_ERROR(parse_parallel_tsv("a\tb\tc\n", "c.tsv", strict),
+                       "c.tsv:1: expected 2 tab-separated columns, found 3");
   MIXMOE_REQUIRE_ERROR(parse_parallel_tsv("a\t\n", "c.tsv"), "c.tsv:1: empty target field");
   MIXMOE_REQUIRE_ERROR(parse_parallel_tsv("a\tb\n\xE6\x97\tc\n", "c.tsv"), "c.tsv:2: invalid UTF-8");
   TsvReadOptions t;
@@ -332,7 +338,8 @@ TEST_CASE("text: TSV and line writers round-trip; TAB/LF in a field is an error 
   MIXMOE_REQUIRE_ERROR(format_tsv_row({"ok", "\xFF"}), "row 1 column 2: invalid UTF-8 at byte 1");
   write_lines(tmp.path / "m.txt", {"a\tb", "c"});
   CHECK(read_lines(tmp.path / "m.txt") == std::vector<std::string>{"a\tb", "c"});
-  MIXMOE_REQUIRE_ERROR(write_lines(tmp.path / "n.txt", {"a", "b\nc"}), "n.txt: row 2 column 1: field contains a line feed");
+  MIXMOE_REQUIRE_ERROR(write_lines(tmp.path / "n.txt", {"a", "b\nc"}),
+                       "n.txt: row 2 column 1: field contains a line feed");
   MIXMOE_REQUIRE_ERROR(read_lines(tmp.path / "missing.txt"), "missing.txt: cannot open for reading");
 }
 
@@ -343,7 +350,9 @@ TEST_CASE("corpus: placeholders", "[data][corpus]") {
   CHECK(placeholder_keys("%2$s: %1$lu") == std::vector<std::string>{"%lu", "%s"});
   CHECK(placeholder_keys("%-10s|%*d|%'lld") == std::vector<std::string>{"%d", "%lld", "%s"});
   CHECK(placeholder_keys("%(name)s and {0} and ${HOME} and <b>x</b> <span weight=\"bold\">") ==
-        std::vector<std::string>{"$" "{HOME}", "%(name)s", "</b>", "<b>", "<span>", "{0}"});
+        std::vector<std::string>{"$"
+                                 "{HOME}",
+                                 "%(name)s", "</b>", "<b>", "<span>", "{0}"});
   CHECK(placeholder_keys("100% sure, <file> and {not closed").empty());
   CHECK(strip_placeholders("%s: %d files") == ":  files");
 }
@@ -373,7 +382,8 @@ TEST_CASE("corpus: cleaning rules on hand-made pairs", "[data][corpus]") {
   opt.drop_placeholder_mismatch = false;
   CHECK(clean_pair("Cannot open %s", "Öffnen unmöglich", opt).kept());
   // Whitespace is normalised, placeholders are left intact.
-  const CleanResult ws = clean_pair("  Usage: %s [OPTION]...\n\tList   files ", "Aufruf: %s [OPTION]...\nDateien  auflisten");
+  const CleanResult ws =
+      clean_pair("  Usage: %s [OPTION]...\n\tList   files ", "Aufruf: %s [OPTION]...\nDateien  auflisten");
   REQUIRE(ws.kept());
   CHECK(ws.en == "Usage: %s [OPTION]... List files");
   CHECK(ws.target == "Aufruf: %s [OPTION]... Dateien auflisten");
@@ -386,7 +396,8 @@ TEST_CASE("corpus: accelerator markers", "[data][corpus]") {
   };
   CHECK(strip("_Open", "Ö_ffnen") == std::make_tuple(true, std::string("Open"), std::string("Öffnen")));
   CHECK(strip("_Open", "開く(_O)") == std::make_tuple(true, std::string("Open"), std::string("開く")));
-  CHECK(strip("Save _As", "Enregistrer _sous") == std::make_tuple(true, std::string("Save As"), std::string("Enregistrer sous")));
+  CHECK(strip("Save _As", "Enregistrer _sous") ==
+        std::make_tuple(true, std::string("Save As"), std::string("Enregistrer sous")));
   CHECK(strip("_Quit", "Beenden") == std::make_tuple(true, std::string("Quit"), std::string("Beenden")));
   CHECK(strip("_File", "文件 (_F)") == std::make_tuple(true, std::string("File"), std::string("文件")));
   // Identifiers kept verbatim in the translation are not accelerators.
@@ -419,7 +430,10 @@ void make_tree(const fs::path& dir) {
   const auto mo = [&](const std::string& pkg, const std::string& lang, const std::string& domain) {
     return dir / pkg / "usr/share/locale" / lang / "LC_MESSAGES" / (domain + ".mo");
   };
-  msgfmt(po("de", {{"Cancel", "Abbrechen"}, {"Copy file", "Datei kopieren"}, {"%s", "%s"}, {"GNU", "GNU"},
+  msgfmt(po("de", {{"Cancel", "Abbrechen"},
+                   {"Copy file", "Datei kopieren"},
+                   {"%s", "%s"},
+                   {"GNU", "GNU"},
                    {"Remove %s", "Entfernen"}}) +
              "msgid \"%d byte\"\nmsgid_plural \"%d bytes\"\nmsgstr[0] \"%d Byte\"\nmsgstr[1] \"%d Bytes\"\n",
          mo("tools", "de", "tools"));
@@ -431,9 +445,10 @@ void make_tree(const fs::path& dir) {
   msgfmt(po("ja", {{"_Open", "開く(_O)"}, {"Width", "幅"}}), mo("gui", "ja", "gui"));
   msgfmt(po("de", {{"Kill process", "Prozess beenden"}, {"Copy file", "Datei kopieren"}}), mo("small", "de", "small"));
   msgfmt(po("fr", {{"Kill process", "Tuer le processus"}}), mo("small", "fr", "small"));  // fr is not requested
-  fs::create_symlink("tools.mo", mo("tools", "de", "tools-link"));  // symbolic links are skipped
-  write_file(dir / "packages.tsv",
-             "# package\tversion\tsha256\ntools\t1.0\taaaa\ngui\t2.0-1\tbbbb\ngui-data\t2.0-1\tcccc\nsmall\t0.1\tdddd\n");
+  fs::create_symlink("tools.mo", mo("tools", "de", "tools-link"));                        // symbolic links are skipped
+  write_file(
+      dir / "packages.tsv",
+      "# package\tversion\tsha256\ntools\t1.0\taaaa\ngui\t2.0-1\tbbbb\ngui-data\t2.0-1\tcccc\nsmall\t0.1\tdddd\n");
 }
 
 CorpusOptions tree_options(const fs::path& dir) {
@@ -463,20 +478,22 @@ TEST_CASE("corpus: build_corpus on a small catalog tree: groups, split, overlap,
 
   // Train: tools (de: plural adds "%d bytes"; "%s" format-only, "GNU" untranslated, "Remove %s"
   // placeholder mismatch), plus the iso_ catalog; catalogs sorted by name: iso_3166-1 before tools.
-  CHECK(pair_strings(c.train.at("de")) ==
-        std::vector<std::string>{"tools|Germany|Deutschland", "tools|%d byte|%d Byte", "tools|%d bytes|%d Bytes",
-                                 "tools|Cancel|Abbrechen", "tools|Copy file|Datei kopieren"});
+  CHECK(pair_strings(c.train.at("de")) == std::vector<std::string>{"tools|Germany|Deutschland", "tools|%d byte|%d Byte",
+                                                                   "tools|%d bytes|%d Bytes", "tools|Cancel|Abbrechen",
+                                                                   "tools|Copy file|Datei kopieren"});
   CHECK(pair_strings(c.train.at("ja")) ==
         std::vector<std::string>{"tools|Cancel|キャンセル", "tools|Copy file|ファイルをコピー"});
   // Test: the whole "gui" group (two packages), "Close window" once, "Cancel" dropped (in train).
   CHECK(pair_strings(c.test.at("de")) ==
         std::vector<std::string>{"gui|Close window|Fenster schließen", "gui|Open|Öffnen", "gui|Width|Breite"});
-  CHECK(pair_strings(c.test.at("ja")) == std::vector<std::string>{"gui|Width|幅", "gui|Open|開く"});  // msgfmt sorts: 'W' < '_'
+  CHECK(pair_strings(c.test.at("ja")) ==
+        std::vector<std::string>{"gui|Width|幅", "gui|Open|開く"});  // msgfmt sorts: 'W' < '_'
   // Dev: "Copy file" occurs in train and is dropped.
   CHECK(pair_strings(c.dev.at("de")) == std::vector<std::string>{"small|Kill process|Prozess beenden"});
   CHECK(c.dev.at("ja").empty());
   // Mono: train targets per language; English from train of all languages, de-duplicated.
-  CHECK(c.mono.at("de") == std::vector<std::string>{"Deutschland", "%d Byte", "%d Bytes", "Abbrechen", "Datei kopieren"});
+  CHECK(c.mono.at("de") ==
+        std::vector<std::string>{"Deutschland", "%d Byte", "%d Bytes", "Abbrechen", "Datei kopieren"});
   CHECK(c.mono.at("en") == std::vector<std::string>{"Germany", "%d byte", "%d bytes", "Cancel", "Copy file"});
 
   const auto& m = c.manifest;

@@ -58,13 +58,20 @@ enum class CleanRule {
 /// The name used in manifests and messages ("placeholder_mismatch").
 inline const char* clean_rule_name(CleanRule r) {
   switch (r) {
-    case CleanRule::kept: return "kept";
-    case CleanRule::empty: return "empty";
-    case CleanRule::too_long: return "too_long";
-    case CleanRule::format_only: return "format_only";
-    case CleanRule::no_letters: return "no_letters";
-    case CleanRule::untranslated: return "untranslated";
-    case CleanRule::placeholder_mismatch: return "placeholder_mismatch";
+    case CleanRule::kept:
+      return "kept";
+    case CleanRule::empty:
+      return "empty";
+    case CleanRule::too_long:
+      return "too_long";
+    case CleanRule::format_only:
+      return "format_only";
+    case CleanRule::no_letters:
+      return "no_letters";
+    case CleanRule::untranslated:
+      return "untranslated";
+    case CleanRule::placeholder_mismatch:
+      return "placeholder_mismatch";
   }
   return "?";
 }
@@ -87,7 +94,8 @@ inline char32_t next_code_point(std::string_view s, std::size_t& i) {
   const auto c = static_cast<unsigned char>(s[i]);
   const std::size_t len = c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
   char32_t cp = len == 1 ? c : len == 2 ? (c & 0x1F) : len == 3 ? (c & 0x0F) : (c & 0x07);
-  for (std::size_t k = 1; k < len && i + k < s.size(); ++k) cp = cp << 6 | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+  for (std::size_t k = 1; k < len && i + k < s.size(); ++k)
+    cp = cp << 6 | (static_cast<unsigned char>(s[i + k]) & 0x3F);
   i += len;
   return cp;
 }
@@ -97,16 +105,16 @@ inline char32_t next_code_point(std::string_view s, std::size_t& i) {
 /// "ファイル" from "—", "…", "１２").
 inline bool is_letter(char32_t cp) {
   if (cp < 0x80) return (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z');
-  if (cp <= 0xBF || cp == 0xD7 || cp == 0xF7) return false;          // Latin-1 punctuation and signs
-  if (cp >= 0x2000 && cp <= 0x2BFF) return false;                    // punctuation, symbols, arrows, boxes
-  if (cp >= 0x3000 && cp <= 0x3003) return false;                    // CJK space and marks
-  if (cp >= 0x3008 && cp <= 0x3020) return false;                    // CJK brackets
-  if (cp == 0x30FB) return false;                                    // katakana middle dot
-  if (cp >= 0xE000 && cp <= 0xF8FF) return false;                    // private use
-  if (cp >= 0xFE30 && cp <= 0xFE4F) return false;                    // CJK compatibility forms
-  if (cp >= 0xFF00 && cp <= 0xFF20) return false;                    // fullwidth punctuation, digits
+  if (cp <= 0xBF || cp == 0xD7 || cp == 0xF7) return false;  // Latin-1 punctuation and signs
+  if (cp >= 0x2000 && cp <= 0x2BFF) return false;            // punctuation, symbols, arrows, boxes
+  if (cp >= 0x3000 && cp <= 0x3003) return false;            // CJK space and marks
+  if (cp >= 0x3008 && cp <= 0x3020) return false;            // CJK brackets
+  if (cp == 0x30FB) return false;                            // katakana middle dot
+  if (cp >= 0xE000 && cp <= 0xF8FF) return false;            // private use
+  if (cp >= 0xFE30 && cp <= 0xFE4F) return false;            // CJK compatibility forms
+  if (cp >= 0xFF00 && cp <= 0xFF20) return false;            // fullwidth punctuation, digits
   if ((cp >= 0xFF3B && cp <= 0xFF40) || (cp >= 0xFF5B && cp <= 0xFF65)) return false;
-  if (cp >= 0xFFF0) return false;                                    // specials, emoji planes
+  if (cp >= 0xFFF0) return false;  // specials, emoji planes
   return true;
 }
 
@@ -131,16 +139,20 @@ inline std::size_t printf_placeholder(std::string_view s, std::size_t i, std::st
   } else {  // position "%1$"
     const std::size_t start = j;
     digits();
-    if (!(j > start && j < s.size() && s[j] == '$')) j = start;
-    else ++j;
+    if (!(j > start && j < s.size() && s[j] == '$'))
+      j = start;
+    else
+      ++j;
   }
   while (j < s.size() && (s[j] == '-' || s[j] == '+' || s[j] == '#' || s[j] == '0' || s[j] == '\'' || s[j] == 'I')) ++j;
   if (j < s.size() && s[j] == '*') {
     ++j;
     const std::size_t st = j;
     digits();
-    if (j > st && j < s.size() && s[j] == '$') ++j;
-    else j = st;
+    if (j > st && j < s.size() && s[j] == '$')
+      ++j;
+    else
+      j = st;
   } else {
     digits();
   }
@@ -151,8 +163,10 @@ inline std::size_t printf_placeholder(std::string_view s, std::size_t i, std::st
     if (j < s.size() && s[j] == '$') ++j;
   }
   const std::size_t len_start = j;
-  if (j + 1 < s.size() && ((s[j] == 'h' && s[j + 1] == 'h') || (s[j] == 'l' && s[j + 1] == 'l'))) j += 2;
-  else if (j < s.size() && std::string_view("hlLqjzZt").find(s[j]) != std::string_view::npos) ++j;
+  if (j + 1 < s.size() && ((s[j] == 'h' && s[j + 1] == 'h') || (s[j] == 'l' && s[j + 1] == 'l')))
+    j += 2;
+  else if (j < s.size() && std::string_view("hlLqjzZt").find(s[j]) != std::string_view::npos)
+    ++j;
   if (j < s.size() && s[j] == '<') {  // "%<PRIu64>" (system-dependent)
     const std::size_t close = s.find('>', j);
     if (close == std::string_view::npos || s.substr(j + 1, 3) != "PRI") return 0;
@@ -168,8 +182,8 @@ inline std::size_t printf_placeholder(std::string_view s, std::size_t i, std::st
 
 /// Length of a markup tag of a known HTML/Pango kind at s[i] == '<' (0 if none); key "<b>", "</span>".
 inline std::size_t tag_placeholder(std::string_view s, std::size_t i, std::string& key) {
-  static constexpr std::string_view tags[] = {"a",   "b",  "big", "br", "code", "em",     "i",   "li",  "p",
-                                              "s",   "small", "span", "strong", "sub", "sup", "tt", "u", "ul"};
+  static constexpr std::string_view tags[] = {"a", "b",     "big",  "br",     "code", "em",  "i",  "li", "p",
+                                              "s", "small", "span", "strong", "sub",  "sup", "tt", "u",  "ul"};
   std::size_t j = i + 1;
   const bool closing = j < s.size() && s[j] == '/';
   if (closing) ++j;
@@ -393,9 +407,9 @@ struct CorpusOptions {
   bool include_plural = true;  ///< a plural entry also gives (msgid_plural, msgstr[1] or msgstr[0])
   std::map<std::string, std::string> package_groups = default_package_groups();  ///< package -> group
   std::vector<std::string> test_groups = {"linux-pam", "apt", "shadow", "systemd"};
-  std::vector<std::string> dev_groups = {"adduser", "avahi", "libgphoto2-port12", "make",
-                                         "psmisc",  "sed",   "wget",              "xz-utils"};
-  bool drop_overlap = true;           ///< drop dev/test pairs whose English occurs in train (any language)
+  std::vector<std::string> dev_groups = {"adduser", "avahi", "libgphoto2-port12", "make", "psmisc",
+                                         "sed",     "wget",  "xz-utils"};
+  bool drop_overlap = true;             ///< drop dev/test pairs whose English occurs in train (any language)
   std::ostream* progress = &std::cerr;  ///< one line per package; nullptr for silence
 };
 
@@ -515,8 +529,8 @@ inline Corpus build_corpus(const CorpusOptions& opt) {
   Corpus c;
   c.languages = opt.languages;
   std::map<std::string, std::map<std::string, std::size_t>> clean_counts;  // lang -> rule -> n
-  std::map<std::string, std::map<std::string, detail::PairDedup>> dedup;  // split -> lang
-  std::map<std::string, std::map<std::string, std::size_t>> duplicates;   // split -> lang
+  std::map<std::string, std::map<std::string, detail::PairDedup>> dedup;   // split -> lang
+  std::map<std::string, std::map<std::string, std::size_t>> duplicates;    // split -> lang
   std::map<std::string, std::set<std::string>> group_catalogs;
   for (const auto* s : detail::kSplits)
     for (const auto& l : opt.languages) duplicates[s][l] = 0;
@@ -585,8 +599,7 @@ inline Corpus build_corpus(const CorpusOptions& opt) {
     for (const auto& l : opt.languages) {
       auto& v = (*m)[l];
       const std::size_t before = v.size();
-      if (opt.drop_overlap)
-        std::erase_if(v, [&](const CorpusPair& p) { return train_en.count(p.en) > 0; });
+      if (opt.drop_overlap) std::erase_if(v, [&](const CorpusPair& p) { return train_en.count(p.en) > 0; });
       overlap[split][l] = before - v.size();
     }
   }
@@ -612,7 +625,8 @@ inline Corpus build_corpus(const CorpusOptions& opt) {
   m["languages"] = opt.languages;
   m["packages"] = nlohmann::ordered_json::array();
   for (const auto& p : packages)
-    m["packages"].push_back({{"name", p.name}, {"version", p.version}, {"sha256", p.sha256}, {"group", group_of(p.name)}});
+    m["packages"].push_back(
+        {{"name", p.name}, {"version", p.version}, {"sha256", p.sha256}, {"group", group_of(p.name)}});
   for (const auto& [g, split] : split_of_group) {
     m["groups"][g]["split"] = split;
     m["groups"][g]["catalogs"] = group_catalogs[g];

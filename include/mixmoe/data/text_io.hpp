@@ -161,8 +161,8 @@ inline std::vector<TsvRow> parse_tsv(std::string_view text, std::string_view nam
     if (line.empty() && opt.skip_empty) return;
     if (opt.comments && line.starts_with('#')) return;
     detail::split_tabs(line, fields);
-    MIXMOE_CHECK(fields.size() >= opt.min_columns && (opt.max_columns == 0 || fields.size() <= opt.max_columns),
-                 "tsv", name, ':', line_no, ": expected ", opt.min_columns,
+    MIXMOE_CHECK(fields.size() >= opt.min_columns && (opt.max_columns == 0 || fields.size() <= opt.max_columns), "tsv",
+                 name, ':', line_no, ": expected ", opt.min_columns,
                  opt.max_columns == opt.min_columns ? ""
                  : opt.max_columns == 0             ? " or more"
                                                     : " to " + std::to_string(opt.max_columns),
@@ -231,7 +231,10 @@ inline void append_field(std::string& out, std::string_view field, bool tab_allo
   for (const char c : field) {
     if (c == '\n' || c == '\r' || (c == '\t' && !tab_allowed)) {
       MIXMOE_CHECK(policy == TsvFieldPolicy::replace_with_space, where, "row ", row, " column ", col,
-                   ": field contains a ", c == '\t' ? "TAB" : c == '\n' ? "line feed" : "carriage return",
+                   ": field contains a ",
+                   c == '\t'   ? "TAB"
+                   : c == '\n' ? "line feed"
+                               : "carriage return",
                    " (not allowed; TsvFieldPolicy::replace_with_space writes a space instead)");
       out += ' ';
     } else {
