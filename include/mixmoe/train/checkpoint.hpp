@@ -543,59 +543,64 @@ TrainState load_training_state(const std::filesystem::path& dir, M& model, AdamW
   }
   MIXMOE_CHECK(tj.is_object() && tj.contains("state") && tj.contains("optimizer"), "checkpoint", where,
                ": expected {state, optimizer}");
-  const auto& oj = tj["optimizer"];
-  MIXMOE_CHECK(oj.value("type", "") == "AdamW", "checkpoint", where, ": the checkpoint's optimizer is ",
-               oj.value("type", std::string("unknown")), ", not AdamW");
+  // A field of the wrong JSON type (a hand-edited or damaged file) is reported like any other defect.
+  try {
+    const auto& oj = tj["optimizer"];
+    MIXMOE_CHECK(oj.value("type", "") == "AdamW", "checkpoint", where, ": the checkpoint's optimizer is ",
+                 oj.value("type", std::string("unknown")), ", not AdamW");
 
-  // The same parameters must be optimised (order may differ: the moments are keyed by name).
-  const auto names = detail::optimizer_parameter_names(model, opt);
-  std::vector<std::string> saved = oj.value("parameters", std::vector<std::string>{});
-  std::vector<std::string> now = names, only_now, only_saved;
-  std::sort(saved.begin(), saved.end());
-  std::sort(now.begin(), now.end());
-  std::set_difference(now.begin(), now.end(), saved.begin(), saved.end(), std::back_inserter(only_now));
-  std::set_difference(saved.begin(), saved.end(), now.begin(), now.end(), std::back_inserter(only_saved));
-  MIXMOE_CHECK(only_now.empty() && only_saved.empty(), "checkpoint", where,
-               ": the optimizer's parameters differ from the checkpoint's: ", only_now.size(),
-               " only in the optimizer (", detail::name_list(only_now), "), ", only_saved.size(),
-               " only in the checkpoint (", detail::name_list(only_saved), ")");
+    // The same parameters must be optimised (order may differ: the moments are keyed by name).
+    const auto names = detail::optimizer_parameter_names(model, opt);
+    std::vector<std::string> saved = oj.value("parameters", std::vector<std::string>{});
+    std::vector<std::string> now = names, only_now, only_saved;
+    std::sort(saved.begin(), saved.end());
+    std::sort(now.begin(), now.end());
+    std::set_difference(now.begin(), now.end(), saved.begin(), saved.end(), std::back_inserter(only_now));
+    std::set_difference(saved.begin(), saved.end(), now.begin(), now.end(), std::back_inserter(only_saved));
+    MIXMOE_CHECK(only_now.empty() && only_saved.empty(), "checkpoint", where,
+                 ": the optimizer's parameters differ from the checkpoint's: ", only_now.size(),
+                 " only in the optimizer (", detail::name_list(only_now), "), ", only_saved.size(),
+                 " only in the checkpoint (", detail::name_list(only_saved), ")");
 
-  MIXMOE_CHECK(oj.contains("options_bits") && oj["options_bits"].is_object(), "checkpoint", where,
-               ": optimizer.options_bits missing");
-  const auto& bits = oj["options_bits"];
-  for (const char* key : {"lr", "beta1", "beta2", "eps", "weight_decay"})
-    MIXMOE_CHECK(bits.contains(key), "checkpoint", where, ": optimizer.options_bits.", key, " missing");
-  const AdamWOptions& o = opt.options();
-  auto check_option = [&](const char* key, double have) {
-    const double want = detail::double_from_bits(bits[key], where + ": options_bits");
-    MIXMOE_CHECK(std::bit_cast<std::uint64_t>(want) == std::bit_cast<std::uint64_t>(have), "checkpoint", where,
-                 ": AdamW ", key, " is ", have, " but the checkpoint was trained with ", want);
-  };
-  check_option("beta1", o.beta1);
-  check_option("beta2", o.beta2);
-  check_option("eps", o.eps);
-  check_option("weight_decay", o.weight_decay);
+    MIXMOE_CHECK(oj.contains("options_bits") && oj["options_bits"].is_object(), "checkpoint", where,
+                 ": optimizer.options_bits missing");
+    const auto& bits = oj["options_bits"];
+    for (const char* key : {"lr", "beta1", "beta2", "eps", "weight_decay"})
+      MIXMOE_CHECK(bits.contains(key), "checkpoint", where, ": optimizer.options_bits.", key, " missing");
+    const AdamWOptions& o = opt.options();
+    auto check_option = [&](const char* key, double have) {
+      const double want = detail::double_from_bits(bits[key], where + ": options_bits");
+      MIXMOE_CHECK(std::bit_cast<std::uint64_t>(want) == std::bit_cast<std::uint64_t>(have), "checkpoint", where,
+                   ": AdamW ", key, " is ", have, " but the checkpoint was trained with ", want);
+    };
+    check_option("beta1", o.beta1);
+    check_option("beta2", o.beta2);
+    check_option("eps", o.eps);
+    check_option("weight_decay", o.weight_decay);
 
-  const SafetensorsFile f = SafetensorsFile::open(d / "optimizer.safetensors");
-  std::map<std::string, bool> used;
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    const Shape s = opt.parameters()[i].shape();
-    for (auto [prefix, vec] :
-         {std::pair{"adam.m.", &opt.first_moments()}, std::pair{"adam.v.", &opt.second_moments()}}) {
-      const std::string key = prefix + names[i];
-      if (f.contains(key)) {
-        (*vec)[i] = f.get<T>(key, s);
-        used[key] = true;
-      } else {
-        (*vec)[i] = Tensor<T, D>();
+    const SafetensorsFile f = SafetensorsFile::open(d / "optimizer.safetensors");
+    std::map<std::string, bool> used;
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      const Shape s = opt.parameters()[i].shape();
+      for (auto [prefix, vec] :
+           {std::pair{"adam.m.", &opt.first_moments()}, std::pair{"adam.v.", &opt.second_moments()}}) {
+        const std::string key = prefix + names[i];
+        if (f.contains(key)) {
+          (*vec)[i] = f.get<T>(key, s);
+          used[key] = true;
+        } else {
+          (*vec)[i] = Tensor<T, D>();
+        }
       }
     }
+    for (const auto& n : f.names())
+      MIXMOE_CHECK(used.count(n), "checkpoint", f.origin(), ": unexpected tensor '", n, "'");
+    opt.set_steps(detail::get_int(oj, "steps", where));
+    opt.set_lr(detail::double_from_bits(bits["lr"], where + ": options_bits"));
+    return train_state_from_json(tj["state"], where + ": state");
+  } catch (const nlohmann::json::exception& e) {
+    detail::fail("checkpoint", where, ": malformed: ", e.what());
   }
-  for (const auto& n : f.names())
-    MIXMOE_CHECK(used.count(n), "checkpoint", f.origin(), ": unexpected tensor '", n, "'");
-  opt.set_steps(detail::get_int(oj, "steps", where));
-  opt.set_lr(detail::double_from_bits(bits["lr"], where + ": options_bits"));
-  return train_state_from_json(tj["state"], where + ": state");
 }
 
 }  // namespace mixmoe
