@@ -98,6 +98,7 @@ for t in "${targets[@]}"; do
   corpus=$out/corpus/$t
   mkdir -p "$corpus" "$seeds/$t"
   log=$out/$t.log
+  rm -f "$out/crashes/$t"-*  # what is left there afterwards is this run's
   echo "==== $t: ${seconds}s"
   set +e
   "$out/$t" "$corpus" "$seeds/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
