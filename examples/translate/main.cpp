@@ -346,7 +346,9 @@ VariantReport evaluate_model(const Model& model, const Inputs& in, const Preset&
   dopt.beam_size = a.beam > 0 ? a.beam : p.beam;
   const std::size_t n = static_cast<std::size_t>(a.test_sentences > 0 ? a.test_sentences : p.test_sentences);
   for (const auto& l : in.langs) {
-    Progress bar(static_cast<std::int64_t>(std::min(n, in.corpus.pairs("test", l).size())), "test en-" + l);
+    ProgressOptions po;
+    po.log_fraction = 0.5;
+    Progress bar(static_cast<std::int64_t>(std::min(n, in.corpus.pairs("test", l).size())), "test en-" + l, std::cerr, po);
     r.directions.push_back(evaluate_direction(model, in.tok, l, in.corpus.pairs("test", l), dopt, n,
                                               [&](std::size_t done, std::size_t) {
                                                 bar.update(static_cast<std::int64_t>(done));
@@ -380,7 +382,7 @@ template <class Model>
 int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const ModelConfig& cfg, const DenseLM& dense,
                 const std::string& model_type) {
   const auto t0 = std::chrono::steady_clock::now();
-  const std::string& v = a.variant;
+  const std::string v = a.variant + (a.train_attention ? "-attn" : "");
   const fs::path dir = a.work / v;
   if (a.fresh) fs::remove_all(dir);
   fs::create_directories(dir);
@@ -463,6 +465,7 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
   say(v + ": translating the test sets");
   const VariantReport tested = evaluate_model(model, in, p, a, v);
   report.directions = tested.directions;
+  report.variant = v;
   print_table(std::cout, report);
 
   nlohmann::json j = report_json(report);
