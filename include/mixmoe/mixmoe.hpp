@@ -51,5 +51,28 @@
 
 #include "mixmoe/loss/load_balance.hpp"
 
+#include "mixmoe/data/batching.hpp"
+#include "mixmoe/data/corpus.hpp"
+#include "mixmoe/data/mo_reader.hpp"
+#include "mixmoe/data/text_io.hpp"
+#include "mixmoe/data/tokenizer.hpp"
+
+#include "mixmoe/eval/bleu.hpp"
+#include "mixmoe/eval/chrf.hpp"
+#include "mixmoe/eval/decode.hpp"
+
+#include "mixmoe/io/atomic_file.hpp"
+#include "mixmoe/io/hf_import.hpp"
+#include "mixmoe/io/json_config.hpp"
+#include "mixmoe/io/safetensors.hpp"
+
+#include "mixmoe/train/checkpoint.hpp"
+#include "mixmoe/train/clip.hpp"
 #include "mixmoe/train/freeze.hpp"
+#include "mixmoe/train/loop.hpp"
+#include "mixmoe/train/metrics_log.hpp"
 #include "mixmoe/train/optimizer.hpp"
+#include "mixmoe/train/progress.hpp"
+#include "mixmoe/train/schedule.hpp"
+#include "mixmoe/train/step_guard.hpp"
+#include "mixmoe/train/translation.hpp"
