@@ -101,7 +101,9 @@ for t in "${targets[@]}"; do
   rm -f "$out/crashes/$t"-*  # what is left there afterwards is this run's
   echo "==== $t: ${seconds}s"
   set +e
-  "$out/$t" "$corpus" "$seeds/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+  dict=()
+  [[ $t == fuzz_json_config || $t == fuzz_trainer_state ]] && dict=(-dict=fuzz/json.dict)
+  "$out/$t" "$corpus" "$seeds/$t" "${dict[@]}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix="$out/crashes/$t-" -print_final_stats=1 >"$log" 2>&1
   rc=$?
   set -e
