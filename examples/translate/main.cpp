@@ -595,11 +595,15 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   std::string catalogs = "data/catalogs", corpus_out = "data/corpus";
-  std::vector<std::string> corpus_langs;
+  std::vector<std::string> corpus_langs, test_groups, dev_groups;
   auto* corpus = app.add_subcommand("corpus", "build the English->X corpus from downloaded catalogs");
   corpus->add_option("--catalogs", catalogs, "catalog directory (scripts/fetch-catalogs.sh)")->capture_default_str();
   corpus->add_option("--out", corpus_out, "corpus directory")->capture_default_str();
   corpus->add_option("--langs", corpus_langs, "languages (default: de fr es ru ja zh_CN)")->delimiter(',');
+  corpus->add_option("--test-groups", test_groups, "catalog groups of the test split (default: linux-pam,apt,shadow,systemd)")
+      ->delimiter(',');
+  corpus->add_option("--dev-groups", dev_groups, "catalog groups of the dev split (default: see docs/data.md)")
+      ->delimiter(',');
 
   TrainArgs ta;
   auto* train = app.add_subcommand("train", "train a translation model through all stages and test it");
@@ -647,6 +651,8 @@ int main(int argc, char** argv) {
       CorpusOptions o;
       o.catalog_dir = catalogs;
       if (!corpus_langs.empty()) o.languages = corpus_langs;
+      if (!test_groups.empty()) o.test_groups = test_groups;
+      if (!dev_groups.empty()) o.dev_groups = dev_groups;
       const Corpus c = build_corpus(o);
       write_corpus(c, corpus_out);
       say("corpus written to " + corpus_out);
