@@ -237,6 +237,7 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
   ProgressOptions popt = o.progress;
   popt.start_at = step;
   std::optional<Progress> bar;
+  std::int64_t bar_tokens = 0;  // res.tokens when the bar was made (a bar counts its own tokens)
   if (o.out) bar.emplace(o.steps, o.stage, *o.out, popt);
   const auto t0 = std::chrono::steady_clock::now();
   double interval_loss = 0.0, interval_ce = 0.0;
@@ -289,7 +290,9 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
       interval_loss = interval_ce = 0.0;
       interval_steps = 0;
     }
-    if (bar) bar->update(step, {{"loss", std::isnan(res.last_loss) ? loss_value : res.last_loss}, {"lr", lr}}, res.tokens);
+    if (bar)
+      bar->update(step, {{"loss", std::isnan(res.last_loss) ? loss_value : res.last_loss}, {"lr", lr}},
+                  res.tokens - bar_tokens);
 
     bool stop = false;
     const bool eval_now = eval && ((o.eval_every > 0 && step % o.eval_every == 0) || step == o.steps);
@@ -300,6 +303,7 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
       if (bar && !stop && step < o.steps) {
         popt.start_at = step;
         bar.emplace(o.steps, o.stage, *o.out, popt);
+        bar_tokens = res.tokens;
       }
     }
     const bool ckpt_now = (o.checkpoint_every > 0 && step % o.checkpoint_every == 0) ||
