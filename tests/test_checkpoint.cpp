@@ -16,6 +16,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <map>
+#include <string>
 
 using namespace mixmoe;
 using namespace mixmoe::test;
@@ -563,6 +566,145 @@ TEST_CASE("checkpoint crash safety: a killed save never loses the previous check
   }
 }
 
+TEST_CASE("checkpoint JSON readers refuse fields of the wrong type with an Error naming file and field",
+          "[checkpoint]") {
+  ScratchDir dir("json_types");
+  // A checkpoint directory holding exactly these files (valid manifest).
+  auto write_ckpt = [&](const std::string& name, const std::map<std::string, std::string>& files) {
+    CheckpointWriter w(dir.path / name);
+    for (const auto& [f, bytes] : files) w.add_file(f, bytes);
+    w.commit();
+    return dir.path / name;
+  };
+  const std::string cfg_ok = R"("config": {"vocab": 13, "d_model": 8, "heads": 2})";
+
+  // config.json: "format", "model_type" and "dtype" of another type (found by fuzz_json_config).
+  fs::path ck = write_ckpt("fmt", {{"config.json", R"({"format":{"vye":{}}})"}});
+  MIXMOE_REQUIRE_ERROR(read_model_info(ck), "fmt/config.json: field \"format\" must be a string, got object");
+  ck = write_ckpt("type", {{"config.json", R"({"format":"mixmoe","model_type":3,)" + cfg_ok + "}"}});
+  MIXMOE_REQUIRE_ERROR(read_model_info(ck), "type/config.json: field \"model_type\" must be a string, got number");
+  ck = write_ckpt("dtype", {{"config.json", R"({"format":"mixmoe","dtype":["F32"],)" + cfg_ok + "}"}});
+  MIXMOE_REQUIRE_ERROR(read_model_info(ck), "dtype/config.json: field \"dtype\" must be a string, got array");
+  ck = write_ckpt("ver", {{"config.json", R"({"format":"mixmoe","format_version":"1",)" + cfg_ok + "}"}});
+  MIXMOE_REQUIRE_ERROR(read_model_info(ck), "field \"format_version\" must be an integer, got string");
+  ck = write_ckpt("ver2", {{"config.json", R"({"format":"mixmoe","format_version":2,)" + cfg_ok + "}"}});
+  MIXMOE_REQUIRE_ERROR(read_model_info(ck), "ver2/config.json: unsupported format_version 2 (this version reads up to 1)");
+  MIXMOE_REQUIRE_ERROR(detail::model_info_from_json(json::array(), "c.json"),
+                       "c.json: not a mixmoe model configuration (expected a JSON object, got array)");
+  // The same fields, well typed, read.
+  ck = write_ckpt("good", {{"config.json", R"({"format":"mixmoe","format_version":1,"model_type":"m","dtype":"F64",)" +
+                                               cfg_ok + R"(,"extra":[1]})"}});
+  const ModelInfo info = read_model_info(ck);
+  CHECK(info.model_type == "m");
+  CHECK(info.dtype == "F64");
+  CHECK(info.config.vocab == 13);
+  CHECK(info.extra == json::array({1}));
+
+  // MANIFEST.json: "format" a number (found by fuzzing), and other malformed manifests. open_checkpoint
+  // names the directory and the problem; load_model goes through it.
+  auto with_manifest = [&](const std::string& name, const std::string& manifest) {
+    const fs::path d = dir.path / name;
+    fs::create_directories(d);
+    write_bytes(d / "MANIFEST.json", manifest);
+    return d;
+  };
+  ck = with_manifest("m1", R"({"format":1,"files":{}})");
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "m1: MANIFEST.json: field \"format\" must be a string, got number");
+  MixLM<double> model(moe_config(1));
+  MIXMOE_REQUIRE_ERROR(load_model(model, ck), "MANIFEST.json: field \"format\" must be a string, got number");
+  MIXMOE_REQUIRE_ERROR(load_model(model, with_manifest("m2", "[1]")), "MANIFEST.json: expected a JSON object, got array");
+  ck = with_manifest("m3", R"({"format":"mixmoe-checkpoint","format_version":1,"files":[]})");
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "m3: MANIFEST.json: field \"files\" must be an object, got array");
+  ck = with_manifest("m4", R"({"format":"mixmoe-checkpoint","format_version":18446744073709551615,"files":{}})");
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "MANIFEST.json: unsupported format_version 18446744073709551615");
+  ck = with_manifest("m5", R"({"format":"mixmoe-checkpoint","format_version":1.0,"files":{}})");
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "field \"format_version\" must be an integer, got number");
+  ck = with_manifest("m6", R"({"format":"mixmoe-checkpoint","files":{}})");
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "MANIFEST.json: field \"format_version\" missing");
+  // A listed name is a file of the directory, never a path out of it (here: one that would match).
+  write_bytes(dir.path / "outside", "secret");
+  auto listing = [&](const std::string& name) {
+    return json{{"format", "mixmoe-checkpoint"},
+                {"format_version", 1},
+                {"files", {{name, {{"size", 6}, {"sha256", sha256_hex("secret")}}}}}}
+        .dump();
+  };
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(with_manifest("m7", listing("../outside"))),
+                       "m7: MANIFEST.json: invalid file name \"../outside\"");
+  const std::string absolute = fs::absolute(dir.path / "outside").string();
+  MIXMOE_REQUIRE_ERROR(open_checkpoint(with_manifest("m8", listing(absolute))),
+                       "m8: MANIFEST.json: invalid file name \"" + absolute + "\"");
+  with_manifest("m9", listing("inside"));  // the same listing of a file inside is a checkpoint
+  write_bytes(dir.path / "m9" / "inside", "secret");
+  CHECK(open_checkpoint(dir.path / "m9") == dir.path / "m9");
+  // A malformed manifest is a problem like any other: the complete "<dir>.old" is still found.
+  save_model(model, dir.path / "m1.old", "mix");
+  CHECK(open_checkpoint(dir.path / "m1") == dir.path / "m1.old");
+
+  // trainer_state.json's state (found by fuzz_trainer_state: best_validation a number).
+  const std::string where = "t/trainer_state.json: state";
+  MIXMOE_REQUIRE_ERROR(
+      train_state_from_json(json::parse(R"({"global_step":0,"epoch":0,"skipped_steps":0,"best_validation":1})"), where),
+      "t/trainer_state.json: state: field \"best_validation\" must be an object ({\"value\", \"bits\"}) or null, got "
+      "number");
+  MIXMOE_REQUIRE_ERROR(train_state_from_json(json::parse(R"({"global_step":"3","epoch":0,"skipped_steps":0})"), where),
+                       "state: field \"global_step\" must be an integer, got string");
+  MIXMOE_REQUIRE_ERROR(train_state_from_json(json::parse(R"({"global_step":0,"skipped_steps":0})"), where),
+                       "state: field \"epoch\" missing");
+  MIXMOE_REQUIRE_ERROR(
+      train_state_from_json(json::parse(R"({"global_step":9223372036854775808,"epoch":0,"skipped_steps":0})"), where),
+      "state: field \"global_step\" is out of range: 9223372036854775808");
+  MIXMOE_REQUIRE_ERROR(
+      train_state_from_json(json::parse(R"({"global_step":0,"epoch":0,"skipped_steps":0,"best_validation":{}})"), where),
+      "state: best_validation: field \"bits\" missing");
+  MIXMOE_REQUIRE_ERROR(
+      train_state_from_json(json::parse(R"({"global_step":0,"epoch":0,"skipped_steps":0,"rng":5})"), where),
+      "state: field \"rng\" must be an object, got number");
+  MIXMOE_REQUIRE_ERROR(train_state_from_json(json(7), where), "state: the training state is not an object (got number)");
+  // Well typed: read, including a best score of -1.5 from its bits (4007... is 3.0, bff8... is -1.5).
+  const TrainState s = train_state_from_json(
+      json::parse(R"({"global_step":9223372036854775807,"epoch":2,"skipped_steps":1,"data_position":[3],)"
+                  R"("best_validation":{"value":0,"bits":"bff8000000000000"}})"),
+      where);
+  CHECK(s.global_step == std::numeric_limits<std::int64_t>::max());
+  CHECK(s.epoch == 2);
+  CHECK(s.skipped_steps == 1);
+  CHECK(s.data_position == json::array({3}));
+  REQUIRE(s.best_validation.has_value());
+  CHECK(*s.best_validation == -1.5);
+
+  // load_training_state: the optimizer object of trainer_state.json, damaged by hand.
+  Run run(1, 7);
+  save_training_state(dir.path / "train", run.model, run.opt, TrainState{});
+  std::map<std::string, std::string> files;
+  for (const char* f : {"model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"})
+    files[f] = read_file(dir.path / "train" / f);
+  const json trainer = json::parse(files["trainer_state.json"]);
+  auto damaged = [&](const std::string& name, const json::json_pointer& field, const json& value) {
+    json t = trainer;
+    t[field] = value;
+    auto fs2 = files;
+    fs2["trainer_state.json"] = t.dump();
+    return write_ckpt(name, fs2);
+  };
+  Run other(2, 8);
+  MIXMOE_REQUIRE_ERROR(load_training_state(damaged("o1", json::json_pointer("/optimizer/type"), 5), other.model, other.opt),
+                       "o1/trainer_state.json: optimizer: field \"type\" must be a string, got number");
+  MIXMOE_REQUIRE_ERROR(
+      load_training_state(damaged("o2", json::json_pointer("/optimizer/parameters"), "all"), other.model, other.opt),
+      "o2/trainer_state.json: optimizer: field \"parameters\" must be an array of names, got string");
+  MIXMOE_REQUIRE_ERROR(
+      load_training_state(damaged("o3", json::json_pointer("/optimizer/parameters/0"), 1), other.model, other.opt),
+      "optimizer: field \"parameters\" must hold names, got number 1");
+  MIXMOE_REQUIRE_ERROR(load_training_state(damaged("o4", json::json_pointer("/format_version"), 2), other.model, other.opt),
+                       "o4/trainer_state.json: unsupported format_version 2");
+  MIXMOE_REQUIRE_ERROR(
+      load_training_state(damaged("o5", json::json_pointer("/state/best_validation"), true), other.model, other.opt),
+      "o5/trainer_state.json: state: field \"best_validation\" must be an object");
+  // Undamaged, it loads.
+  CHECK(load_training_state(write_ckpt("o6", files), other.model, other.opt).global_step == 0);
+}
+
 // ---- HF LLaMA / Qwen2 import --------------------------------------------------------------
 
 namespace {
@@ -827,6 +969,13 @@ TEST_CASE("HF import: a LLaMA checkpoint (GQA, sharded) matches a naive referenc
   cfg = ref.config();
   cfg["num_key_value_heads"] = 3;
   MIXMOE_REQUIRE_ERROR(with_config(cfg), "heads 4 is not divisible by kv_heads 3");
+  // Fields of another JSON type are named, not left to a json exception.
+  cfg = ref.config();
+  cfg["model_type"] = 7;
+  MIXMOE_REQUIRE_ERROR(with_config(cfg), "config.json: 'model_type' must be a string, got 7");
+  cfg = ref.config();
+  cfg["hidden_act"] = json::array({"silu"});
+  MIXMOE_REQUIRE_ERROR(with_config(cfg), "config.json: 'hidden_act' must be a string, got [\"silu\"]");
 }
 
 TEST_CASE("HF import: a Qwen2 checkpoint (q/k/v biases, tied embeddings, BF16) matches the reference",

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -67,18 +68,29 @@ inline void check_keys(const json& j, const std::string& where, const std::set<s
     MIXMOE_CHECK(known.count(it.key()) > 0, "config", where, ": unknown field '", it.key(), "'");
 }
 
+/// True for an integer that fits std::int64_t (the parser stores non-negative integers unsigned, so
+/// 2^63 and above would otherwise wrap to a negative value).
+inline bool fits_int64(const json& v) {
+  return v.is_number_integer() &&
+         (!v.is_number_unsigned() ||
+          v.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()));
+}
+
 inline void read(const json& j, const std::string& where, const char* key, std::int64_t& out) {
   if (!j.contains(key)) return;
   const json& v = j.at(key);
   MIXMOE_CHECK(v.is_number_integer(), "config", where, ".", key, ": expected an integer, got ", v.dump());
+  MIXMOE_CHECK(fits_int64(v), "config", where, ".", key, ": ", v.dump(), " is out of range");
   out = v.get<std::int64_t>();
 }
 
 inline void read(const json& j, const std::string& where, const char* key, std::uint64_t& out) {
   if (!j.contains(key)) return;
   const json& v = j.at(key);
-  MIXMOE_CHECK(v.is_number_unsigned(), "config", where, ".", key, ": expected a non-negative integer, got ", v.dump());
-  out = v.get<std::uint64_t>();
+  // A non-negative integer: parsed ones are stored unsigned, ones built in code (json{{"seed", 5}}) signed.
+  MIXMOE_CHECK(v.is_number_unsigned() || (v.is_number_integer() && v.get<std::int64_t>() >= 0), "config", where, ".",
+               key, ": expected a non-negative integer, got ", v.dump());
+  out = v.is_number_unsigned() ? v.get<std::uint64_t>() : static_cast<std::uint64_t>(v.get<std::int64_t>());
 }
 
 inline void read(const json& j, const std::string& where, const char* key, double& out) {
@@ -102,10 +114,13 @@ void read_list(const json& j, const std::string& where, const char* key, std::ve
   MIXMOE_CHECK(v.is_array(), "config", where, ".", key, ": expected an array, got ", v.dump());
   out.clear();
   for (const auto& x : v) {
-    if constexpr (std::is_integral_v<E>)
+    if constexpr (std::is_integral_v<E>) {
+      static_assert(std::is_same_v<E, std::int64_t>, "read_list: integer lists are std::int64_t");
       MIXMOE_CHECK(x.is_number_integer(), "config", where, ".", key, ": expected integers, got ", v.dump());
-    else
+      MIXMOE_CHECK(fits_int64(x), "config", where, ".", key, ": ", x.dump(), " is out of range");
+    } else {
       MIXMOE_CHECK(x.is_number(), "config", where, ".", key, ": expected numbers, got ", v.dump());
+    }
     out.push_back(x.get<E>());
   }
 }

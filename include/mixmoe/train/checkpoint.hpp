@@ -29,10 +29,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -127,6 +129,35 @@ class CheckpointWriter {
 
 namespace detail {
 
+/// How every reader here reports a JSON field of the wrong type: field "format" must be a string, got object.
+inline std::string json_type_problem(std::string_view field, std::string_view want, const nlohmann::json& got) {
+  return "field \"" + std::string(field) + "\" must be " + std::string(want) + ", got " + got.type_name();
+}
+
+/// The string field `key` of the object `j`, "" when absent; a value of another type is an error naming
+/// `where` and the field.
+inline std::string optional_string_field(const nlohmann::json& j, const char* key, const std::string& where) {
+  const auto it = j.find(key);
+  if (it == j.end()) return {};
+  MIXMOE_CHECK(it->is_string(), "checkpoint", where, ": ", json_type_problem(key, "a string", *it));
+  return it->get<std::string>();
+}
+
+/// Empty when the object `j` has a "format_version" this version reads (an integer from 0 to
+/// kCheckpointFormatVersion), else what is wrong with it. An absent field is a problem when `required`.
+inline std::string format_version_problem(const nlohmann::json& j, bool required) {
+  const auto it = j.find("format_version");
+  if (it == j.end()) return required ? "field \"format_version\" missing" : "";
+  if (!it->is_number_integer()) return json_type_problem("format_version", "an integer", *it);
+  const bool known = it->is_number_unsigned()
+                         ? it->get<std::uint64_t>() <= static_cast<std::uint64_t>(kCheckpointFormatVersion)
+                         : it->get<std::int64_t>() >= 0 && it->get<std::int64_t>() <= kCheckpointFormatVersion;
+  if (!known)
+    return "unsupported format_version " + it->dump() + " (this version reads up to " +
+           std::to_string(kCheckpointFormatVersion) + ")";
+  return {};
+}
+
 /// Empty when `dir` holds a complete checkpoint, else what is wrong with it.
 inline std::string checkpoint_problem(const std::filesystem::path& dir, bool verify_digests) {
   namespace fs = std::filesystem;
@@ -135,31 +166,52 @@ inline std::string checkpoint_problem(const std::filesystem::path& dir, bool ver
   const fs::path mpath = dir / kCheckpointManifest;
   if (!fs::exists(mpath, ec))
     return std::string("no ") + kCheckpointManifest + ": the checkpoint was not completed (interrupted save?)";
+  const std::string manifest = kCheckpointManifest;
   nlohmann::json m;
   try {
     m = nlohmann::json::parse(read_file(mpath));
   } catch (const nlohmann::json::exception& e) {
-    return std::string(kCheckpointManifest) + " is not valid JSON: " + e.what();
+    return manifest + " is not valid JSON: " + e.what();
   } catch (const Error& e) {
     return e.what();
   }
-  if (!m.is_object() || m.value("format", "") != "mixmoe-checkpoint" || !m.contains("files") || !m["files"].is_object())
-    return std::string(kCheckpointManifest) + " is not a mixmoe checkpoint manifest";
-  if (!m["format_version"].is_number_integer() || m["format_version"].get<int>() > kCheckpointFormatVersion)
-    return std::string(kCheckpointManifest) + ": unsupported format_version " + m["format_version"].dump();
-  for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
-    const fs::path f = dir / it.key();
+  if (!m.is_object()) return manifest + ": expected a JSON object, got " + m.type_name();
+  if (m.contains("format") && !m["format"].is_string())
+    return manifest + ": " + json_type_problem("format", "a string", m["format"]);
+  if (!m.contains("format") || m["format"] != "mixmoe-checkpoint")
+    return manifest + " is not a mixmoe checkpoint manifest (\"format\": \"mixmoe-checkpoint\" missing)";
+  if (const auto v = format_version_problem(m, true); !v.empty()) return manifest + ": " + v;
+  if (!m.contains("files")) return manifest + ": field \"files\" missing";
+  const nlohmann::json& files = m["files"];
+  if (!files.is_object()) return manifest + ": " + json_type_problem("files", "an object", files);
+  for (auto it = files.begin(); it != files.end(); ++it) {
+    const std::string& name = it.key();
+    // Only plain names, as CheckpointWriter::add_file writes them: never a path out of the directory.
+    if (name.empty() || name == "." || name == ".." || name == kCheckpointManifest ||
+        name.find_first_of(std::string_view("/\0", 2)) != std::string::npos)
+      return manifest + ": invalid file name " + nlohmann::json(name).dump();
+    const fs::path f = dir / name;
     const auto& info = it.value();
     if (!info.is_object() || !info.contains("size") || !info["size"].is_number_unsigned() || !info.contains("sha256") ||
         !info["sha256"].is_string())
-      return std::string(kCheckpointManifest) + ": bad entry for " + it.key();
-    if (!fs::exists(f, ec)) return it.key() + " is missing";
+      return manifest + ": bad entry for " + name + " (expected {\"size\": bytes, \"sha256\": hex digest})";
+    if (!fs::exists(f, ec)) return name + " is missing";
     const auto want = info["size"].get<std::uint64_t>();
+    if (!fs::is_regular_file(f, ec)) return name + " is not a regular file";
     const auto have = static_cast<std::uint64_t>(fs::file_size(f, ec));
-    if (ec || have != want)
-      return it.key() + " has " + std::to_string(have) + " bytes, the manifest says " + std::to_string(want);
-    if (verify_digests && sha256_hex(read_file(f)) != info["sha256"].get<std::string>())
-      return it.key() + " does not match its SHA-256 in the manifest (corrupted)";
+    if (ec) return name + ": cannot read its size: " + ec.message();
+    if (have != want)
+      return name + " has " + std::to_string(have) + " bytes, the manifest says " + std::to_string(want);
+    if (verify_digests) {
+      std::string digest;
+      try {
+        digest = sha256_hex(read_file(f));
+      } catch (const Error& e) {
+        return e.what();
+      }
+      if (digest != info["sha256"].get<std::string>())
+        return name + " does not match its SHA-256 in the manifest (corrupted)";
+    }
   }
   return {};
 }
@@ -206,14 +258,20 @@ inline nlohmann::json model_info_json(const ModelConfig& cfg, const std::string&
           {"dtype", dtype},     {"config", model_config_to_json(cfg)},        {"extra", extra}};
 }
 
+/// Reads config.json (parsed); `where` names the file in errors. Every field is type-checked: a
+/// value of the wrong JSON type is an error naming the file and the field, never a json exception.
 inline ModelInfo model_info_from_json(const nlohmann::json& j, const std::string& where) {
-  MIXMOE_CHECK(j.is_object() && j.value("format", "") == "mixmoe", "checkpoint", where,
+  MIXMOE_CHECK(j.is_object(), "checkpoint", where, ": not a mixmoe model configuration (expected a JSON object, got ",
+               j.type_name(), ")");
+  MIXMOE_CHECK(optional_string_field(j, "format", where) == "mixmoe", "checkpoint", where,
                ": not a mixmoe model configuration (\"format\": \"mixmoe\" missing)");
+  const std::string version = format_version_problem(j, false);
+  MIXMOE_CHECK(version.empty(), "checkpoint", where, ": ", version);
   MIXMOE_CHECK(j.contains("config"), "checkpoint", where, ": no \"config\" object");
   ModelInfo info;
+  info.model_type = optional_string_field(j, "model_type", where);
+  info.dtype = optional_string_field(j, "dtype", where);
   info.config = model_config_from_json(j["config"], where + ": config");
-  info.model_type = j.value("model_type", "");
-  info.dtype = j.value("dtype", "");
   info.extra = j.contains("extra") ? j["extra"] : nlohmann::json();
   return info;
 }
@@ -409,9 +467,13 @@ inline double double_from_bits(const nlohmann::json& j, const std::string& where
 }
 
 inline std::int64_t get_int(const nlohmann::json& j, const char* key, const std::string& where) {
-  MIXMOE_CHECK(j.contains(key) && j[key].is_number_integer(), "checkpoint", where, ": field '", key,
-               "' missing or not an integer");
-  return j[key].get<std::int64_t>();
+  MIXMOE_CHECK(j.contains(key), "checkpoint", where, ": field \"", key, "\" missing");
+  const nlohmann::json& v = j[key];
+  MIXMOE_CHECK(v.is_number_integer(), "checkpoint", where, ": ", json_type_problem(key, "an integer", v));
+  MIXMOE_CHECK(!v.is_number_unsigned() ||
+                   v.get<std::uint64_t>() <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()),
+               "checkpoint", where, ": field \"", key, "\" is out of range: ", v.dump());
+  return v.get<std::int64_t>();
 }
 
 }  // namespace detail
@@ -431,20 +493,26 @@ inline nlohmann::json train_state_to_json(const TrainState& s) {
           {"skipped_steps", s.skipped_steps}, {"extra", s.extra}};
 }
 
+/// Reads the training state written by train_state_to_json(); `where` names the object in errors
+/// ("run/ckpt/trainer_state.json: state"). A field of the wrong JSON type is an error naming the field.
 inline TrainState train_state_from_json(const nlohmann::json& j, const std::string& where) {
-  MIXMOE_CHECK(j.is_object(), "checkpoint", where, ": the training state is not an object");
+  MIXMOE_CHECK(j.is_object(), "checkpoint", where, ": the training state is not an object (got ", j.type_name(), ")");
   TrainState s;
   s.global_step = detail::get_int(j, "global_step", where);
   s.epoch = detail::get_int(j, "epoch", where);
   s.skipped_steps = detail::get_int(j, "skipped_steps", where);
-  s.data_position = j.value("data_position", nlohmann::json());
-  s.scheduler = j.value("scheduler", nlohmann::json());
-  s.extra = j.value("extra", nlohmann::json());
-  if (j.contains("best_validation") && !j["best_validation"].is_null())
-    s.best_validation =
-        detail::double_from_bits(j["best_validation"].value("bits", nlohmann::json()), where + ": best_validation");
+  // Opaque to this reader: any JSON value.
+  for (auto [key, out] : {std::pair{"data_position", &s.data_position}, std::pair{"scheduler", &s.scheduler},
+                          std::pair{"extra", &s.extra}})
+    if (const auto it = j.find(key); it != j.end()) *out = *it;
+  if (const auto it = j.find("best_validation"); it != j.end() && !it->is_null()) {
+    MIXMOE_CHECK(it->is_object(), "checkpoint", where, ": ",
+                 detail::json_type_problem("best_validation", "an object ({\"value\", \"bits\"}) or null", *it));
+    MIXMOE_CHECK(it->contains("bits"), "checkpoint", where, ": best_validation: field \"bits\" missing");
+    s.best_validation = detail::double_from_bits((*it)["bits"], where + ": best_validation.bits");
+  }
   if (j.contains("rng")) {
-    MIXMOE_CHECK(j["rng"].is_object(), "checkpoint", where, ": rng must be an object");
+    MIXMOE_CHECK(j["rng"].is_object(), "checkpoint", where, ": ", detail::json_type_problem("rng", "an object", j["rng"]));
     for (auto it = j["rng"].begin(); it != j["rng"].end(); ++it) {
       const std::string w = where + ": rng." + it.key();
       const auto& g = it.value();
@@ -543,15 +611,28 @@ TrainState load_training_state(const std::filesystem::path& dir, M& model, AdamW
   }
   MIXMOE_CHECK(tj.is_object() && tj.contains("state") && tj.contains("optimizer"), "checkpoint", where,
                ": expected {state, optimizer}");
+  const std::string version = detail::format_version_problem(tj, false);
+  MIXMOE_CHECK(version.empty(), "checkpoint", where, ": ", version);
   // A field of the wrong JSON type (a hand-edited or damaged file) is reported like any other defect.
   try {
     const auto& oj = tj["optimizer"];
-    MIXMOE_CHECK(oj.value("type", "") == "AdamW", "checkpoint", where, ": the checkpoint's optimizer is ",
-                 oj.value("type", std::string("unknown")), ", not AdamW");
+    MIXMOE_CHECK(oj.is_object(), "checkpoint", where, ": ", detail::json_type_problem("optimizer", "an object", oj));
+    const std::string type = detail::optional_string_field(oj, "type", where + ": optimizer");
+    MIXMOE_CHECK(type == "AdamW", "checkpoint", where, ": the checkpoint's optimizer is ",
+                 type.empty() ? std::string("unknown") : type, ", not AdamW");
 
     // The same parameters must be optimised (order may differ: the moments are keyed by name).
     const auto names = detail::optimizer_parameter_names(model, opt);
-    std::vector<std::string> saved = oj.value("parameters", std::vector<std::string>{});
+    std::vector<std::string> saved;
+    if (const auto it = oj.find("parameters"); it != oj.end()) {
+      MIXMOE_CHECK(it->is_array(), "checkpoint", where, ": optimizer: ",
+                   detail::json_type_problem("parameters", "an array of names", *it));
+      for (const auto& n : *it) {
+        MIXMOE_CHECK(n.is_string(), "checkpoint", where, ": optimizer: field \"parameters\" must hold names, got ",
+                     n.type_name(), " ", n.dump());
+        saved.push_back(n.get<std::string>());
+      }
+    }
     std::vector<std::string> now = names, only_now, only_saved;
     std::sort(saved.begin(), saved.end());
     std::sort(now.begin(), now.end());
