@@ -75,6 +75,13 @@ inline bool get_flag(const nlohmann::json& j, const char* key, bool fallback, co
   return j[key].get<bool>();
 }
 
+inline std::string get_string(const nlohmann::json& j, const char* key, const std::string& fallback,
+                              const std::string& where) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  MIXMOE_CHECK(j[key].is_string(), "hf_import", where, ": '", key, "' must be a string, got ", j[key].dump());
+  return j[key].get<std::string>();
+}
+
 }  // namespace detail::hf
 
 /// The ModelConfig of an HF LLaMA / Qwen2 checkpoint directory (its config.json); throws naming
@@ -85,7 +92,7 @@ inline ModelConfig hf_config(const std::filesystem::path& dir) {
   const std::string where = path.string();
   const auto j = read_json(path);
   MIXMOE_CHECK(j.is_object(), "hf_import", where, ": expected a JSON object");
-  const std::string type = j.value("model_type", "");
+  const std::string type = get_string(j, "model_type", "", where);
   MIXMOE_CHECK(type == "llama" || type == "qwen2", "hf_import", where, ": unsupported model_type '", type,
                "' (supported: llama, qwen2)");
   ModelConfig c;
@@ -104,8 +111,8 @@ inline ModelConfig hf_config(const std::filesystem::path& dir) {
   c.moe = MoEConfig{};
   MIXMOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "hf_import", where, ": rope_scaling ",
                j.contains("rope_scaling") ? j["rope_scaling"].dump() : "", " is not supported");
-  MIXMOE_CHECK(j.value("hidden_act", std::string("silu")) == "silu", "hf_import", where, ": hidden_act '",
-               j.value("hidden_act", std::string()), "' is not supported (silu only)");
+  const std::string act = get_string(j, "hidden_act", "silu", where);
+  MIXMOE_CHECK(act == "silu", "hf_import", where, ": hidden_act '", act, "' is not supported (silu only)");
   if (type == "llama") {
     MIXMOE_CHECK(!get_flag(j, "attention_bias", false, where), "hf_import", where,
                  ": attention_bias (biases on q, k, v and o) is not supported for llama");
