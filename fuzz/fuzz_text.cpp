@@ -1,7 +1,8 @@
 // libFuzzer target: the plain-text and TSV readers (parse_lines, parse_tsv, parse_parallel_tsv).
 // The first input byte picks the options, the rest is the text. mixmoe::Error is the expected
 // answer to bad input. Checked: every line and field is valid UTF-8 without LF, the column
-// limits hold, and a TSV row written back with format_tsv_row() parses to the same fields.
+// limits hold, and a TSV row written back with format_tsv_row() parses to the same fields, both as the
+// first line of a file (where a leading U+FEFF is a byte-order mark) and after another line.
 #include <mixmoe/data/text_io.hpp>
 
 #include <cstddef>
@@ -43,18 +44,20 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       require(row.fields.size() >= to.min_columns, "min_columns holds");
       require(to.max_columns == 0 || row.fields.size() <= to.max_columns, "max_columns holds");
       for (const auto& f : row.fields) require(clean_field(f), "a field is UTF-8 without LF or TAB");
-      // Round trip through the writer, when the writer accepts the fields (it refuses a CR).
-      std::string again;
-      try {
-        again = mixmoe::format_tsv_row(row.fields);
-      } catch (const mixmoe::Error&) {
-        continue;
-      }
-      // After a first line, so that a field starting with U+FEFF is not taken for a byte-order mark.
+      // Round trip through the writer, as the first line of a file and after one, when the writer accepts
+      // the fields (it refuses a CR, and a first field starting with U+FEFF on the first line).
       mixmoe::TsvReadOptions plain;
       plain.skip_empty = false;
-      const auto back = mixmoe::parse_tsv("-\n" + again, "round-trip.tsv", plain);
-      require(back.size() == 2 && back[1].fields == row.fields, "a row written back reads the same");
+      for (const std::size_t line : {std::size_t{1}, std::size_t{2}}) {
+        std::string again;  // the row written as line `line` of a file
+        try {
+          again = mixmoe::format_tsv_row(row.fields, mixmoe::TsvFieldPolicy::error, line);
+        } catch (const mixmoe::Error&) {
+          continue;
+        }
+        const auto back = mixmoe::parse_tsv(line == 1 ? again : "-\n" + again, "round-trip.tsv", plain);
+        require(back.size() == line && back[line - 1].fields == row.fields, "a row written back reads the same");
+      }
     }
   } catch (const mixmoe::Error&) {
   }

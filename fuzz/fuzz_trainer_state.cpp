@@ -30,7 +30,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const mixmoe::TrainState s = mixmoe::train_state_from_json(j, "trainer_state.json: state");
     const nlohmann::json once = mixmoe::train_state_to_json(s);
     const nlohmann::json twice = mixmoe::train_state_to_json(mixmoe::train_state_from_json(once, "round-trip"));
-    require(once == twice, "a state written back reads back the same");
+    // Compared as text: a best_validation whose bits are a NaN has a NaN "value", and NaN != NaN.
+    require(once.dump() == twice.dump(), "a state written back reads back the same");
   } catch (const mixmoe::Error&) {
   }
   return 0;

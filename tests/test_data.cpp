@@ -41,13 +41,6 @@ void write_file(const fs::path& p, std::string_view text) {
   REQUIRE(out.good());
 }
 
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream os;
-  os << in.rdbuf();
-  return os.str();
-}
-
 /// msgfmt must exist: the MO tests compile their catalogs with it (a clear failure, not a skip).
 void require_msgfmt() {
   static const bool ok = std::system("msgfmt --version >/dev/null 2>&1") == 0;
@@ -341,6 +334,38 @@ TEST_CASE("text: TSV and line writers round-trip; TAB/LF in a field is an error 
   MIXMOE_REQUIRE_ERROR(write_lines(tmp.path / "n.txt", {"a", "b\nc"}),
                        "n.txt: row 2 column 1: field contains a line feed");
   MIXMOE_REQUIRE_ERROR(read_lines(tmp.path / "missing.txt"), "missing.txt: cannot open for reading");
+}
+
+TEST_CASE("text: a U+FEFF starting the first field of a file is refused or a space, since it reads as a BOM",
+          "[data][text]") {
+  TempDir tmp;
+  const std::string bom = "\xEF\xBB\xBF";
+  // The reader drops a byte-order mark at the start of the text, so the writer never starts a file with one.
+  CHECK(parse_tsv(bom + "x\ty\n", "b.tsv")[0].fields == std::vector<std::string>{"x", "y"});
+  MIXMOE_REQUIRE_ERROR(format_tsv_row({bom + "x", "y"}), "row 1 column 1: field starts with U+FEFF");
+  MIXMOE_REQUIRE_ERROR(write_tsv(tmp.path / "b.tsv", {{bom + "x", "y"}, {"z", "w"}}),
+                       "b.tsv: row 1 column 1: field starts with U+FEFF, which at the start of a file reads back as "
+                       "a byte-order mark");
+  CHECK(!fs::exists(tmp.path / "b.tsv"));
+  MIXMOE_REQUIRE_ERROR(write_lines(tmp.path / "b.txt", {bom + "x"}), "b.txt: row 1 column 1: field starts with U+FEFF");
+  CHECK(!fs::exists(tmp.path / "b.txt"));
+  // With replace_with_space the mark becomes one space, as a TAB or LF would: what is written reads back.
+  write_tsv(tmp.path / "s.tsv", {{bom + "x", "y"}}, TsvFieldPolicy::replace_with_space);
+  CHECK(read_file(tmp.path / "s.tsv") == " x\ty\n");
+  CHECK(read_tsv(tmp.path / "s.tsv")[0].fields == std::vector<std::string>{" x", "y"});
+  write_lines(tmp.path / "s.txt", {bom + bom + "x", bom}, TsvFieldPolicy::replace_with_space);
+  CHECK(read_file(tmp.path / "s.txt") == " " + bom + "x\n" + bom + "\n");
+  CHECK(read_lines(tmp.path / "s.txt") == std::vector<std::string>{" " + bom + "x", bom});
+  // Anywhere else U+FEFF is an ordinary character, written as it is, and every row reads back the same.
+  const std::vector<std::vector<std::string>> rows = {{"a", bom + "b"}, {bom + "c", "d" + bom}};
+  write_tsv(tmp.path / "o.tsv", rows);
+  const auto back = read_tsv(tmp.path / "o.tsv");
+  REQUIRE(back.size() == 2);
+  CHECK(back[0].fields == rows[0]);
+  CHECK(back[1].fields == rows[1]);
+  CHECK(format_tsv_row({bom + "c"}, TsvFieldPolicy::error, 2) == bom + "c\n");
+  write_lines(tmp.path / "o.txt", {"a", bom + "b"});
+  CHECK(read_lines(tmp.path / "o.txt") == std::vector<std::string>{"a", bom + "b"});
 }
 
 // ---- cleaning --------------------------------------------------------------------------------

@@ -12,7 +12,10 @@
 // Escaping policy of the writers: TSV has no escapes here. A field may not contain TAB, LF or CR;
 // by default such a field is an error naming the row and column (TsvFieldPolicy::error); with
 // TsvFieldPolicy::replace_with_space each of those characters becomes one space. Lines written by
-// write_lines follow the same policy for LF and CR (TAB is allowed there).
+// write_lines follow the same policy for LF and CR (TAB is allowed there). The same holds for a
+// U+FEFF at the very start of a file (the first field of row 1, the first line), which the readers
+// would drop as a byte-order mark: an error by default, one space with replace_with_space. A U+FEFF
+// anywhere else is an ordinary character and is written as it is.
 #pragma once
 
 #include <cstddef>
@@ -224,10 +227,21 @@ enum class TsvFieldPolicy {
 
 namespace detail {
 
+inline constexpr std::string_view kByteOrderMark = "\xEF\xBB\xBF";  // U+FEFF in UTF-8
+
+/// Appends one field under `policy`; `file_start`: the field begins the file, where a leading U+FEFF
+/// would be taken for a byte-order mark by the readers.
 inline void append_field(std::string& out, std::string_view field, bool tab_allowed, TsvFieldPolicy policy,
-                         std::size_t row, std::size_t col, const char* where) {
+                         std::size_t row, std::size_t col, const char* where, bool file_start = false) {
   if (const auto bad = find_invalid_utf8(field))
     fail(where, "row ", row, " column ", col, ": invalid UTF-8 at byte ", *bad + 1);
+  if (file_start && field.starts_with(kByteOrderMark)) {
+    MIXMOE_CHECK(policy == TsvFieldPolicy::replace_with_space, where, "row ", row, " column ", col,
+                 ": field starts with U+FEFF, which at the start of a file reads back as a byte-order mark and is "
+                 "dropped (not allowed; TsvFieldPolicy::replace_with_space writes a space instead)");
+    out += ' ';
+    field.remove_prefix(kByteOrderMark.size());
+  }
   for (const char c : field) {
     if (c == '\n' || c == '\r' || (c == '\t' && !tab_allowed)) {
       MIXMOE_CHECK(policy == TsvFieldPolicy::replace_with_space, where, "row ", row, " column ", col,
@@ -253,13 +267,14 @@ inline void write_text_file(const std::filesystem::path& path, std::string_view 
 
 }  // namespace detail
 
-/// One TSV line (with its '\n') from fields; `row` (1-based) is used in error messages.
+/// One TSV line (with its '\n') from fields; `row` (1-based) is the line's number in the file, used in
+/// error messages and, for row 1, to apply the policy to a first field starting with U+FEFF (see above).
 inline std::string format_tsv_row(const std::vector<std::string>& fields, TsvFieldPolicy policy = TsvFieldPolicy::error,
                                   std::size_t row = 1) {
   std::string out;
   for (std::size_t c = 0; c < fields.size(); ++c) {
     if (c) out += '\t';
-    detail::append_field(out, fields[c], false, policy, row, c + 1, "tsv");
+    detail::append_field(out, fields[c], false, policy, row, c + 1, "tsv", row == 1 && c == 0);
   }
   out += '\n';
   return out;
@@ -285,7 +300,7 @@ inline void write_lines(const std::filesystem::path& path, const std::vector<std
   std::string text;
   for (std::size_t r = 0; r < lines.size(); ++r) {
     try {
-      detail::append_field(text, lines[r], true, policy, r + 1, 1, "text");
+      detail::append_field(text, lines[r], true, policy, r + 1, 1, "text", r == 0);
     } catch (const Error& e) {
       detail::fail("text", path.string(), ": ", std::string_view(e.what()).substr(7));  // drop "[text] "
     }
