@@ -12,6 +12,7 @@
 //                          copy-the-source baseline
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -73,12 +74,18 @@ double mean_loss(const Model& model, Source& source, std::size_t batches) {
 }
 
 /// Translates `source` into `target_lang`: beam search when opt.beam_size > 1, else greedy.
-/// Stops at </s>; at most opt.max_new_tokens tokens.
+/// Stops at </s>; at most opt.max_new_tokens tokens, and at most max_ratio times the source's
+/// tokens plus 8 when max_ratio > 0 (a translation much longer than its source is a model
+/// repeating itself).
 template <class Model>
 std::string translate(const Model& model, const Tokenizer& tok, std::string_view target_lang, std::string_view source,
-                      DecodeOptions opt = {}) {
+                      DecodeOptions opt = {}, double max_ratio = 2.0) {
   no_grad ng;
   const auto p = translation_prompt(tok, target_lang, source);
+  if (max_ratio > 0) {
+    const auto cap = static_cast<int>(std::ceil(max_ratio * static_cast<double>(p.size() - 2))) + 8;
+    opt.max_new_tokens = std::min(opt.max_new_tokens, cap);
+  }
   const std::vector<Index> prompt(p.begin(), p.end());
   if (opt.stop_ids.empty()) opt.stop_ids = {static_cast<Index>(tok.eos_id())};
   Hypothesis h = opt.beam_size > 1 ? beam_search(model, prompt, opt).front() : greedy_decode(model, prompt, opt);
