@@ -1,6 +1,8 @@
 // Writes the seed inputs of the fuzz targets that the library itself can produce: small valid
-// safetensors files (every dtype, metadata, no tensors), model configurations and training states.
-// Usage: make_seeds SEED_DIR (writes SEED_DIR/fuzz_safetensors, fuzz_json_config, fuzz_trainer_state).
+// safetensors files (every dtype, metadata, no tensors), model configurations, training states and
+// checkpoint manifests.
+// Usage: make_seeds SEED_DIR (writes SEED_DIR/fuzz_safetensors, fuzz_json_config, fuzz_trainer_state,
+// fuzz_manifest).
 #include <mixmoe/io/json_config.hpp>
 #include <mixmoe/io/safetensors.hpp>
 #include <mixmoe/train/checkpoint.hpp>
@@ -77,6 +79,19 @@ int main(int argc, char** argv) {
   st.skipped_steps = 2;
   save(state_dir / "state.json", train_state_to_json(st).dump());
   save(state_dir / "empty_state.json", train_state_to_json(TrainState{}).dump());
+
+  // fuzz_manifest: the manifest of a directory holding "a.bin" ("hello"), as CheckpointWriter writes it.
+  const auto manifest_dir = seeds / "fuzz_manifest";
+  std::filesystem::create_directories(manifest_dir);
+  const nlohmann::json entry = {{"size", 5}, {"sha256", sha256_hex("hello")}};
+  save(manifest_dir / "one_file.json",
+       nlohmann::json{
+           {"format", "mixmoe-checkpoint"}, {"format_version", kCheckpointFormatVersion}, {"files", {{"a.bin", entry}}}}
+           .dump(2));
+  save(manifest_dir / "no_files.json", nlohmann::json{{"format", "mixmoe-checkpoint"},
+                                                      {"format_version", kCheckpointFormatVersion},
+                                                      {"files", nlohmann::json::object()}}
+                                           .dump());
 
   std::printf("make_seeds: seeds in %s\n", seeds.string().c_str());
   return 0;

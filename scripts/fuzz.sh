@@ -102,7 +102,7 @@ for t in "${targets[@]}"; do
   echo "==== $t: ${seconds}s"
   set +e
   dict=()
-  [[ $t == fuzz_json_config || $t == fuzz_trainer_state ]] && dict=(-dict=fuzz/json.dict)
+  [[ $t == fuzz_json_config || $t == fuzz_trainer_state || $t == fuzz_manifest ]] && dict=(-dict=fuzz/json.dict)
   "$out/$t" "$corpus" "$seeds/$t" "${dict[@]}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix="$out/crashes/$t-" -print_final_stats=1 >"$log" 2>&1
   rc=$?

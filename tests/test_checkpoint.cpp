@@ -588,7 +588,8 @@ TEST_CASE("checkpoint JSON readers refuse fields of the wrong type with an Error
   ck = write_ckpt("ver", {{"config.json", R"({"format":"mixmoe","format_version":"1",)" + cfg_ok + "}"}});
   MIXMOE_REQUIRE_ERROR(read_model_info(ck), "field \"format_version\" must be an integer, got string");
   ck = write_ckpt("ver2", {{"config.json", R"({"format":"mixmoe","format_version":2,)" + cfg_ok + "}"}});
-  MIXMOE_REQUIRE_ERROR(read_model_info(ck), "ver2/config.json: unsupported format_version 2 (this version reads up to 1)");
+  MIXMOE_REQUIRE_ERROR(read_model_info(ck),
+                       "ver2/config.json: unsupported format_version 2 (this version reads up to 1)");
   MIXMOE_REQUIRE_ERROR(detail::model_info_from_json(json::array(), "c.json"),
                        "c.json: not a mixmoe model configuration (expected a JSON object, got array)");
   // The same fields, well typed, read.
@@ -612,7 +613,8 @@ TEST_CASE("checkpoint JSON readers refuse fields of the wrong type with an Error
   MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "m1: MANIFEST.json: field \"format\" must be a string, got number");
   MixLM<double> model(moe_config(1));
   MIXMOE_REQUIRE_ERROR(load_model(model, ck), "MANIFEST.json: field \"format\" must be a string, got number");
-  MIXMOE_REQUIRE_ERROR(load_model(model, with_manifest("m2", "[1]")), "MANIFEST.json: expected a JSON object, got array");
+  MIXMOE_REQUIRE_ERROR(load_model(model, with_manifest("m2", "[1]")),
+                       "MANIFEST.json: expected a JSON object, got array");
   ck = with_manifest("m3", R"({"format":"mixmoe-checkpoint","format_version":1,"files":[]})");
   MIXMOE_REQUIRE_ERROR(open_checkpoint(ck), "m3: MANIFEST.json: field \"files\" must be an object, got array");
   ck = with_manifest("m4", R"({"format":"mixmoe-checkpoint","format_version":18446744073709551615,"files":{}})");
@@ -654,13 +656,14 @@ TEST_CASE("checkpoint JSON readers refuse fields of the wrong type with an Error
   MIXMOE_REQUIRE_ERROR(
       train_state_from_json(json::parse(R"({"global_step":9223372036854775808,"epoch":0,"skipped_steps":0})"), where),
       "state: field \"global_step\" is out of range: 9223372036854775808");
-  MIXMOE_REQUIRE_ERROR(
-      train_state_from_json(json::parse(R"({"global_step":0,"epoch":0,"skipped_steps":0,"best_validation":{}})"), where),
-      "state: best_validation: field \"bits\" missing");
+  MIXMOE_REQUIRE_ERROR(train_state_from_json(
+                           json::parse(R"({"global_step":0,"epoch":0,"skipped_steps":0,"best_validation":{}})"), where),
+                       "state: best_validation: field \"bits\" missing");
   MIXMOE_REQUIRE_ERROR(
       train_state_from_json(json::parse(R"({"global_step":0,"epoch":0,"skipped_steps":0,"rng":5})"), where),
       "state: field \"rng\" must be an object, got number");
-  MIXMOE_REQUIRE_ERROR(train_state_from_json(json(7), where), "state: the training state is not an object (got number)");
+  MIXMOE_REQUIRE_ERROR(train_state_from_json(json(7), where),
+                       "state: the training state is not an object (got number)");
   // Well typed: read, including a best score of -1.5 from its bits (4007... is 3.0, bff8... is -1.5).
   const TrainState s = train_state_from_json(
       json::parse(R"({"global_step":9223372036854775807,"epoch":2,"skipped_steps":1,"data_position":[3],)"
@@ -688,16 +691,18 @@ TEST_CASE("checkpoint JSON readers refuse fields of the wrong type with an Error
     return write_ckpt(name, fs2);
   };
   Run other(2, 8);
-  MIXMOE_REQUIRE_ERROR(load_training_state(damaged("o1", json::json_pointer("/optimizer/type"), 5), other.model, other.opt),
-                       "o1/trainer_state.json: optimizer: field \"type\" must be a string, got number");
+  MIXMOE_REQUIRE_ERROR(
+      load_training_state(damaged("o1", json::json_pointer("/optimizer/type"), 5), other.model, other.opt),
+      "o1/trainer_state.json: optimizer: field \"type\" must be a string, got number");
   MIXMOE_REQUIRE_ERROR(
       load_training_state(damaged("o2", json::json_pointer("/optimizer/parameters"), "all"), other.model, other.opt),
       "o2/trainer_state.json: optimizer: field \"parameters\" must be an array of names, got string");
   MIXMOE_REQUIRE_ERROR(
       load_training_state(damaged("o3", json::json_pointer("/optimizer/parameters/0"), 1), other.model, other.opt),
       "optimizer: field \"parameters\" must hold names, got number 1");
-  MIXMOE_REQUIRE_ERROR(load_training_state(damaged("o4", json::json_pointer("/format_version"), 2), other.model, other.opt),
-                       "o4/trainer_state.json: unsupported format_version 2");
+  MIXMOE_REQUIRE_ERROR(
+      load_training_state(damaged("o4", json::json_pointer("/format_version"), 2), other.model, other.opt),
+      "o4/trainer_state.json: unsupported format_version 2");
   MIXMOE_REQUIRE_ERROR(
       load_training_state(damaged("o5", json::json_pointer("/state/best_validation"), true), other.model, other.opt),
       "o5/trainer_state.json: state: field \"best_validation\" must be an object");

@@ -512,7 +512,8 @@ inline TrainState train_state_from_json(const nlohmann::json& j, const std::stri
     s.best_validation = detail::double_from_bits((*it)["bits"], where + ": best_validation.bits");
   }
   if (j.contains("rng")) {
-    MIXMOE_CHECK(j["rng"].is_object(), "checkpoint", where, ": ", detail::json_type_problem("rng", "an object", j["rng"]));
+    MIXMOE_CHECK(j["rng"].is_object(), "checkpoint", where, ": ",
+                 detail::json_type_problem("rng", "an object", j["rng"]));
     for (auto it = j["rng"].begin(); it != j["rng"].end(); ++it) {
       const std::string w = where + ": rng." + it.key();
       const auto& g = it.value();
@@ -625,8 +626,8 @@ TrainState load_training_state(const std::filesystem::path& dir, M& model, AdamW
     const auto names = detail::optimizer_parameter_names(model, opt);
     std::vector<std::string> saved;
     if (const auto it = oj.find("parameters"); it != oj.end()) {
-      MIXMOE_CHECK(it->is_array(), "checkpoint", where, ": optimizer: ",
-                   detail::json_type_problem("parameters", "an array of names", *it));
+      MIXMOE_CHECK(it->is_array(), "checkpoint", where,
+                   ": optimizer: ", detail::json_type_problem("parameters", "an array of names", *it));
       for (const auto& n : *it) {
         MIXMOE_CHECK(n.is_string(), "checkpoint", where, ": optimizer: field \"parameters\" must hold names, got ",
                      n.type_name(), " ", n.dump());
