@@ -144,8 +144,8 @@ def main():
               "rerunning the command replaces them). Every model starts from the same tokenizer and the same stage-0 "
               "dense LM and gets the same stage-1 and stage-2 budgets of the `demo` preset of "
               "`examples/translate` (see [translation.md](translation.md)); the scores are corpus BLEU (13a) and "
-              "chrF2 as sacreBLEU computes them, on the first "
-              f"{sentences} sentences of each test set (catalogs of Linux-PAM, apt, shadow, systemd; "
+              "chrF2 as sacreBLEU computes them, on "
+              f"{sentences} sentences evenly spaced over each test set (catalogs of Linux-PAM, apt, shadow, systemd; "
               "[data.md](data.md)), greedy decoding.\n")
     if cfg:
         md.append(f"Model: d_model {cfg.get('d_model')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads "

@@ -472,9 +472,15 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
   j["routing"] = routing_by_language(model, in);
   j["config"] = nlohmann::json::parse(read_file(open_checkpoint(dir / "model") / "config.json"));
   write_file_atomic(dir / "results.json", j.dump(2) + "\n");
+  // The test sentences, references and translations, line by line (`mixmoe-translate score -r ... -i ...`).
   for (const auto& d : report.directions) {
-    std::ofstream hyp(dir / ("test.en-" + d.lang + ".hyp"));
-    for (const auto& h : d.hypotheses) hyp << h << '\n';
+    std::ofstream src(dir / ("test.en-" + d.lang + ".src")), ref(dir / ("test.en-" + d.lang + ".ref")),
+        hyp(dir / ("test.en-" + d.lang + ".hyp"));
+    for (std::size_t i = 0; i < d.sentences; ++i) {
+      src << d.sources[i] << '\n';
+      ref << d.references[i] << '\n';
+      hyp << d.hypotheses[i] << '\n';
+    }
   }
 
   std::cout << "\nsome held-out sentences (test set):\n";

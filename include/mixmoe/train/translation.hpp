@@ -103,7 +103,8 @@ struct DirectionResult {
   std::vector<std::string> sources, references, hypotheses;
 };
 
-/// Translates the first `max_sentences` pairs (0: all) and scores them against their references.
+/// Translates `max_sentences` pairs (0: all), evenly spaced over the set (a test set is ordered by
+/// catalog: its first sentences would all come from one), and scores them against their references.
 /// `on_sentence(done, total)` is called after each sentence (progress display), when given.
 template <class Model>
 DirectionResult evaluate_direction(const Model& model, const Tokenizer& tok, const std::string& lang,
@@ -114,11 +115,12 @@ DirectionResult evaluate_direction(const Model& model, const Tokenizer& tok, con
   r.lang = lang;
   const std::size_t n = max_sentences > 0 ? std::min(max_sentences, pairs.size()) : pairs.size();
   MIXMOE_CHECK(n > 0, "evaluate_direction", "no test pairs for en-", lang);
-  for (std::size_t i = 0; i < n; ++i) {
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::size_t i = k * pairs.size() / n;
     r.sources.push_back(pairs[i].en);
     r.references.push_back(pairs[i].target);
     r.hypotheses.push_back(translate(model, tok, lang, pairs[i].en, opt));
-    if (on_sentence) on_sentence(i + 1, n);
+    if (on_sentence) on_sentence(k + 1, n);
   }
   r.sentences = n;
   release_routing_graphs(const_cast<Model&>(model));
