@@ -148,18 +148,18 @@ bool check_router_gradient(const char* name) {
 
 // ---- data -----------------------------------------------------------------------
 
-std::string read_file(const std::string& path) {
+std::string load_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return in ? std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()) : std::string();
 }
 
 /// `batch` windows of `len` + 1 bytes starting at the given offsets: ids and next-byte targets (B, T).
-struct Batch {
+struct TextBatch {
   Tensor<Index> ids, targets;
 };
-Batch make_batch(const std::string& text, const std::vector<std::size_t>& starts, index_t len) {
+TextBatch make_batch(const std::string& text, const std::vector<std::size_t>& starts, index_t len) {
   const auto b = static_cast<index_t>(starts.size());
-  Batch out{Tensor<Index>::empty({b, len}), Tensor<Index>::empty({b, len})};
+  TextBatch out{Tensor<Index>::empty({b, len}), Tensor<Index>::empty({b, len})};
   for (index_t i = 0; i < b; ++i)
     for (index_t t = 0; t < len; ++t) {
       const std::size_t at = starts[static_cast<std::size_t>(i)] + static_cast<std::size_t>(t);
@@ -169,7 +169,7 @@ Batch make_batch(const std::string& text, const std::vector<std::size_t>& starts
   return out;
 }
 
-float evaluate(const Model& model, const Batch& batch) {
+float evaluate(const Model& model, const TextBatch& batch) {
   no_grad ng;
   return cross_entropy(model(batch.ids), batch.targets).item();
 }
@@ -204,9 +204,9 @@ int main(int argc, char** argv) {
   std::string text;
   for (const char* candidate : {"/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0"}) {
     if (!path.empty()) break;
-    if (!read_file(candidate).empty()) path = candidate;
+    if (!load_text(candidate).empty()) path = candidate;
   }
-  text = path.empty() ? std::string() : read_file(path);
+  text = path.empty() ? std::string() : load_text(path);
   const index_t len = 32, batch = 8;
   if (text.size() < 20 * static_cast<std::size_t>(len)) {
     std::fprintf(stderr, "custom_router: no usable text in '%s' (pass --data FILE)\n", path.c_str());
@@ -236,7 +236,7 @@ int main(int argc, char** argv) {
   Generator gen(3);
   std::vector<std::size_t> eval_starts;
   for (int i = 0; i < 16; ++i) eval_starts.push_back(split + gen.below(text.size() - split - len - 1));
-  const Batch eval = make_batch(text, eval_starts, len);
+  const TextBatch eval = make_batch(text, eval_starts, len);
   const float eval_before = evaluate(model, eval);
   std::printf("held-out loss before training %.4f (uniform over bytes: %.4f)\n", eval_before, std::log(256.0));
 
@@ -248,7 +248,7 @@ int main(int argc, char** argv) {
   for (int step = 1; step <= steps; ++step) {
     std::vector<std::size_t> starts;
     for (index_t i = 0; i < batch; ++i) starts.push_back(gen.below(split - len - 1));
-    const Batch b = make_batch(text, starts, len);
+    const TextBatch b = make_batch(text, starts, len);
     auto ce = cross_entropy(model(b.ids), b.targets);
     auto loss = ce + 0.01 * load_balance_loss(model) + 0.001 * router_z_loss(model);
     loss.backward();
