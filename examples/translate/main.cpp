@@ -619,7 +619,7 @@ int main(int argc, char** argv) {
   auto* train = app.add_subcommand("train", "train a translation model through all stages and test it");
   train->add_option("--variant", ta.variant, "mix-fft, mix-dct, mix-random, mix-fft-nostage1, moe, dense")
       ->capture_default_str();
-  train->add_option("--preset", ta.preset, "demo (about 15 min on 2 cores), long, tiny")->capture_default_str();
+  train->add_option("--preset", ta.preset, "demo (about 8 min of training on 2 idle cores), long, tiny")->capture_default_str();
   train->add_option("--corpus", ta.corpus, "corpus directory")->capture_default_str();
   train->add_option("--work", ta.work, "work directory: tokenizer, stage 0, one directory per variant")
       ->capture_default_str();
