@@ -603,6 +603,8 @@ int cmd_score(const ScoreArgs& a) {
 int main(int argc, char** argv) {
   CLI::App app{"Mix-MoE multilingual translation on the machine's gettext catalogs"};
   app.require_subcommand(1);
+  // An option given twice takes its last value: scripts/demo.sh puts its defaults before the user's options.
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
 
   std::string catalogs = "data/catalogs", corpus_out = "data/corpus";
   std::vector<std::string> corpus_langs, test_groups, dev_groups;
