@@ -41,4 +41,4 @@ for v in $variants; do
   echo "==== compare: $v"
   "$bin" train --preset "$preset" --work "$work" --variant "$v" --show 0 "${extra[@]}"
 done
-python3 scripts/results.py "$work" docs
+/usr/bin/python3 scripts/results.py "$work" docs  # Debian's python3, with python3-matplotlib

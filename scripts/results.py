@@ -61,11 +61,11 @@ def main():
     # ---- table
     lines = []
     head = "| model | " + " | ".join(f"{d} BLEU / chrF2" for d in dirs) + " | mean BLEU | mean chrF2 | "
-    head += "mono loss before → after stage 2 (Δ) | time |"
-    lines += [head, "|" + "---|" * (len(dirs) + 5)]
+    head += "mono loss before → after stage 2 (Δ) |"
+    lines += [head, "|" + "---|" * (len(dirs) + 4)]
     first = runs[names[0]]["directions"]
     copy = "| copy the source | " + " | ".join(f"{d['copy_bleu']:.2f} / {d['copy_chrf']:.2f}" for d in first)
-    copy += f" | {sum(d['copy_bleu'] for d in first) / len(first):.2f} | {sum(d['copy_chrf'] for d in first) / len(first):.2f} | | |"
+    copy += f" | {sum(d['copy_bleu'] for d in first) / len(first):.2f} | {sum(d['copy_chrf'] for d in first) / len(first):.2f} | |"
     lines.append(copy)
     summary = {}
     for n in names:
@@ -77,8 +77,7 @@ def main():
         summary[n] = (mb, mc, after - before)
         lines.append(
             f"| {n} | " + " | ".join(f"{d['bleu']:.2f} / {d['chrf']:.2f}" for d in ds)
-            + f" | {mb:.2f} | {mc:.2f} | {before:.3f} → {after:.3f} ({after - before:+.3f}) | "
-            + f"{r['train_seconds'] / 60:.1f} min |")
+            + f" | {mb:.2f} | {mc:.2f} | {before:.3f} → {after:.3f} ({after - before:+.3f}) |")
 
     # ---- training curves
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
