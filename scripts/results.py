@@ -74,7 +74,7 @@ def main():
         mb = sum(d["bleu"] for d in ds) / len(ds)
         mc = sum(d["chrf"] for d in ds) / len(ds)
         before, after = r["mono_loss_before_stage2"], r["mono_loss_after_stage2"]
-        summary[n] = (mb, mc, after - before)
+        summary[n] = (mb, mc, after)
         lines.append(
             f"| {n} | " + " | ".join(f"{d['bleu']:.2f} / {d['chrf']:.2f}" for d in ds)
             + f" | {mb:.2f} | {mc:.2f} | {before:.3f} → {after:.3f} ({after - before:+.3f}) |")
@@ -162,8 +162,9 @@ def main():
               "the languages (the dev catalogs' sentences) just before stage 2 and after it: how much the translation "
               "training damaged the language model, which is what parameter interference means. The copy row "
               "scores the English source itself as the translation.\n")
-    md.append(f"Best mean BLEU: `{best}` ({summary[best][0]:.2f}). Least monolingual damage: `{least}` "
-              f"({summary[least][2]:+.3f} nats).\n")
+    md.append(f"Best mean BLEU: `{best}` ({summary[best][0]:.2f}). Lowest monolingual loss after stage 2 (the least "
+              f"damaged language model; the Δ of a model without stage 1 starts from its freshly upcycled state): "
+              f"`{least}` ({summary[least][2]:.3f} nats).\n")
     md.append("## Training curves\n")
     md.append("![stage 2 training curves](img/results_curves.png)\n")
     if routing_note:
