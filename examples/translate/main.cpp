@@ -392,7 +392,6 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
   fs::create_directories(dir);
   const nlohmann::json extra = extra_of(in, v);
 
-  LMBlockStream mono(mono_text(in, false), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed + 1});
   LMBlockStream mono_dev(mono_text(in, true), {.block_len = p.block_len, .batch_size = p.lm_batch, .shuffle = false});
   const std::size_t mono_dev_batches = std::min<std::size_t>(mono_dev.batches_per_epoch(), 16);
   TokenBudgetBatcher para(parallel_examples(in, "train"),
@@ -427,6 +426,8 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
       fp.otherwise_freeze().train("ffn");
       say("stage 1: " + apply_freeze_policy(model, fp).summary());
     }
+    // Tokenized here, only for the variants that have a stage 1 (the dense and no-stage-1 ones never read it).
+    LMBlockStream mono(mono_text(in, false), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed + 1});
     run_stage(model, mono, {"stage1", steps1, p.lr1, dir / "stage1"}, p, model_type, extra,
               lm_eval<Model>(mono_dev, mono_dev_batches));
   }

@@ -55,7 +55,7 @@ inline std::vector<std::vector<index_t>> lm_sentences(const Tokenizer& tok, cons
 }
 
 /// Token-weighted mean cross-entropy (nats per target token) of `model` over `batches` batches
-/// of `source` (no label smoothing, no gradient). The model's routing records are released.
+/// of `source` (no label smoothing, no gradient).
 template <class Model, class Source>
 double mean_loss(const Model& model, Source& source, std::size_t batches) {
   no_grad ng;
