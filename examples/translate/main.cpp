@@ -73,6 +73,8 @@ struct TrainArgs {
   // sizes and budgets (0: the preset's)
   index_t vocab = 0, d_model = 0, layers = 0, d_ff = 0;
   std::int64_t steps0 = 0, steps1 = 0, steps2 = 0;
+  double lr0 = 0, lr1 = 0, lr2 = 0;
+  index_t token_budget = 0;
   int test_sentences = 0, beam = 0, show = 4;
   // Stage 2 of the Mix-MoE variants trains attention too (default), or keeps it frozen as the
   // paper's recipe does (--frozen-attention). A small model pretrained for minutes on monolingual
@@ -503,7 +505,11 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
 }
 
 int cmd_train(const TrainArgs& a) {
-  const Preset p = preset_of(a.preset);
+  Preset p = preset_of(a.preset);
+  if (a.lr0 > 0) p.lr0 = a.lr0;
+  if (a.lr1 > 0) p.lr1 = a.lr1;
+  if (a.lr2 > 0) p.lr2 = a.lr2;
+  if (a.token_budget > 0) p.token_budget = a.token_budget;
   const Inputs in = load_inputs(a, p);
   const ModelConfig cfg = model_config(a, p, in.tok);
   const DenseLM dense = stage0(in, p, a, cfg);
@@ -635,6 +641,10 @@ int main(int argc, char** argv) {
   train->add_option("--steps0", ta.steps0, "stage 0 steps");
   train->add_option("--steps1", ta.steps1, "stage 1 steps");
   train->add_option("--steps2", ta.steps2, "stage 2 steps");
+  train->add_option("--lr0", ta.lr0, "stage 0 peak learning rate");
+  train->add_option("--lr1", ta.lr1, "stage 1 peak learning rate");
+  train->add_option("--lr2", ta.lr2, "stage 2 peak learning rate");
+  train->add_option("--token-budget", ta.token_budget, "stage 2 batch size in tokens (prompt and target)");
   train->add_option("--test-sentences", ta.test_sentences, "test sentences per direction");
   train->add_option("--beam", ta.beam, "beam size of the test translations (1: greedy)");
   train->add_option("--show", ta.show, "held-out translations to print per direction")->capture_default_str();
