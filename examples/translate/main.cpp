@@ -44,21 +44,11 @@
 #include <mixmoe/train/metrics_log.hpp>
 #include <mixmoe/train/translation.hpp>
 
+#include "models.hpp"
+
 using namespace mixmoe;
 namespace fs = std::filesystem;
-
-// ---- the model types of the comparison -------------------------------------------------------
-using Attn = CausalSelfAttention<float>;
-using Expert = SwiGLU<float>;
-using LMExperts = ExpertGroup<Expert, tag::lm>;
-using MTExperts = ExpertGroup<Expert, tag::mt>;
-using DenseLM = DecoderLM<Attn, Expert>;
-template <class Transform>
-using MixFFN = MixedMoE<FourierFeatures<TopK<>, Transform>, LMExperts, MTExperts>;
-using MixFFT = DecoderLM<Attn, MixFFN<transform::FFTMagnitude<>>>;
-using MixDCT = DecoderLM<Attn, MixFFN<transform::DCT>>;
-using MixRandom = DecoderLM<Attn, MixFFN<transform::RandomProjection>>;
-using VanillaMoE = DecoderLM<Attn, MixedMoE<TopK<>, LMExperts, MTExperts>>;  // one shared router
+using namespace mixmoe_examples;  // the model types of the comparison
 
 namespace {
 
