@@ -73,7 +73,9 @@ std::vector<float> flat_weights(LoopLM& m) {
 }
 
 // Trains for `steps` of a schedule of `total` steps, in `dir`.
-Run run_loop(const fs::path& dir, std::int64_t steps, std::int64_t total) {
+using ExtraLoss = std::function<Var<float>(LoopLM&, const Batch&)>;
+
+Run run_loop(const fs::path& dir, std::int64_t steps, std::int64_t total, const ExtraLoss& extra = {}) {
   LoopLM model(loop_config());
   AdamW<float> opt(parameters(model), {.lr = 1e-2});
   TokenBudgetBatcher data(loop_examples(), {.token_budget = 24, .max_len = 16, .seed = 9});
@@ -89,13 +91,48 @@ Run run_loop(const fs::path& dir, std::int64_t steps, std::int64_t total) {
   o.out = nullptr;
   o.metrics = &log;
   Run r;
-  r.result = train_loop(model, opt, data, o);
+  r.result = train_loop(model, opt, data, o, {}, extra);
   r.weights = flat_weights(model);
   r.log = read_metrics(dir / "metrics.jsonl");
   return r;
 }
 
 }  // namespace
+
+TEST_CASE("train_loop: an extra loss is added to every step's loss and gradient", "[train][extra]") {
+  const fs::path a = fresh_dir("x0"), b = fresh_dir("x1"), c = fresh_dir("x2");
+  const Run plain = run_loop(a, 6, 6);
+  // A constant: the same weights, every logged loss higher by exactly that constant.
+  int calls = 0;
+  const Run shifted = run_loop(b, 6, 6, [&](LoopLM& m, const Batch& batch) {
+    ++calls;
+    CHECK(batch.inputs.numel() > 0);
+    return sum(m.embed.weight) * 0.0 + 0.25;
+  });
+  CHECK(calls == 6);
+  REQUIRE(shifted.log.size() == plain.log.size());
+  for (std::size_t i = 0; i < plain.log.size(); ++i) {
+    CHECK(shifted.log[i]["loss"].get<double>() == Approx(plain.log[i]["loss"].get<double>() + 0.25).epsilon(1e-6));
+    CHECK(shifted.log[i]["extra"].get<double>() == Approx(0.25));
+    CHECK(shifted.log[i]["ce"].get<double>() == plain.log[i]["ce"].get<double>());
+  }
+  CHECK(std::memcmp(shifted.weights.data(), plain.weights.data(), plain.weights.size() * sizeof(float)) == 0);
+  // A penalty on the embedding's squared norm: its gradient reaches the optimizer, the norm shrinks.
+  const Run penalised = run_loop(c, 6, 6, [](LoopLM& m, const Batch&) {
+    return sum(m.embed.weight * m.embed.weight) * 5.0;
+  });
+  LoopLM fresh(loop_config());
+  const auto embed_norm = [](const std::vector<float>& w, std::size_t n) {
+    double s = 0;
+    for (std::size_t i = 0; i < n; ++i) s += double(w[i]) * w[i];
+    return s;
+  };
+  const std::size_t n_embed = static_cast<std::size_t>(fresh.embed.weight.value().numel());
+  // parameters() visits the embedding first (checked: its size leads the flat vector).
+  REQUIRE(flat_weights(fresh).size() == plain.weights.size());
+  CHECK(embed_norm(penalised.weights, n_embed) < 0.8 * embed_norm(plain.weights, n_embed));
+  for (const auto& d : {a, b, c}) fs::remove_all(d);
+}
 
 TEST_CASE("train_loop: a resumed run is bit-identical to an uninterrupted one", "[train][resume]") {
   const fs::path a = fresh_dir("a"), b = fresh_dir("b");

@@ -4,6 +4,9 @@
 //   per step: batch = data.next(); lr = schedule(step)
 //             loss = cross_entropy(model(inputs), targets, label smoothing)
 //                    + load_balance * load_balance_loss(model) + z_loss * router_z_loss(model)   (MoE models)
+//                    + extra_loss(model, batch)                                (when given, e.g. align/'s
+//                      routing alignment loss: it runs after the forward above and may read the routing
+//                      records of that forward, then run other forwards of its own)
 //             backward; clip the global gradient norm; a non-finite loss or norm skips the step
 //             (StepGuard: counted, warned, and TrainingDiverged after too many in a row); AdamW step
 //   every eval_every steps: eval(model) -> a score (higher is better) and metrics; the best model is
@@ -125,11 +128,13 @@ inline BatcherState load_batcher_state(const TrainState& st, const std::string& 
 }  // namespace detail
 
 /// Trains `model` with `opt` on batches of `data` as the header comment describes. `eval` may be
-/// empty (no evaluations, no best checkpoint). Throws TrainingDiverged when too many steps in a
-/// row were non-finite; <checkpoint_dir>/last then still holds the last good state.
+/// empty (no evaluations, no best checkpoint). `extra_loss` may be empty; when given, its scalar
+/// is added to the loss of every step (logged as "extra"). Throws TrainingDiverged when too many
+/// steps in a row were non-finite; <checkpoint_dir>/last then still holds the last good state.
 template <Module Model, Scalar T, Device D, BatchSource Source>
 LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOptions& o,
-                      const std::function<EvalResult(Model&)>& eval = {}) {
+                      const std::function<EvalResult(Model&)>& eval = {},
+                      const std::function<Var<T, D>(Model&, const Batch&)>& extra_loss = {}) {
   constexpr const char* where = "train_loop";
   MIXMOE_CHECK(o.steps >= 0, where, "steps must be >= 0, got ", o.steps);
   MIXMOE_CHECK(o.eval_every >= 0 && o.checkpoint_every >= 0 && o.log_every >= 0 && o.patience >= 0, where,
@@ -240,7 +245,7 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
   std::int64_t bar_tokens = 0;  // res.tokens when the bar was made (a bar counts its own tokens)
   if (o.out) bar.emplace(o.steps, o.stage, *o.out, popt);
   const auto t0 = std::chrono::steady_clock::now();
-  double interval_loss = 0.0, interval_ce = 0.0;
+  double interval_loss = 0.0, interval_ce = 0.0, interval_extra = 0.0;
   std::int64_t interval_steps = 0;
   CrossEntropyOptions ce_opt;
   ce_opt.label_smoothing = o.label_smoothing;
@@ -261,6 +266,14 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
         loss = loss + z * o.z_loss;
       }
     }
+    double extra_value = 0.0;
+    if (extra_loss) {
+      Var<T, D> extra = extra_loss(model, batch);
+      MIXMOE_CHECK(extra.value().numel() == 1, where, "extra_loss must return a scalar, got shape ",
+                   extra.value().shape());
+      extra_value = static_cast<double>(extra.value().item());
+      loss = loss + extra;
+    }
     const double loss_value = static_cast<double>(loss.value().item());
     const double ce_value = static_cast<double>(ce.value().item());
     loss.backward();
@@ -269,6 +282,7 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
       opt.step();
       interval_loss += loss_value;
       interval_ce += ce_value;
+      interval_extra += extra_value;
       ++interval_steps;
     }
     opt.zero_grad();
@@ -279,15 +293,17 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
     const bool log_now = o.log_every > 0 && (step % o.log_every == 0 || step == o.steps);
     if (log_now && interval_steps > 0) {
       res.last_loss = interval_loss / static_cast<double>(interval_steps);
-      log_event({{"stage", o.stage},
-                 {"step", step},
-                 {"split", "train"},
-                 {"loss", res.last_loss},
-                 {"ce", interval_ce / static_cast<double>(interval_steps)},
-                 {"lr", lr},
-                 {"grad_norm", gn.norm},
-                 {"skipped", guard.skipped_total()}});
-      interval_loss = interval_ce = 0.0;
+      nlohmann::ordered_json ev{{"stage", o.stage},
+                                {"step", step},
+                                {"split", "train"},
+                                {"loss", res.last_loss},
+                                {"ce", interval_ce / static_cast<double>(interval_steps)},
+                                {"lr", lr},
+                                {"grad_norm", gn.norm},
+                                {"skipped", guard.skipped_total()}};
+      if (extra_loss) ev["extra"] = interval_extra / static_cast<double>(interval_steps);
+      log_event(std::move(ev));
+      interval_loss = interval_ce = interval_extra = 0.0;
       interval_steps = 0;
     }
     if (bar)
