@@ -25,11 +25,21 @@
 // the routing statistics; release_routing_graph() drops the graph they hold (see
 // moe/moe_layer.hpp). They are mutable state of a const call: do not run one layer
 // object from two threads at once.
+//
+// Routing intervention (inference-time routing steering, align/steering.hpp): router r may
+// carry a function f, set with set_logit_intervention(r, f), that rewrites its logits
+// z (N, E_r) before selection: the layer routes with router.select(f(z), x, ctx) instead of
+// router(x, ctx) (= select(logits(x), x, ctx) for a LogitRouter). The records hold the
+// steered routing (its logits are f(z), its probs and gates come from them). Only for
+// LogitRouters (FourierFeatures over a LogitRouter included): setting one on any other
+// router is an error. Unset (the default), the forward is the plain one; the one added
+// cost is a size check per router call.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -161,7 +171,7 @@ struct MixedMoE {
     records.clear();
     Var<T, D> out;
     if (mix_ == GroupMix::shared_router) {
-      const Routing<T, D> routing = routers[0](x, ctx);
+      const Routing<T, D> routing = route(0, x, ctx);
       DispatchPlan<D> plan;
       out = moe_forward(
           x, routing, num_experts(), capacity_factor_,
@@ -203,6 +213,22 @@ struct MixedMoE {
   void release_routing_graph() const {
     for (auto& rec : records_) rec.release_graph();
   }
+
+  /// Rewrites router r's logits (N, E_r) -> (N, E_r) before its selection (see the header comment).
+  using LogitIntervention = std::function<Var<T, D>(const Var<T, D>& logits)>;
+  void set_logit_intervention(std::size_t r, LogitIntervention f) {
+    MIXMOE_CHECK(r < routers.size(), "MixedMoE::set_logit_intervention", "router ", r, " of a layer with ",
+                 routers.size(), " router(s)");
+    MIXMOE_CHECK(LogitRouter<router_type>, "MixedMoE::set_logit_intervention", "router ", router_name(r),
+                 " is not a LogitRouter (no logits(x) / select(logits, x, ctx)): its routing cannot be steered");
+    if (interventions_.size() < routers.size()) interventions_.resize(routers.size());
+    interventions_[r] = std::move(f);
+  }
+  [[nodiscard]] bool has_logit_intervention(std::size_t r) const {
+    return r < interventions_.size() && static_cast<bool>(interventions_[r]);
+  }
+  /// Removes every router's intervention: the layer routes as built again.
+  void clear_logit_interventions() { interventions_.clear(); }
 
   [[nodiscard]] GroupMix mix() const { return mix_; }
   [[nodiscard]] double capacity_factor() const { return capacity_factor_; }
@@ -269,6 +295,21 @@ struct MixedMoE {
     return std::tuple<Groups...>{Groups(counts[I], d_model, hidden[I], gen, out_std)...};
   }
 
+  /// Router r's routing of x, through its logit intervention when one is set.
+  Routing<T, D> route(std::size_t r, const Var<T, D>& x, const RouteContext<D>& ctx) const {
+    if constexpr (LogitRouter<router_type>) {
+      if (r < interventions_.size() && interventions_[r]) {
+        const Var<T, D> z = routers[r].logits(x);
+        const Var<T, D> steered = interventions_[r](z);
+        MIXMOE_CHECK(steered.defined() && steered.shape() == z.shape(), "MixedMoE", "the logit intervention of router ",
+                     router_name(r), " returned ", steered.defined() ? steered.shape().to_string() : "an undefined Var",
+                     " for logits ", z.shape());
+        return routers[r].select(steered, x, ctx);
+      }
+    }
+    return routers[r](x, ctx);
+  }
+
   /// Expert e of the shared numbering on its rows.
   Var<T, D> call_expert(index_t e, const Var<T, D>& rows) const {
     Var<T, D> out;
@@ -287,7 +328,7 @@ struct MixedMoE {
   Var<T, D> run_group(const Var<T, D>& x, const RouteContext<D>& ctx, const Var<T, D>& weights,
                       std::vector<RoutingRecord<T, D>>& records) const {
     const auto& grp = std::get<I>(groups);
-    const Routing<T, D> routing = routers[I](x, ctx);
+    const Routing<T, D> routing = route(I, x, ctx);
     Routing<T, D> scaled = routing;
     MIXMOE_CHECK(routing.gate.defined() && routing.token.defined(), "MixedMoE", "router ", router_name(I),
                  " returned a routing without gates or tokens");
@@ -331,6 +372,7 @@ struct MixedMoE {
   std::vector<index_t> expert_offset_;  // (G + 1)
   std::vector<double> fixed_mix_;
   mutable std::vector<RoutingRecord<T, D>> records_;
+  std::vector<LogitIntervention> interventions_;  // per router, or empty: none set
 };
 
 /// True for MixedMoE types.
