@@ -2,6 +2,8 @@
 //
 //   x (B, T, C) -> (B, T, C); H query heads, Hkv key/value heads, Dh = C / H
 //   (cfg.attn_bias adds biases to Wq, Wk, Wv, zero at initialisation, as Qwen2 has)
+//   (cfg.qk_norm: q = q_norm(x Wq^T) over all C channels, k = k_norm(x Wk^T) over all
+//   Hkv * Dh channels, RMSNorms with weights, before the heads are split and rope runs, as OLMoE has)
 //   q = x Wq^T (B, T, H, Dh), k, v = x Wk^T, x Wv^T (B, T, Hkv, Dh), rope on q and k,
 //   o = causal_attention(q, k, v) (B, T, H, Dh) -> Wo -> (B, T, C)
 //
@@ -86,6 +88,10 @@ struct CausalSelfAttention {
         head_dim(cfg.head_dim()),
         rope_theta(cfg.rope_theta) {
     cfg.validate();
+    if (cfg.qk_norm) {
+      q_norm = RMSNorm<T, D>(cfg.d_model, cfg.norm_eps);
+      k_norm = RMSNorm<T, D>(cfg.kv_head_count() * cfg.head_dim(), cfg.norm_eps);
+    }
   }
 
   /// x (B, T, C); with a cache, T new tokens after cache->length cached ones.
@@ -94,9 +100,10 @@ struct CausalSelfAttention {
                  heads * head_dim, "), got ", x.shape());
     const index_t b = x.size(0), t = x.size(1);
     const index_t offset = cache ? cache->length : 0;
-    auto q = rope(reshape(wq(x), Shape{b, t, heads, head_dim}), offset, rope_theta);     // (B, T, H, Dh)
-    auto k = rope(reshape(wk(x), Shape{b, t, kv_heads, head_dim}), offset, rope_theta);  // (B, T, Hkv, Dh)
-    auto v = reshape(wv(x), Shape{b, t, kv_heads, head_dim});                             // (B, T, Hkv, Dh)
+    const bool qk = q_norm.weight.defined();  // cfg.qk_norm
+    auto q = rope(reshape(qk ? q_norm(wq(x)) : wq(x), Shape{b, t, heads, head_dim}), offset, rope_theta);  // (B,T,H,Dh)
+    auto k = rope(reshape(qk ? k_norm(wk(x)) : wk(x), Shape{b, t, kv_heads, head_dim}), offset, rope_theta);
+    auto v = reshape(wv(x), Shape{b, t, kv_heads, head_dim});  // (B, T, Hkv, Dh)
     Var<T, D> o;
     if (cache) {
       MIXMOE_CHECK(!grad_enabled() || !x.requires_grad(), "CausalSelfAttention",
@@ -115,9 +122,14 @@ struct CausalSelfAttention {
     wk.visit_parameters(visit, join_name(prefix, "wk"));
     wv.visit_parameters(visit, join_name(prefix, "wv"));
     wo.visit_parameters(visit, join_name(prefix, "wo"));
+    if (q_norm.weight.defined()) {
+      q_norm.visit_parameters(visit, join_name(prefix, "q_norm"));
+      k_norm.visit_parameters(visit, join_name(prefix, "k_norm"));
+    }
   }
 
   Linear<T, D> wq, wk, wv, wo;
+  RMSNorm<T, D> q_norm, k_norm;  // cfg.qk_norm only: (C) and (Hkv * Dh) weights
   index_t heads = 0, kv_heads = 0, head_dim = 0;
   double rope_theta = 10000.0;
 };

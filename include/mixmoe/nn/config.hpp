@@ -39,6 +39,7 @@ struct ModelConfig {
   double init_std = 0.02;     // embeddings and the residual-branch output projections
   bool tie_embeddings = true;  // output head shares the token embedding
   bool attn_bias = false;      // biases on the q/k/v projections of attention (Qwen2 layout); o has none
+  bool qk_norm = false;        // RMSNorm over the whole q and k projections before rotary positions (OLMoE)
   std::uint64_t seed = 0;     // initialisation
   MoEConfig moe{};
 
