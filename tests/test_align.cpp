@@ -440,6 +440,35 @@ TEST_CASE("gradcheck: routing alignment loss through a tiny DecoderLM with MoE F
     CHECK(routing_alignment_loss(model, tg_rows, en, sets, zone, ci).item() > 1e-6);
   }
   MIXMOE_REQUIRE_GRADCHECK(fn, parameters(model), GradcheckOptions{.eps = 1e-6, .atol = 1e-7, .rtol = 1e-5});
+
+  // The English forward after the target-language one (a training loop's extra loss) gives the
+  // same loss and the same gradients as the English forward first.
+  const AlignmentLossOptions opt{.lambda = 3.0};
+  (void)model(tg_batch.inputs);
+  zero_grad(model);
+  Vd first = routing_alignment_loss(model, tg_rows, en, sets, zone, ci, opt);
+  first.backward();
+  std::vector<Td> g_first;
+  for (auto& p : parameters(model)) g_first.push_back(p.grad().defined() ? p.grad().clone() : Td::zeros(p.shape()));
+  (void)model(tg_batch.inputs);
+  zero_grad(model);
+  Vd after = routing_alignment_loss_with_english_forward(model, tg_rows, en_batch.inputs, en_rows, sets, zone, ci, opt);
+  after.backward();
+  CHECK(after.item() == Approx(first.item()).epsilon(1e-12));
+  const auto params = parameters(model);
+  double moved = 0;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const Td g = params[i].grad().defined() ? params[i].grad() : Td::zeros(params[i].shape());
+    CHECK(max_abs_diff(g, g_first[i]) < 1e-12);
+    moved += max_abs_diff(g, Td::zeros(g.shape()));
+  }
+  CHECK(moved > 0);
+  // No ci example: 0, and no English forward (the records stay the target-language forward's).
+  (void)model(tg_batch.inputs);
+  const Vd none = routing_alignment_loss_with_english_forward(model, tg_rows, en_batch.inputs, en_rows, sets, zone,
+                                                              std::vector<unsigned char>{0, 0}, opt);
+  CHECK(none.item() == 0.0);
+  CHECK(capture_example_routing(model, tg_rows).mean[0].requires_grad());
 }
 
 TEST_CASE("gap predictor: least-squares line and R^2", "[align]") {

@@ -36,7 +36,15 @@
 //   auto loss = cross_entropy(logits, tgt_batch.targets)
 //             + routing_alignment_loss(model, tgt_rows, en, task_experts, zone_slots, ci_mask, {.lambda = 0.1});
 //
-// The model-level form reads the last forward's routing records once (like load_balance_loss:
+// In a loop whose extra loss runs after the target-language forward (train/loop.hpp), the
+// English forward comes second instead:
+//
+//   auto logits = model(tgt_batch.inputs);
+//   auto loss = cross_entropy(logits, tgt_batch.targets)
+//             + routing_alignment_loss_with_english_forward(model, tgt_rows, en_batch.inputs, en_rows,
+//                                                           task_experts, zone_slots, ci_mask, {.lambda = 0.1});
+//
+// The model-level forms read the last forward's routing records once (like load_balance_loss:
 // reading them twice, or after release_routing_graphs, is an error).
 #pragma once
 
@@ -219,7 +227,7 @@ Var<typename Model::value_type, typename Model::device_type> routing_alignment_l
     const std::vector<index_t>& zone_slots, std::span<const unsigned char> ci, const AlignmentLossOptions& opt = {}) {
   constexpr const char* where = "routing_alignment_loss";
   // Check every record before marking any, so a refused call leaves them as they were.
-  detail::for_each_record(model, where, [&](index_t layer, const auto& rec) {
+  detail::for_each_routing_record(model, where, [&](index_t layer, const auto& rec) {
     MIXMOE_CHECK(!rec.graph_released, where, "the routing graph of MoE layer ", layer, " (", rec.name,
                  ") was released (release_routing_graphs): run a forward pass first");
     MIXMOE_CHECK(!(rec.read_by_losses & kRoutingAlignmentLossBit), where, "the routing of MoE layer ", layer, " (",
@@ -228,7 +236,44 @@ Var<typename Model::value_type, typename Model::device_type> routing_alignment_l
                  "`cross_entropy(model(x), y) + loss(model)` C++ may evaluate the loss first)");
   });
   auto target = capture_example_routing(model, rows);
-  detail::for_each_record(model, where, [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
+  detail::for_each_routing_record(model, where, [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
+  return routing_alignment_loss(target, english, experts, zone_slots, ci, opt);
+}
+
+/// The loss for a training step whose target-language forward has just run (a training loop's
+/// extra loss, train/loop.hpp): captures that forward's routing with its graph, THEN runs the
+/// English forward model(english_inputs) under no_grad for the reference (row b of both batches is
+/// item b), and returns the loss. The English forward replaces the routing records; the captured
+/// target-language routing keeps its graph. Without ci examples or task experts in the zone the
+/// English forward is skipped and the loss is a constant 0. Marks the target forward's records
+/// read, like the model-level routing_alignment_loss.
+template <Module Model, class Input>
+Var<typename Model::value_type, typename Model::device_type> routing_alignment_loss_with_english_forward(
+    const Model& model, const RowMap& rows, const Input& english_inputs, const RowMap& english_rows,
+    const ExpertSets& experts, const std::vector<index_t>& zone_slots, std::span<const unsigned char> ci,
+    const AlignmentLossOptions& opt = {}) {
+  constexpr const char* where = "routing_alignment_loss";
+  detail::for_each_routing_record(model, where, [&](index_t layer, const auto& rec) {
+    MIXMOE_CHECK(!rec.graph_released, where, "the routing graph of MoE layer ", layer, " (", rec.name,
+                 ") was released (release_routing_graphs): run a forward pass first");
+    MIXMOE_CHECK(!(rec.read_by_losses & kRoutingAlignmentLossBit), where, "the routing of MoE layer ", layer, " (",
+                 rec.name, ") was already used by this loss: run a forward pass first");
+  });
+  auto target = capture_example_routing(model, rows);
+  detail::for_each_routing_record(model, where, [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
+  MIXMOE_CHECK(english_rows.num_examples == rows.num_examples, where, "the English batch has ",
+               english_rows.num_examples, " items, the target-language batch ", rows.num_examples);
+  bool any_set = false;
+  for (index_t s : zone_slots)
+    if (s >= 0 && s < static_cast<index_t>(experts.size()) && !experts[static_cast<std::size_t>(s)].empty())
+      any_set = true;
+  if (detail::count_ci(ci) == 0 || !any_set) {
+    MIXMOE_CHECK(static_cast<index_t>(ci.size()) == rows.num_examples, where, "the ci mask has ", ci.size(),
+                 " entries for ", rows.num_examples, " examples");
+    return Var<typename Model::value_type, typename Model::device_type>(
+        Tensor<typename Model::value_type, typename Model::device_type>::scalar(0));
+  }
+  const auto english = english_reference_routing(model, english_inputs, english_rows);
   return routing_alignment_loss(target, english, experts, zone_slots, ci, opt);
 }
 

@@ -86,8 +86,8 @@ inline CategoryCounts count_categories(const std::vector<Category>& cats, std::s
 
 /// One line per language: counts, proportions (%), accuracies (%) and the gap (points).
 ///
-///   lang       n    cc    ci    ic    ii   cc%   ci%   ic%   ii%  acc_en acc_tgt    gap
-///   de       200   120    50    10    20  60.0  25.0   5.0  10.0    85.0    65.0   20.0
+///   lang          n     cc     ci     ic     ii    cc%   ci%   ic%   ii%  acc_en acc_tgt    gap
+///   de          200    120     50     10     20   60.0  25.0   5.0  10.0    85.0    65.0   20.0
 inline std::string format_category_table(const std::vector<CategoryCounts>& rows) {
   std::ostringstream os;
   os << "lang          n     cc     ci     ic     ii    cc%   ci%   ic%   ii%  acc_en acc_tgt    gap\n";

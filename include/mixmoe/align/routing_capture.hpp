@@ -46,6 +46,7 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixmoe/autograd/var.hpp"
@@ -283,14 +284,14 @@ struct ExampleRouting {
 namespace detail {
 
 template <class Model>
-using model_value_t = typename std::remove_const_t<Model>::value_type;
+using routing_model_value_t = typename std::remove_const_t<Model>::value_type;
 template <class Model>
-using model_device_t = typename std::remove_const_t<Model>::device_type;
+using routing_model_device_t = typename std::remove_const_t<Model>::device_type;
 
 /// Calls f(layer_index, record) for every routing record of the model's last forward; an MoE
 /// layer without records is an error naming `where`.
 template <class Model, class F>
-void for_each_record(const Model& model, const char* where, F&& f) {
+void for_each_routing_record(const Model& model, const char* where, F&& f) {
   index_t layer = 0;
   visit_moe_layers(model, [&](const auto& moe) {
     MIXMOE_CHECK(!moe.routing_records().empty(), where, "MoE layer ", layer,
@@ -305,8 +306,8 @@ void for_each_record(const Model& model, const char* where, F&& f) {
 /// Per slot, the per-token routing distribution probs (N, E) of the model's last forward.
 template <class Model>
 auto slot_probs(const Model& model) {
-  std::vector<Var<detail::model_value_t<Model>, detail::model_device_t<Model>>> out;
-  detail::for_each_record(model, "slot_probs", [&](index_t, const auto& rec) { out.push_back(rec.routing.probs); });
+  std::vector<Var<detail::routing_model_value_t<Model>, detail::routing_model_device_t<Model>>> out;
+  detail::for_each_routing_record(model, "slot_probs", [&](index_t, const auto& rec) { out.push_back(rec.routing.probs); });
   return out;
 }
 
@@ -315,8 +316,8 @@ auto slot_probs(const Model& model) {
 /// release_routing_graphs since).
 template <class Model>
 auto capture_example_routing(const Model& model, const RowMap& rows) {
-  ExampleRouting<detail::model_value_t<Model>, detail::model_device_t<Model>> out;
-  detail::for_each_record(model, "capture_example_routing", [&](index_t layer, const auto& rec) {
+  ExampleRouting<detail::routing_model_value_t<Model>, detail::routing_model_device_t<Model>> out;
+  detail::for_each_routing_record(model, "capture_example_routing", [&](index_t layer, const auto& rec) {
     out.mean.push_back(example_mean_routing(rec.routing.probs, rows));
     out.slots.push_back(RouterSlot{layer, rec.name, rec.routing.probs.size(1)});
   });
@@ -334,12 +335,12 @@ class RoutingFrequencies {
   template <class Model>
   void add(const Model& model, const RowMap& rows) {
     std::vector<RouterSlot> slots;
-    detail::for_each_record(model, "RoutingFrequencies::add", [&](index_t layer, const auto& rec) {
+    detail::for_each_routing_record(model, "RoutingFrequencies::add", [&](index_t layer, const auto& rec) {
       slots.push_back(RouterSlot{layer, rec.name, rec.routing.probs.size(1)});
     });
     bind_slots(slots);
     index_t s = 0;
-    detail::for_each_record(model, "RoutingFrequencies::add",
+    detail::for_each_routing_record(model, "RoutingFrequencies::add",
                             [&](index_t, const auto& rec) { add(s++, rec.routing, rows); });
   }
 
