@@ -25,6 +25,7 @@
 
 #include <mixmoe/data/batching.hpp>
 #include <mixmoe/data/corpus.hpp>
+#include <mixmoe/data/iso_task.hpp>
 #include <mixmoe/data/text_io.hpp>
 #include <mixmoe/data/tokenizer.hpp>
 #include <mixmoe/eval/bleu.hpp>
@@ -152,6 +153,10 @@ Inputs load_inputs(const TrainArgs& a, const Preset& p) {
     TokenizerOptions to;
     to.vocab_size = static_cast<int>(vocab);
     to.user_symbols = Tokenizer::translation_symbols(in.langs);
+    // The task tags of the ISO-code task (data/iso_task.hpp), so that examples/ramoe can fine-tune
+    // the translation models of this work directory on it.
+    for (const auto& sym : iso_task_symbols({IsoKind::country, IsoKind::language, IsoKind::currency}))
+      to.user_symbols.push_back(sym);
     to.hard_vocab_limit = false;
     fs::create_directories(a.work);
     say("training the tokenizer (" + std::to_string(vocab) + " pieces) on " + std::to_string(text.size()) +
