@@ -326,8 +326,8 @@ TEST_CASE("RISE freeze policy: exactly the selected experts train", "[align][ris
   LM model(lm_config());
   const auto prefixes = expert_parameter_prefixes(model);
   REQUIRE(prefixes.size() == 6);
-  CHECK(prefixes[0] ==
-        std::vector<std::string>{"layers.0.ffn.lm.experts.0", "layers.0.ffn.lm.experts.1", "layers.0.ffn.lm.experts.2"});
+  CHECK(prefixes[0] == std::vector<std::string>{"layers.0.ffn.lm.experts.0", "layers.0.ffn.lm.experts.1",
+                                                "layers.0.ffn.lm.experts.2"});
   CHECK(prefixes[5][1] == "layers.2.ffn.mt.experts.1");
   CHECK(slot_zones(model) == std::vector<LayerZone>{LayerZone::shallow, LayerZone::shallow, LayerZone::middle,
                                                     LayerZone::middle, LayerZone::deep, LayerZone::deep});

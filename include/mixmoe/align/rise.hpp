@@ -61,7 +61,8 @@ inline const char* zone_name(LayerZone z) {
 inline std::vector<LayerZone> zones_by_thirds(index_t num_layers) {
   MIXMOE_CHECK(num_layers >= 0, "zones_by_thirds", "num_layers must be >= 0, got ", num_layers);
   std::vector<LayerZone> z(static_cast<std::size_t>(num_layers));
-  for (index_t l = 0; l < num_layers; ++l) z[static_cast<std::size_t>(l)] = static_cast<LayerZone>((6 * l + 3) / (2 * num_layers));
+  for (index_t l = 0; l < num_layers; ++l)
+    z[static_cast<std::size_t>(l)] = static_cast<LayerZone>((6 * l + 3) / (2 * num_layers));
   return z;
 }
 
@@ -86,7 +87,7 @@ std::vector<LayerZone> slot_zones(Model& model, const std::vector<LayerZone>& la
 using LanguageFrequencies = std::vector<std::vector<std::vector<double>>>;
 
 struct RiseOptions {
-  std::size_t english = 0;                             // index of English on the language axis
+  std::size_t english = 0;                              // index of English on the language axis
   std::array<index_t, 3> experts_per_slot = {1, 2, 1};  // per zone: shallow, middle, deep
   double specificity_weight = 1.0;
   double overlap_weight = 1.0;
@@ -124,10 +125,11 @@ inline RiseSelection rise_select(const LanguageFrequencies& freq, std::size_t ta
   MIXMOE_CHECK(std::isfinite(options.specificity_weight) && std::isfinite(options.overlap_weight), op,
                "the weights must be finite");
   for (std::size_t l = 0; l < langs; ++l) {
-    MIXMOE_CHECK(freq[l].size() == slots, op, "language ", l, " has ", freq[l].size(), " slots, language 0 has ", slots);
+    MIXMOE_CHECK(freq[l].size() == slots, op, "language ", l, " has ", freq[l].size(), " slots, language 0 has ",
+                 slots);
     for (std::size_t s = 0; s < slots; ++s) {
-      MIXMOE_CHECK(freq[l][s].size() == freq[0][s].size(), op, "slot ", s, ": language ", l, " has ",
-                   freq[l][s].size(), " experts, language 0 has ", freq[0][s].size());
+      MIXMOE_CHECK(freq[l][s].size() == freq[0][s].size(), op, "slot ", s, ": language ", l, " has ", freq[l][s].size(),
+                   " experts, language 0 has ", freq[0][s].size());
       for (std::size_t k = 0; k < freq[l][s].size(); ++k)
         MIXMOE_CHECK(std::isfinite(freq[l][s][k]) && freq[l][s][k] >= 0, op, "frequency [", l, "][", s, "][", k,
                      "] = ", freq[l][s][k], " must be finite and >= 0");
@@ -213,11 +215,13 @@ std::vector<std::vector<std::string>> expert_parameter_prefixes(Model& model) {
       MIXMOE_CHECK(it != full.end(), "expert_parameter_prefixes", "MoE layer ", layer,
                    "'s parameters are not among the model's");
       const std::string& name = it->second;
-      const bool ends = name.size() >= local.size() && name.compare(name.size() - local.size(), local.size(), local) == 0 &&
+      const bool ends = name.size() >= local.size() &&
+                        name.compare(name.size() - local.size(), local.size(), local) == 0 &&
                         (name.size() == local.size() || name[name.size() - local.size() - 1] == '.');
       MIXMOE_CHECK(ends, "expert_parameter_prefixes", "parameter '", name, "' does not end with the layer's name '",
                    local, "'");
-      const std::string prefix = name.size() == local.size() ? std::string() : name.substr(0, name.size() - local.size() - 1);
+      const std::string prefix =
+          name.size() == local.size() ? std::string() : name.substr(0, name.size() - local.size() - 1);
       const auto expert_name = [&](std::size_t g, index_t i) {
         return join_name(prefix, std::string(L::tag_name(g)) + ".experts." + std::to_string(i));
       };

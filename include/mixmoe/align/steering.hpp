@@ -138,7 +138,8 @@ Var<T, D> steer_logits(const Var<T, D>& logits, const std::vector<index_t>& expe
       for (index_t j = 0; j < e; ++j) mean += static_cast<double>(row[j]);
       mean /= static_cast<double>(e);
       double var = 0.0;
-      for (index_t j = 0; j < e; ++j) var += (static_cast<double>(row[j]) - mean) * (static_cast<double>(row[j]) - mean);
+      for (index_t j = 0; j < e; ++j)
+        var += (static_cast<double>(row[j]) - mean) * (static_cast<double>(row[j]) - mean);
       delta = lambda * std::sqrt(var / static_cast<double>(e));
     } else {
       double min_in = std::numeric_limits<double>::infinity(), max_out = -std::numeric_limits<double>::infinity();
@@ -173,8 +174,8 @@ std::vector<bool> steered_slots(Model& model, const RoutingSteering& spec) {
   for (std::size_t s = 0; s < slots.size(); ++s) {
     std::vector<index_t> ids = spec.experts[s];
     for (const index_t id : ids)
-      MIXMOE_CHECK(id >= 0 && id < slots[s].num_experts, "apply_steering", "slot ", s, " (layer ", slots[s].layer,
-                   ", ", slots[s].name, "): expert ", id, " is out of range [0, ", slots[s].num_experts, ")");
+      MIXMOE_CHECK(id >= 0 && id < slots[s].num_experts, "apply_steering", "slot ", s, " (layer ", slots[s].layer, ", ",
+                   slots[s].name, "): expert ", id, " is out of range [0, ", slots[s].num_experts, ")");
     std::sort(ids.begin(), ids.end());
     MIXMOE_CHECK(std::adjacent_find(ids.begin(), ids.end()) == ids.end(), "apply_steering", "slot ", s,
                  " lists an expert twice");
