@@ -21,12 +21,14 @@
 #include <string>
 #include <unordered_map>
 
+// Everything in a namespace of this file's own: the unity build compiles several test files
+// as one translation unit, where helpers of the same name in anonymous namespaces would clash.
+namespace test_hf_moe {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-namespace {
 
 struct ScratchDir {
   fs::path path;
@@ -343,8 +345,6 @@ void check_import(const HfMoE& ref, const fs::path& dir) {
   REQUIRE(d < 1e-10);
 }
 
-}  // namespace
-
 TEST_CASE("HF MoE import: Mixtral (renormalised top-2, sharded) matches a naive reference forward", "[hf][moe]") {
   ScratchDir dir("mixtral");
   HfMoE ref("mixtral");
@@ -415,6 +415,17 @@ TEST_CASE("HF MoE import: Mixtral (renormalised top-2, sharded) matches a naive 
   cfg = ref.config();
   cfg.erase("num_local_experts");
   MIXMOE_REQUIRE_ERROR(with_config(cfg), "missing 'num_local_experts'");
+  // Absent fields take MixtralConfig's defaults: 8 kv heads, eps 1e-5, theta 1e6.
+  cfg = ref.config();
+  cfg["num_attention_heads"] = 16;
+  cfg["hidden_size"] = 32;
+  for (const char* k : {"num_key_value_heads", "rms_norm_eps", "rope_theta"}) cfg.erase(k);
+  {
+    const ModelConfig c = with_config(cfg).config;
+    REQUIRE(c.kv_heads == 8);
+    REQUIRE(c.norm_eps == 1e-5);
+    REQUIRE(c.rope_theta == 1e6);
+  }
   // A model built with other sizes is refused before any tensor is read.
   cfg = ref.config();
   cfg["num_local_experts"] = 8;
@@ -467,6 +478,18 @@ TEST_CASE("HF MoE import: Qwen2-MoE (q/k/v biases, sigmoid-gated shared expert, 
   cfg = ref.config();
   cfg["shared_expert_intermediate_size"] = 0;
   MIXMOE_REQUIRE_ERROR(with_config(cfg), "shared_expert_intermediate_size 0 (no shared expert) is not supported");
+  // Absent fields take Qwen2MoeConfig's defaults: 16 kv heads, eps 1e-6, theta 1e4.
+  cfg = ref.config();
+  cfg["num_attention_heads"] = 16;
+  cfg["hidden_size"] = 32;
+  for (const char* k : {"num_key_value_heads", "rms_norm_eps", "rope_theta", "norm_topk_prob"}) cfg.erase(k);
+  {
+    const HFMoEInfo d = with_config(cfg);
+    REQUIRE(d.config.kv_heads == 16);
+    REQUIRE(d.config.norm_eps == 1e-6);
+    REQUIRE(d.config.rope_theta == 10000.0);
+    REQUIRE(!d.norm_topk_prob);
+  }
 }
 
 TEST_CASE("HF MoE import: OLMoE (q/k norms over the whole projections), with and without norm_topk_prob", "[hf][moe]") {
@@ -498,6 +521,20 @@ TEST_CASE("HF MoE import: OLMoE (q/k norms over the whole projections), with and
   cfg["clip_qkv"] = 8.0;
   write_file_atomic(dir.path / "plain" / "config.json", cfg.dump());
   MIXMOE_REQUIRE_ERROR(hf_moe_info(dir.path / "plain"), "clip_qkv 8.0 is not supported");
+  // Absent fields take OlmoeConfig's defaults: one kv head per query head (also for null), eps 1e-5, theta 1e4.
+  cfg = ref.config();
+  for (const char* k : {"num_key_value_heads", "rms_norm_eps", "rope_theta", "norm_topk_prob"}) cfg.erase(k);
+  write_file_atomic(dir.path / "plain" / "config.json", cfg.dump());
+  {
+    const HFMoEInfo d = hf_moe_info(dir.path / "plain");
+    REQUIRE(d.config.kv_heads == 2);
+    REQUIRE(d.config.norm_eps == 1e-5);
+    REQUIRE(d.config.rope_theta == 10000.0);
+    REQUIRE(!d.norm_topk_prob);
+  }
+  cfg["num_key_value_heads"] = nullptr;
+  write_file_atomic(dir.path / "plain" / "config.json", cfg.dump());
+  REQUIRE(hf_moe_info(dir.path / "plain").config.kv_heads == 2);
 }
 
 TEST_CASE("CausalSelfAttention with qk_norm: RMSNorm over the whole q and k projections, gradients", "[nn][hf]") {
@@ -646,3 +683,5 @@ TEST_CASE("HF tokenizer: a LLaMA-style SentencePiece model (no <pad>) loads, rou
   write_file_atomic(bpe.path / "tokenizer.model", "not a model");
   MIXMOE_REQUIRE_ERROR(load_hf_sentencepiece(bpe.path), "not a SentencePiece model");
 }
+
+}  // namespace test_hf_moe

@@ -19,7 +19,10 @@
 // config.json (model_type "mixtral", "qwen2_moe" or "olmoe"):
 //   hidden_size -> d_model, num_hidden_layers -> layers, num_attention_heads -> heads,
 //   num_key_value_heads -> kv_heads, vocab_size, rms_norm_eps -> norm_eps, rope_theta,
-//   tie_word_embeddings (default false), num_experts_per_tok -> moe.top_k;
+//   tie_word_embeddings (default false), num_experts_per_tok -> moe.top_k; an absent field takes
+//   the default of the architecture's transformers configuration class (num_key_value_heads 8 /
+//   16 / the query heads, rms_norm_eps 1e-5 / 1e-6 / 1e-5, rope_theta 1e6 / 1e4 / 1e4 for
+//   mixtral / qwen2_moe / olmoe);
 //   mixtral:   num_local_experts -> moe.experts_per_group {E}; intermediate_size -> moe.expert_hidden
 //              and d_ff; router_jitter_noise is ignored (HF applies it only in training mode)
 //   qwen2_moe: num_experts; moe_intermediate_size -> moe.expert_hidden; shared_expert_intermediate_size
@@ -126,11 +129,16 @@ inline HFMoEInfo hf_moe_info(const std::filesystem::path& dir) {
   c.d_model = get_size(j, "hidden_size", where);
   c.layers = get_size(j, "num_hidden_layers", where);
   c.heads = get_size(j, "num_attention_heads", where);
-  c.kv_heads = j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
-                   ? get_size(j, "num_key_value_heads", where)
-                   : c.heads;
-  c.norm_eps = get_number(j, "rms_norm_eps", 1e-6, where);
-  c.rope_theta = get_number(j, "rope_theta", 10000.0, where);
+  // Absent fields take the defaults of the architecture's configuration class in transformers
+  // (MixtralConfig: 8 kv heads, eps 1e-5, theta 1e6; Qwen2MoeConfig: 16, 1e-6, 1e4; OlmoeConfig:
+  // the query heads, 1e-5, 1e4); a null num_key_value_heads means one kv head per query head.
+  const bool mixtral = type == "mixtral", qwen = type == "qwen2_moe";
+  if (!j.contains("num_key_value_heads"))
+    c.kv_heads = mixtral ? 8 : qwen ? 16 : c.heads;
+  else
+    c.kv_heads = j["num_key_value_heads"].is_null() ? c.heads : get_size(j, "num_key_value_heads", where);
+  c.norm_eps = get_number(j, "rms_norm_eps", qwen ? 1e-6 : 1e-5, where);
+  c.rope_theta = get_number(j, "rope_theta", mixtral ? 1e6 : 10000.0, where);
   c.tie_embeddings = get_flag(j, "tie_word_embeddings", false, where);
   MoEConfig& m = c.moe;
   m = MoEConfig{};
