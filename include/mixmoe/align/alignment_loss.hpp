@@ -66,8 +66,8 @@ namespace mixmoe {
 enum class AlignmentAverage { ci_examples, all_examples };
 
 struct AlignmentLossOptions {
-  double lambda = 1.0;   // weight of the whole term
-  double beta = 1.0;     // weight of L_alloc against L_mass
+  double lambda = 1.0;    // weight of the whole term
+  double beta = 1.0;      // weight of L_alloc against L_mass
   double epsilon = 1e-6;  // smoothing of the normalised distributions in the KL (> 0)
   AlignmentAverage average = AlignmentAverage::ci_examples;
 };
@@ -86,8 +86,8 @@ Var<T, D> routing_alignment_slot_loss(const Var<T, D>& target, const Tensor<T, D
                target.defined() ? target.shape().to_string() : std::string("an undefined Var"));
   const index_t b_count = target.size(0), e_count = target.size(1);
   MIXMOE_CHECK(english.dim() == 2 && english.size(0) == b_count && english.size(1) == e_count, where,
-               "the English routing ", english.shape(), " does not match the target-language routing ",
-               target.shape(), " (the items must be parallel)");
+               "the English routing ", english.shape(), " does not match the target-language routing ", target.shape(),
+               " (the items must be parallel)");
   MIXMOE_CHECK(static_cast<index_t>(ci.size()) == b_count, where, "the ci mask has ", ci.size(), " entries for ",
                b_count, " examples");
   MIXMOE_CHECK(std::isfinite(epsilon) && epsilon > 0, where, "epsilon must be > 0, got ", epsilon);
@@ -131,25 +131,25 @@ Var<T, D> routing_alignment_slot_loss(const Var<T, D>& target, const Tensor<T, D
   }
   auto out = Tensor<T, D>::scalar(static_cast<T>(total));
   if (rows.empty()) return Var<T, D>(std::move(out), false);
-  return record("routing_alignment_loss", std::move(out), {target},
-                [tv, rows = std::move(rows), mass_grad = std::move(mass_grad), p = std::move(p),
-                 inv_norm_t = std::move(inv_norm_t), experts, e_count, beta,
-                 epsilon](autograd::BackwardContext<T, D>& ctx) {
-                  if (!ctx.needs_grad(0)) return;
-                  const double g = static_cast<double>(ctx.grad_out().item());
-                  T* gt = ctx.grad_in(0).data();
-                  const T* t = tv.data();
-                  std::size_t pi = 0;
-                  for (std::size_t r = 0; r < rows.size(); ++r) {
-                    const index_t b = rows[r];
-                    for (index_t k : experts) {
-                      // d/dr_k [(s_t - s_e)^2 + beta KL(p || q)] = 2 (s_t - s_e) + beta (1/Z_t - p_k/(r_k + eps))
-                      const double rk = static_cast<double>(t[b * e_count + k]);
-                      const double d = mass_grad[r] + beta * (inv_norm_t[r] - p[pi++] / (rk + epsilon));
-                      gt[b * e_count + k] += static_cast<T>(g * d);
-                    }
-                  }
-                });
+  return record(
+      "routing_alignment_loss", std::move(out), {target},
+      [tv, rows = std::move(rows), mass_grad = std::move(mass_grad), p = std::move(p),
+       inv_norm_t = std::move(inv_norm_t), experts, e_count, beta, epsilon](autograd::BackwardContext<T, D>& ctx) {
+        if (!ctx.needs_grad(0)) return;
+        const double g = static_cast<double>(ctx.grad_out().item());
+        T* gt = ctx.grad_in(0).data();
+        const T* t = tv.data();
+        std::size_t pi = 0;
+        for (std::size_t r = 0; r < rows.size(); ++r) {
+          const index_t b = rows[r];
+          for (index_t k : experts) {
+            // d/dr_k [(s_t - s_e)^2 + beta KL(p || q)] = 2 (s_t - s_e) + beta (1/Z_t - p_k/(r_k + eps))
+            const double rk = static_cast<double>(t[b * e_count + k]);
+            const double d = mass_grad[r] + beta * (inv_norm_t[r] - p[pi++] / (rk + epsilon));
+            gt[b * e_count + k] += static_cast<T>(g * d);
+          }
+        }
+      });
 }
 
 namespace detail {
@@ -184,13 +184,12 @@ Var<T, D> routing_alignment_loss(const std::vector<Var<T, D>>& target, const std
     const index_t s = zone_slots[z];
     MIXMOE_CHECK(s >= 0 && s < static_cast<index_t>(target.size()), where, "zone slot ", s, " is outside the ",
                  target.size(), " slots");
-    for (std::size_t y = 0; y < z; ++y)
-      MIXMOE_CHECK(zone_slots[y] != s, where, "zone slot ", s, " is listed twice");
+    for (std::size_t y = 0; y < z; ++y) MIXMOE_CHECK(zone_slots[y] != s, where, "zone slot ", s, " is listed twice");
     const auto si = static_cast<std::size_t>(s);
     if (experts[si].empty() || n_ci == 0) continue;
     MIXMOE_CHECK(english[si].defined(), where, "the English routing of slot ", s, " is undefined");
-    Var<T, D> term = routing_alignment_slot_loss(target[si], english[si].value(), experts[si], ci, opt.beta,
-                                                 opt.epsilon);
+    Var<T, D> term =
+        routing_alignment_slot_loss(target[si], english[si].value(), experts[si], ci, opt.beta, opt.epsilon);
     total = total.defined() ? total + term : term;
   }
   if (!total.defined()) return Var<T, D>(Tensor<T, D>::scalar(T(0)));
@@ -236,7 +235,8 @@ Var<typename Model::value_type, typename Model::device_type> routing_alignment_l
                  "`cross_entropy(model(x), y) + loss(model)` C++ may evaluate the loss first)");
   });
   auto target = capture_example_routing(model, rows);
-  detail::for_each_routing_record(model, where, [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
+  detail::for_each_routing_record(model, where,
+                                  [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
   return routing_alignment_loss(target, english, experts, zone_slots, ci, opt);
 }
 
@@ -260,7 +260,8 @@ Var<typename Model::value_type, typename Model::device_type> routing_alignment_l
                  rec.name, ") was already used by this loss: run a forward pass first");
   });
   auto target = capture_example_routing(model, rows);
-  detail::for_each_routing_record(model, where, [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
+  detail::for_each_routing_record(model, where,
+                                  [&](index_t, const auto& rec) { rec.read_by_losses |= kRoutingAlignmentLossBit; });
   MIXMOE_CHECK(english_rows.num_examples == rows.num_examples, where, "the English batch has ",
                english_rows.num_examples, " items, the target-language batch ", rows.num_examples);
   bool any_set = false;

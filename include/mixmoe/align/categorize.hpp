@@ -30,10 +30,14 @@ enum class Category { cc = 0, ci = 1, ic = 2, ii = 3 };
 
 inline const char* category_name(Category c) {
   switch (c) {
-    case Category::cc: return "cc";
-    case Category::ci: return "ci";
-    case Category::ic: return "ic";
-    case Category::ii: return "ii";
+    case Category::cc:
+      return "cc";
+    case Category::ci:
+      return "ci";
+    case Category::ic:
+      return "ic";
+    case Category::ii:
+      return "ii";
   }
   return "?";
 }

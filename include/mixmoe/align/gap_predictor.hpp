@@ -27,8 +27,8 @@ namespace mixmoe {
 struct LinearFit {
   double intercept = 0;
   double slope = 0;
-  double r2 = 0;        // coefficient of determination
-  double rmse = 0;      // root mean squared residual
+  double r2 = 0;    // coefficient of determination
+  double rmse = 0;  // root mean squared residual
   index_t points = 0;
 
   [[nodiscard]] double predict(double x) const { return intercept + slope * x; }

@@ -143,7 +143,8 @@ inline RowMap padded_row_map(index_t batch, index_t seq, std::span<const unsigne
   m.num_examples = batch;
   m.example.resize(static_cast<std::size_t>(batch * seq));
   for (index_t n = 0; n < batch * seq; ++n)
-    m.example[static_cast<std::size_t>(n)] = mask.empty() || mask[static_cast<std::size_t>(n)] ? n / std::max<index_t>(seq, 1) : -1;
+    m.example[static_cast<std::size_t>(n)] =
+        mask.empty() || mask[static_cast<std::size_t>(n)] ? n / std::max<index_t>(seq, 1) : -1;
   return m;
 }
 
@@ -307,7 +308,8 @@ void for_each_routing_record(const Model& model, const char* where, F&& f) {
 template <class Model>
 auto slot_probs(const Model& model) {
   std::vector<Var<detail::routing_model_value_t<Model>, detail::routing_model_device_t<Model>>> out;
-  detail::for_each_routing_record(model, "slot_probs", [&](index_t, const auto& rec) { out.push_back(rec.routing.probs); });
+  detail::for_each_routing_record(model, "slot_probs",
+                                  [&](index_t, const auto& rec) { out.push_back(rec.routing.probs); });
   return out;
 }
 
@@ -341,7 +343,7 @@ class RoutingFrequencies {
     bind_slots(slots);
     index_t s = 0;
     detail::for_each_routing_record(model, "RoutingFrequencies::add",
-                            [&](index_t, const auto& rec) { add(s++, rec.routing, rows); });
+                                    [&](index_t, const auto& rec) { add(s++, rec.routing, rows); });
   }
 
   /// Adds one routing of slot `slot` (the slots must have been set: bind_slots or a model-level add).
@@ -367,8 +369,8 @@ class RoutingFrequencies {
       const Tensor<Index, D> tok = routing.token.contiguous(), ex = routing.expert.contiguous();
       for (index_t m = 0; m < ex.numel(); ++m) {
         const index_t t = tok.data()[m], e = ex.data()[m];
-        MIXMOE_CHECK(t >= 0 && t < n && e >= 0 && e < e_count, where, "assignment ", m, " (token ", t, ", expert ",
-                     e, ") is outside ", n, " tokens x ", e_count, " experts");
+        MIXMOE_CHECK(t >= 0 && t < n && e >= 0 && e < e_count, where, "assignment ", m, " (token ", t, ", expert ", e,
+                     ") is outside ", n, " tokens x ", e_count, " experts");
         chosen[static_cast<std::size_t>(t * e_count + e)] = 1;
       }
     }
@@ -565,7 +567,8 @@ inline std::vector<index_t> alignment_zone_layers(index_t num_layers, const Zone
   MIXMOE_CHECK(static_cast<index_t>(layer_similarity.size()) == num_layers, "alignment_zone_layers",
                "ZoneMode::most_similar needs the similarity of each of the ", num_layers, " layers, got ",
                layer_similarity.size());
-  const index_t q = opt.top_q > 0 ? opt.top_q : static_cast<index_t>(middle_layers(num_layers, opt.middle_fraction).size());
+  const index_t q =
+      opt.top_q > 0 ? opt.top_q : static_cast<index_t>(middle_layers(num_layers, opt.middle_fraction).size());
   return most_similar_layers(layer_similarity, q);
 }
 
@@ -591,7 +594,8 @@ inline std::string format_layer_similarity(const std::vector<double>& layer_simi
   char buf[64];
   for (std::size_t l = 0; l < layer_similarity.size(); ++l) {
     const double v = layer_similarity[l];
-    const bool in_zone = std::find(zone_layers.begin(), zone_layers.end(), static_cast<index_t>(l)) != zone_layers.end();
+    const bool in_zone =
+        std::find(zone_layers.begin(), zone_layers.end(), static_cast<index_t>(l)) != zone_layers.end();
     std::snprintf(buf, sizeof buf, "%c%-5zu %10.4f  ", in_zone ? '*' : ' ', l, v);
     const int bar = static_cast<int>(std::lround(std::clamp(v, 0.0, 1.0) * width));
     os << buf << std::string(static_cast<std::size_t>(bar), '#') << '\n';

@@ -35,8 +35,8 @@ enum class FrequencySource { selection, probability_mass };
 
 struct TaskExpertOptions {
   TaskExpertSelect select = TaskExpertSelect::threshold;
-  double tau = 0.0;                                           // threshold: keep delta > tau
-  index_t top_m = 2;                                          // top_m: experts per slot at most
+  double tau = 0.0;                                             // threshold: keep delta > tau
+  index_t top_m = 2;                                            // top_m: experts per slot at most
   double min_delta = -std::numeric_limits<double>::infinity();  // top_m: keep only delta > min_delta
   FrequencySource source = FrequencySource::selection;
 };
