@@ -42,6 +42,10 @@ def read_jsonl(path):
     return out
 
 
+RAMOE_BEGIN = "<!-- ramoe:begin -->"
+RAMOE_END = "<!-- ramoe:end -->"
+
+
 def main():
     work, docs = sys.argv[1], sys.argv[2]
     img = os.path.join(docs, "img")
@@ -170,8 +174,17 @@ def main():
     if routing_note:
         md.append("## Routing\n")
         md.append(routing_note)
-    with open(os.path.join(docs, "results.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(md) + "\n")
+    # The RA-MoE section (scripts/ramoe_results.py) lives between its markers: keep it.
+    path = os.path.join(docs, "results.md")
+    kept = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+        b, e = old.find(RAMOE_BEGIN), old.find(RAMOE_END)
+        if b >= 0 and e > b:
+            kept = "\n" + old[b:e + len(RAMOE_END)] + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n" + kept)
     print(f"wrote {os.path.join(docs, 'results.md')} and plots in {img}")
 
 

@@ -11,6 +11,9 @@
 
 #include <cmath>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_align {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -490,3 +493,4 @@ TEST_CASE("gap predictor: least-squares line and R^2", "[align]") {
   MIXMOE_REQUIRE_ERROR(fit_line({1, 1}, {0, 2}), "same x");
   MIXMOE_REQUIRE_ERROR(fit_line({1}, {0}), "at least 2 points");
 }
+}  // namespace test_align

@@ -1,6 +1,9 @@
 // Autodiff engine: accumulation, no_grad, detach, custom ops, gradcheck itself.
 #include "test_util.hpp"
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_autograd {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -160,3 +163,4 @@ TEST_CASE("BLAS and Eigen GEMM agree, all transposes", "[ops][gemm]") {
       REQUIRE(max_abs_diff(c1, c2) < 1e-4);
     }
 }
+}  // namespace test_autograd

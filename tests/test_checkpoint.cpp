@@ -20,6 +20,9 @@
 #include <map>
 #include <string>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_checkpoint {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 namespace fs = std::filesystem;
@@ -265,6 +268,7 @@ TEST_CASE("atomic writes replace whole files and leave no temporary behind; SHA-
 TEST_CASE("ModelConfig <-> JSON round trip and field-naming errors", "[checkpoint]") {
   ModelConfig c = moe_config(77);
   c.attn_bias = true;
+  c.qk_norm = true;
   c.rope_theta = 123456.5;
   c.seed = 18446744073709551615ULL;
   c.moe.mix = GroupMix::fixed;
@@ -274,6 +278,7 @@ TEST_CASE("ModelConfig <-> JSON round trip and field-naming errors", "[checkpoin
   const auto back = j.get<ModelConfig>();
   REQUIRE(model_config_to_json(back) == j);
   REQUIRE(back.seed == c.seed);
+  REQUIRE(back.qk_norm);
   REQUIRE(back.moe.mix == GroupMix::fixed);
   REQUIRE(back.moe.experts_per_group == std::vector<index_t>{2, 3});
   // Missing fields keep their defaults; wrong types and unknown fields are named.
@@ -1006,3 +1011,4 @@ TEST_CASE("HF import: a Qwen2 checkpoint (q/k/v biases, tied embeddings, BF16) m
   ref.save(dir.path / "nobias", Dtype::BF16, 1, "model.layers.0.self_attn.v_proj.bias");
   MIXMOE_REQUIRE_ERROR(load_hf_dense(model, dir.path / "nobias"), "missing: model.layers.0.self_attn.v_proj.bias");
 }
+}  // namespace test_checkpoint

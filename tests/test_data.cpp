@@ -13,6 +13,9 @@
 #include <fstream>
 #include <sstream>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_data {
+
 using namespace mixmoe;
 namespace fs = std::filesystem;
 
@@ -584,3 +587,4 @@ TEST_CASE("corpus: option and catalog errors are named", "[data][corpus]") {
   fs::remove_all(cat / "small");
   MIXMOE_REQUIRE_ERROR(build_corpus(tree_options(cat)), "small: missing package directory");
 }
+}  // namespace test_data

@@ -17,6 +17,9 @@
 #include <string>
 #include <vector>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_eval {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 using Strings = std::vector<std::string>;
@@ -484,3 +487,4 @@ TEST_CASE("decoding errors", "[eval][decode][errors]") {
                        "[greedy_decode] max_new_tokens must be >= 0");
   REQUIRE(beam_search(model, {1}, {.max_new_tokens = 0, .beam_size = 3}).front().tokens.empty());
 }
+}  // namespace test_eval

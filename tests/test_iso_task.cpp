@@ -14,6 +14,9 @@
 #include <fstream>
 #include <set>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_iso_task {
+
 using namespace mixmoe;
 namespace fs = std::filesystem;
 
@@ -486,3 +489,4 @@ TEST_CASE("iso task: exact-match scoring and aligned correctness", "[iso_task]")
   CHECK(none.languages.empty());
   CHECK(none.items.empty());
 }
+}  // namespace test_iso_task

@@ -4,6 +4,9 @@
 #include <mixmoe/moe/dispatch.hpp>
 #include <mixmoe/nn/ffn.hpp>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_moe_dispatch {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -246,3 +249,4 @@ TEST_CASE("moe_forward errors", "[moe][dispatch][errors]") {
   MIXMOE_REQUIRE_ERROR(moe_forward(x, bad_gate, 2, 0.0, id),
                        "[moe_forward] routing.gate must be (M) with M = 2 assignments, got (3)");
 }
+}  // namespace test_moe_dispatch

@@ -11,6 +11,9 @@
 #include <cmath>
 #include <numbers>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_moe_layer {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -399,3 +402,4 @@ TEST_CASE("routing statistics of a model's layers", "[moe][stats]") {
   print_routing_stats(os, stats);
   REQUIRE_THAT(os.str(), Catch::Matchers::Contains("router.mt"));
 }
+}  // namespace test_moe_layer

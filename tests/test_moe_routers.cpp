@@ -22,6 +22,9 @@
 #include <type_traits>
 #include <vector>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_moe_routers {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -799,3 +802,4 @@ TEST_CASE("check_router accepts a user's router, and checked_router_t binds poli
   checked_router_t<ParityRouter, double, Cpu> r(RouterShape{4, 2, 1}, gen);
   REQUIRE(ivec(r(rand_var({3, 4}, 1), Ctx{}).expert) == std::vector<Index>{0, 1, 0});
 }
+}  // namespace test_moe_routers

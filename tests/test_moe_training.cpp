@@ -6,6 +6,9 @@
 #include <fstream>
 #include <iterator>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_moe_training {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -114,3 +117,4 @@ TEST_CASE("a tiny mixed-MoE LM learns real text, with balanced experts", "[moe][
   REQUIRE(stats.size() == 4);
   for (const auto& s : stats) REQUIRE(s.load_ratio < 2.0);
 }
+}  // namespace test_moe_training

@@ -11,6 +11,9 @@
 #include <map>
 #include <optional>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_moe_upcycle {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -283,3 +286,4 @@ TEST_CASE("stage policies: frozen parameters stay bit-identical through AdamW st
   const auto r = apply_freeze_policy(model, typo);
   REQUIRE(r.unused_patterns == std::vector<std::string>{"lm.expert"});
 }
+}  // namespace test_moe_upcycle

@@ -10,6 +10,9 @@
 #include <mixmoe/nn/decoder.hpp>
 #include <mixmoe/nn/ffn.hpp>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_nn {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -159,3 +162,4 @@ TEST_CASE("MoE DecoderLMs: token ids reach the router; decoding matches the full
     }
   }
 }
+}  // namespace test_nn

@@ -10,6 +10,9 @@
 #include <utility>
 #include <vector>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_attention {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -373,3 +376,4 @@ TEST_CASE("causal_attention: errors", "[ops][attention][errors]") {
                        "[causal_attention] Tq = 3 queries but only Tk = 2 keys");
   MIXMOE_REQUIRE_ERROR(causal_attention(q, k, v, INFINITY), "[causal_attention] scale inf must be finite");
 }
+}  // namespace test_ops_attention

@@ -9,6 +9,9 @@
 #include <numbers>
 #include <thread>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_fft {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -323,3 +326,4 @@ TEST_CASE("rfft with no rows gives an empty spectrum", "[fft]") {
   y.backward(Td::zeros({0, 5, 2}));
   REQUIRE(rfft_magnitude(Vd(Td::zeros({2, 0, 5}))).shape() == Shape{2, 0, 3});
 }
+}  // namespace test_ops_fft

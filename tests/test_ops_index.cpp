@@ -4,6 +4,9 @@
 
 #include "test_util.hpp"
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_index {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -232,3 +235,4 @@ TEST_CASE("index ops name the bad index, its position and the extent", "[ops][in
       "[scatter_add] index of shape (1, 4) is larger than x of shape (4, 3) on axis 1 (only the scatter axis 0");
   MIXMOE_REQUIRE_ERROR(scatter_add(x, 2, Ti::zeros({1, 1}), src), "[scatter_add] axis 2 out of range for shape (4, 3)");
 }
+}  // namespace test_ops_index

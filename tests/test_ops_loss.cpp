@@ -7,6 +7,9 @@
 
 #include <cmath>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_loss {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -244,3 +247,4 @@ TEST_CASE("embedding errors name the id and the vocabulary", "[ops][embedding][e
   MIXMOE_REQUIRE_ERROR(embedding(w, Ti::zeros({1, 1, 1, 1, 1, 1})),
                        "[embedding] ids of shape (1, 1, 1, 1, 1, 1) leave no room");
 }
+}  // namespace test_ops_loss

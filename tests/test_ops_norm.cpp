@@ -5,6 +5,9 @@
 
 #include <cmath>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_norm {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -233,3 +236,4 @@ TEST_CASE("norm errors", "[ops][norm][errors]") {
   MIXMOE_REQUIRE_ERROR(layer_norm(x, Vd(), Vd(), std::nan("")), "[layer_norm] eps must be finite and >= 0, got nan");
   MIXMOE_REQUIRE_ERROR(layer_norm(Vf()), "[layer_norm] the input is an undefined Var");
 }
+}  // namespace test_ops_norm

@@ -10,6 +10,9 @@
 #include <limits>
 #include <numbers>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_pointwise {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -441,3 +444,4 @@ TEST_CASE("dropout errors", "[ops][dropout][errors]") {
   MIXMOE_REQUIRE_ERROR(dropout(x, 1.5, gen, false), "[dropout] p must be in [0, 1), got 1.5");  // checked in eval too
   MIXMOE_REQUIRE_ERROR(dropout(Vd(), 0.1, gen), "[dropout] the input is an undefined Var");
 }
+}  // namespace test_ops_pointwise

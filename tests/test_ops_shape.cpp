@@ -3,6 +3,9 @@
 
 #include "test_util.hpp"
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_shape {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -181,3 +184,4 @@ TEST_CASE("shape ops reject bad arguments", "[ops][shape][errors]") {
   MIXMOE_REQUIRE_ERROR(concat({x, x}, 3), "[concat] axis 3 out of range for shape (2, 3, 4)");
   MIXMOE_REQUIRE_ERROR(concat({x, Vd()}, 0), "[concat] input 1 is an undefined Var");
 }
+}  // namespace test_ops_shape

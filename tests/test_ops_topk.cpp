@@ -9,6 +9,9 @@
 #include <limits>
 #include <numeric>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_ops_topk {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -122,3 +125,4 @@ TEST_CASE("topk: rewriting the returned indices does not change the gradient", "
   r.values.backward(Td::from({1, 2}, {1, 2}));
   REQUIRE(x.grad().to_vector() == std::vector<double>{0, 1, 2, 0});
 }
+}  // namespace test_ops_topk

@@ -10,6 +10,9 @@
 #include <cmath>
 #include <set>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_steering {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -370,3 +373,4 @@ TEST_CASE("RISE freeze policy: exactly the selected experts train", "[align][ris
   CHECK(n == 3);
   MIXMOE_REQUIRE_ERROR(experts_only_policy(shared, {{6}}), "expert 6 is out of range [0, 6)");
 }
+}  // namespace test_steering

@@ -1,6 +1,9 @@
 // Tensor core: shapes, views, copies, random, allocator.
 #include "test_util.hpp"
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_tensor {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -127,3 +130,4 @@ TEST_CASE("caching allocator reuses blocks", "[tensor][allocator]") {
   }
   REQUIRE(alloc.stats().system_allocs == before);
 }
+}  // namespace test_tensor

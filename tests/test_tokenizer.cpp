@@ -16,6 +16,9 @@
 #include <string>
 #include <vector>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_tokenizer {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -588,3 +591,4 @@ TEST_CASE("batching: a translation corpus end to end, the loss counts only targe
   }
   REQUIRE(targets == expected_targets);
 }
+}  // namespace test_tokenizer

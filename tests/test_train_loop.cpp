@@ -14,6 +14,9 @@
 #include <mixmoe/nn/ffn.hpp>
 #include <mixmoe/train/loop.hpp>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_train_loop {
+
 using namespace mixmoe;
 namespace fs = std::filesystem;
 
@@ -237,3 +240,4 @@ TEST_CASE("train_loop: non-finite steps are skipped, then training stops with th
   CHECK(flat_weights(restored) == good);
   fs::remove_all(d);
 }
+}  // namespace test_train_loop

@@ -17,6 +17,9 @@
 #include <sstream>
 #include <string>
 
+// Each test file in its own namespace: the unity build compiles several files as one unit.
+namespace test_train_utils {
+
 using namespace mixmoe;
 using namespace mixmoe::test;
 
@@ -443,3 +446,4 @@ TEST_CASE("read_metrics reports malformed lines by number", "[train][metrics]") 
   MIXMOE_REQUIRE_ERROR(read_metrics(dir / "missing.jsonl"), "missing.jsonl: cannot open for reading");
   std::filesystem::remove_all(dir);
 }
+}  // namespace test_train_utils

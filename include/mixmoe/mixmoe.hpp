@@ -45,14 +45,24 @@
 #include "mixmoe/moe/router_check.hpp"
 #include "mixmoe/moe/routing.hpp"
 #include "mixmoe/moe/routing_stats.hpp"
+#include "mixmoe/moe/shared_expert.hpp"
 #include "mixmoe/moe/switch_router.hpp"
 #include "mixmoe/moe/top_k_router.hpp"
 #include "mixmoe/moe/upcycle.hpp"
 
 #include "mixmoe/loss/load_balance.hpp"
 
+#include "mixmoe/align/alignment_loss.hpp"
+#include "mixmoe/align/categorize.hpp"
+#include "mixmoe/align/gap_predictor.hpp"
+#include "mixmoe/align/rise.hpp"
+#include "mixmoe/align/routing_capture.hpp"
+#include "mixmoe/align/steering.hpp"
+#include "mixmoe/align/task_experts.hpp"
+
 #include "mixmoe/data/batching.hpp"
 #include "mixmoe/data/corpus.hpp"
+#include "mixmoe/data/iso_task.hpp"
 #include "mixmoe/data/mo_reader.hpp"
 #include "mixmoe/data/text_io.hpp"
 #include "mixmoe/data/tokenizer.hpp"
@@ -63,6 +73,8 @@
 
 #include "mixmoe/io/atomic_file.hpp"
 #include "mixmoe/io/hf_import.hpp"
+#include "mixmoe/io/hf_moe_import.hpp"
+#include "mixmoe/io/hf_tokenizer.hpp"
 #include "mixmoe/io/json_config.hpp"
 #include "mixmoe/io/safetensors.hpp"
 
