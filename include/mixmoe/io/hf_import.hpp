@@ -151,22 +151,16 @@ inline std::map<std::string, std::string> hf_dense_name_map(const ModelConfig& c
   return m;
 }
 
-/// Loads the weights of an HF LLaMA / Qwen2 checkpoint directory into a dense DecoderLM built
-/// from hf_config(dir). Every expected tensor must be present with its shape; an unexpected
-/// tensor is an error (rotary inv_freq buffers and a tied lm_head.weight are ignored).
-template <Scalar T>
-void load_hf_dense(DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>& model, const std::filesystem::path& dir) {
-  namespace fs = std::filesystem;
-  const ModelConfig& cfg = model.config;
-  const auto names = hf_dense_name_map(cfg);
-  std::map<std::string, Var<T, Cpu>*> params;
-  model.visit_parameters([&](const std::string& name, Var<T, Cpu>& p) { params[name] = &p; }, "");
-  for (const auto& [hf, ours] : names)
-    MIXMOE_CHECK(params.count(ours), "hf_import", "the model has no parameter '", ours, "' for ", hf,
-                 " (build it from hf_config())");
+namespace detail::hf {
 
-  // Which file holds each tensor: one model.safetensors, or the shards of the index.
-  std::map<std::string, std::vector<std::string>> by_file;  // file -> HF names in it
+/// Copies the tensors of `names` (HF -> ours) from the safetensors of dir (model.safetensors or
+/// the shards of model.safetensors.index.json) into `params`; every one must be there, no other
+/// (rotary inv_freq buffers and, when `tied`, lm_head.weight are skipped).
+template <Scalar T>
+void load_tensors(const std::map<std::string, std::string>& names, const std::map<std::string, Var<T, Cpu>*>& params,
+                  const std::filesystem::path& dir, bool tied, const std::string& what) {
+  namespace fs = std::filesystem;
+  std::map<std::string, std::vector<std::string>> by_file;  // file -> HF names the index lists in it
   const fs::path index = dir / "model.safetensors.index.json";
   if (fs::exists(index)) {
     const auto j = detail::hf::read_json(index);
@@ -181,24 +175,20 @@ void load_hf_dense(DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>& model, const st
       by_file[file].push_back(it.key());
     }
   } else {
-    const fs::path single = dir / "model.safetensors";
-    MIXMOE_CHECK(fs::exists(single), "hf_import", dir.string(),
+    MIXMOE_CHECK(fs::exists(dir / "model.safetensors"), "hf_import", dir.string(),
                  ": neither model.safetensors nor model.safetensors.index.json");
-    by_file["model.safetensors"] = {};  // names from the file itself
+    by_file["model.safetensors"] = {};
   }
-
   std::set<std::string> loaded;
-  for (auto& [file, listed] : by_file) {
+  for (const auto& [file, listed] : by_file) {
     const SafetensorsFile f = SafetensorsFile::open(dir / file);  // one shard in memory at a time
-    std::vector<std::string> in_file = f.names();
     for (const auto& n : listed)
       MIXMOE_CHECK(f.contains(n), "hf_import", f.origin(), ": tensor '", n, "' is listed in the index but absent");
-    for (const auto& n : in_file) {
-      auto it = names.find(n);
+    for (const auto& n : f.names()) {
+      const auto it = names.find(n);
       if (it == names.end()) {
-        const bool ignorable = n.ends_with("rotary_emb.inv_freq") || (cfg.tie_embeddings && n == "lm_head.weight");
-        MIXMOE_CHECK(ignorable, "hf_import", f.origin(), ": unexpected tensor '", n, "' for a ", cfg.layers, "-layer ",
-                     cfg.attn_bias ? "qwen2" : "llama", " model");
+        const bool ignorable = n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight");
+        MIXMOE_CHECK(ignorable, "hf_import", f.origin(), ": unexpected tensor '", n, "' for ", what);
         continue;
       }
       MIXMOE_CHECK(!loaded.count(n), "hf_import", f.origin(), ": tensor '", n, "' appears in two shards");
@@ -216,6 +206,27 @@ void load_hf_dense(DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>& model, const st
     detail::fail("hf_import", dir.string(), ": ", missing.size(), " tensor(s) missing: ", list,
                  missing.size() > 5 ? ", ..." : "");
   }
+}
+
+}  // namespace detail::hf
+
+/// Loads the weights of an HF LLaMA / Qwen2 checkpoint directory into a dense DecoderLM built
+/// from hf_config(dir). Every expected tensor must be present with its shape; an unexpected
+/// tensor is an error (rotary inv_freq buffers and a tied lm_head.weight are ignored).
+template <Scalar T>
+void load_hf_dense(DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>& model, const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  const ModelConfig& cfg = model.config;
+  const auto names = hf_dense_name_map(cfg);
+  std::map<std::string, Var<T, Cpu>*> params;
+  model.visit_parameters([&](const std::string& name, Var<T, Cpu>& p) { params[name] = &p; }, "");
+  for (const auto& [hf, ours] : names)
+    MIXMOE_CHECK(params.count(ours), "hf_import", "the model has no parameter '", ours, "' for ", hf,
+                 " (build it from hf_config())");
+
+  detail::hf::load_tensors<T>(names, params, dir, cfg.tie_embeddings,
+                              "a " + std::to_string(cfg.layers) + "-layer " + (cfg.attn_bias ? "qwen2" : "llama") +
+                                  " model");
 }
 
 }  // namespace mixmoe

@@ -249,61 +249,6 @@ inline std::map<std::string, std::string> hf_moe_name_map(const HFMoEInfo& info)
 
 namespace detail::hf_moe {
 
-/// Copies the tensors of `names` (HF -> ours) from the safetensors of dir (model.safetensors or
-/// the shards of model.safetensors.index.json) into `params`; every one must be there, no other
-/// (rotary inv_freq buffers and, when `tied`, lm_head.weight are skipped).
-template <Scalar T>
-void load_tensors(const std::map<std::string, std::string>& names, const std::map<std::string, Var<T, Cpu>*>& params,
-                  const std::filesystem::path& dir, bool tied, const std::string& what) {
-  namespace fs = std::filesystem;
-  std::map<std::string, std::vector<std::string>> by_file;  // file -> HF names the index lists in it
-  const fs::path index = dir / "model.safetensors.index.json";
-  if (fs::exists(index)) {
-    const auto j = detail::hf::read_json(index);
-    MIXMOE_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), "hf_import", index.string(),
-                 ": no weight_map object");
-    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-      MIXMOE_CHECK(it.value().is_string(), "hf_import", index.string(), ": weight_map entry of '", it.key(),
-                   "' is not a file name");
-      const auto file = it.value().get<std::string>();
-      MIXMOE_CHECK(file.find('/') == std::string::npos && file.find("..") == std::string::npos, "hf_import",
-                   index.string(), ": shard name '", file, "' must be a plain file name");
-      by_file[file].push_back(it.key());
-    }
-  } else {
-    MIXMOE_CHECK(fs::exists(dir / "model.safetensors"), "hf_import", dir.string(),
-                 ": neither model.safetensors nor model.safetensors.index.json");
-    by_file["model.safetensors"] = {};
-  }
-  std::set<std::string> loaded;
-  for (const auto& [file, listed] : by_file) {
-    const SafetensorsFile f = SafetensorsFile::open(dir / file);  // one shard in memory at a time
-    for (const auto& n : listed)
-      MIXMOE_CHECK(f.contains(n), "hf_import", f.origin(), ": tensor '", n, "' is listed in the index but absent");
-    for (const auto& n : f.names()) {
-      const auto it = names.find(n);
-      if (it == names.end()) {
-        const bool ignorable = n.ends_with("rotary_emb.inv_freq") || (tied && n == "lm_head.weight");
-        MIXMOE_CHECK(ignorable, "hf_import", f.origin(), ": unexpected tensor '", n, "' for ", what);
-        continue;
-      }
-      MIXMOE_CHECK(!loaded.count(n), "hf_import", f.origin(), ": tensor '", n, "' appears in two shards");
-      Var<T, Cpu>& p = *params.at(it->second);
-      p.value().copy_from(f.get<T>(n, p.shape()));
-      loaded.insert(n);
-    }
-  }
-  std::vector<std::string> missing;
-  for (const auto& [hf, ours] : names)
-    if (!loaded.count(hf)) missing.push_back(hf);
-  if (!missing.empty()) {
-    std::string list;
-    for (std::size_t i = 0; i < missing.size() && i < 5; ++i) list += (i ? ", " : "") + missing[i];
-    detail::fail("hf_import", dir.string(), ": ", missing.size(), " tensor(s) missing: ", list,
-                 missing.size() > 5 ? ", ..." : "");
-  }
-}
-
 /// The routed MoE layer type of an FFN: itself, or the MoE inside a SharedExpertMoE.
 template <class FFN>
 struct routed_of {
@@ -398,7 +343,7 @@ void load_hf_moe(DecoderLM<Attn, FFN>& model, const std::filesystem::path& dir) 
   for (const auto& [name, p] : params)
     MIXMOE_CHECK(targets.count(name), "hf_import", "the model's parameter '", name, "' has no tensor in a ",
                  info.model_type, " checkpoint (build a ", alias, " from hf_moe_config())");
-  detail::hf_moe::load_tensors<T>(names, params, dir, hc.tie_embeddings,
+  detail::hf::load_tensors<T>(names, params, dir, hc.tie_embeddings,
                                   "a " + std::to_string(hc.layers) + "-layer " + info.model_type + " model with " +
                                       std::to_string(hc.moe.experts_per_group[0]) + " experts");
 }
