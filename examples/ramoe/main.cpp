@@ -66,7 +66,7 @@ struct Args {
   fs::path model, iso, corpus = "data/corpus", out = "runs-ramoe/ramoe", tokenizer;
   std::vector<std::string> langs{"de", "fr", "es", "ru", "ja", "zh_CN"};
   std::vector<std::uint64_t> seeds{1, 2, 3};
-  std::int64_t steps_en = 300, steps = 300;
+  std::int64_t steps_en = 200, steps = 150;
   double lr = 1e-3;
   index_t token_budget = 1024;
   double lambda = 1.0, beta = 1.0, steer_lambda = 0.5;
