@@ -37,19 +37,6 @@ using MixLM =
 template <class T>
 using DenseLM = DecoderLM<CausalSelfAttention<T>, SwiGLU<T>>;
 
-/// A fresh scratch directory, removed at the end of the test case.
-struct ScratchDir {
-  fs::path path;
-  explicit ScratchDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("mixmoe_test_ckpt_" + std::to_string(::getpid()) + "_" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 void write_bytes(const fs::path& p, const std::string& bytes) {
   std::ofstream f(p, std::ios::binary | std::ios::trunc);
@@ -231,7 +218,7 @@ TEST_CASE("safetensors: every malformed file is refused, naming the file and the
                        "bytes 8..12 of the data buffer belong to no tensor (before tensor 'b')");
   MIXMOE_REQUIRE_ERROR(parse(make_file(R"({"__metadata__":{"k":1}})", 0)), "__metadata__ value of 'k' is not a string");
   // Reading from disk names the path; a missing file too.
-  ScratchDir dir("st");
+  TempDir dir("ckpt_st");
   write_bytes(dir.path / "cut.safetensors", good.substr(0, 20));
   MIXMOE_REQUIRE_ERROR(SafetensorsFile::open(dir.path / "cut.safetensors"), "cut.safetensors: header size");
   MIXMOE_REQUIRE_ERROR(SafetensorsFile::open(dir.path / "none.safetensors"), "none.safetensors: cannot open");
@@ -240,7 +227,7 @@ TEST_CASE("safetensors: every malformed file is refused, naming the file and the
 // ---- atomic files and digests -------------------------------------------------------------
 
 TEST_CASE("atomic writes replace whole files and leave no temporary behind; SHA-256", "[checkpoint]") {
-  ScratchDir dir("atomic");
+  TempDir dir("ckpt_atomic");
   const fs::path p = dir.path / "f.bin";
   write_file_atomic(p, "first version");
   REQUIRE(read_file(p) == "first version");
@@ -296,7 +283,7 @@ TEST_CASE("ModelConfig <-> JSON round trip and field-naming errors", "[checkpoin
 // ---- model checkpoints --------------------------------------------------------------------
 
 TEST_CASE("model checkpoint round trip: a mixed-MoE DecoderLM gives identical outputs after loading", "[checkpoint]") {
-  ScratchDir dir("model");
+  TempDir dir("ckpt_model");
   MixLM<float> model(moe_config(1));
   const auto ids = Tensor<Index>::from_indices(std::vector<int>{1, 5, 2, 12, 0, 7, 3, 9}, {2, 4});
   no_grad ng;
@@ -341,7 +328,7 @@ TEST_CASE("model checkpoint round trip: a mixed-MoE DecoderLM gives identical ou
 }
 
 TEST_CASE("loading a model checkpoint checks names, shapes, dtypes and configuration", "[checkpoint]") {
-  ScratchDir dir("mismatch");
+  TempDir dir("ckpt_mismatch");
   MixLM<double> model(moe_config(1));
   const fs::path ck = dir.path / "ck";
   save_model(model, ck, "mix");
@@ -444,7 +431,7 @@ struct Run {
 }  // namespace
 
 TEST_CASE("training resume is bit-identical to an uninterrupted run", "[checkpoint]") {
-  ScratchDir dir("resume");
+  TempDir dir("ckpt_resume");
   const int total = 8, first = 3;
   Run straight(1, 7);
   straight.train(total);
@@ -511,7 +498,7 @@ TEST_CASE("training resume is bit-identical to an uninterrupted run", "[checkpoi
 }
 
 TEST_CASE("checkpoint crash safety: a killed save never loses the previous checkpoint", "[checkpoint]") {
-  ScratchDir dir("crash");
+  TempDir dir("ckpt_crash");
   const fs::path ck = dir.path / "ck";
   MixLM<float> a(moe_config(1)), b(moe_config(2));
   save_model(a, ck, "a");
@@ -573,7 +560,7 @@ TEST_CASE("checkpoint crash safety: a killed save never loses the previous check
 
 TEST_CASE("checkpoint JSON readers refuse fields of the wrong type with an Error naming file and field",
           "[checkpoint]") {
-  ScratchDir dir("json_types");
+  TempDir dir("ckpt_json_types");
   // A checkpoint directory holding exactly these files (valid manifest).
   auto write_ckpt = [&](const std::string& name, const std::map<std::string, std::string>& files) {
     CheckpointWriter w(dir.path / name);
@@ -915,7 +902,7 @@ double max_diff_to_reference(const HfModel& ref, DenseLM<double>& model, const s
 }  // namespace
 
 TEST_CASE("HF import: a LLaMA checkpoint (GQA, sharded) matches a naive reference forward", "[checkpoint][hf]") {
-  ScratchDir dir("llama");
+  TempDir dir("ckpt_llama");
   HfModel ref;
   ref.make(11, Dtype::F32);
   ref.save(dir.path / "one", Dtype::F32);
@@ -990,7 +977,7 @@ TEST_CASE("HF import: a LLaMA checkpoint (GQA, sharded) matches a naive referenc
 
 TEST_CASE("HF import: a Qwen2 checkpoint (q/k/v biases, tied embeddings, BF16) matches the reference",
           "[checkpoint][hf]") {
-  ScratchDir dir("qwen2");
+  TempDir dir("ckpt_qwen2");
   HfModel ref;
   ref.qwen2 = true;
   ref.tied = true;

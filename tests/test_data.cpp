@@ -17,51 +17,10 @@
 namespace test_data {
 
 using namespace mixmoe;
+using namespace mixmoe::test;
 namespace fs = std::filesystem;
 
 namespace {
-
-/// A fresh temporary directory removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "mixmoe_test_data_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-void write_file(const fs::path& p, std::string_view text) {
-  fs::create_directories(p.parent_path());
-  std::ofstream out(p, std::ios::binary);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  REQUIRE(out.good());
-}
-
-/// msgfmt must exist: the MO tests compile their catalogs with it (a clear failure, not a skip).
-void require_msgfmt() {
-  static const bool ok = std::system("msgfmt --version >/dev/null 2>&1") == 0;
-  INFO("msgfmt (GNU gettext) is needed by these tests and was not found on PATH; install the gettext package");
-  REQUIRE(ok);
-}
-
-/// Compiles a .po text into `mo` with msgfmt (extra flags such as --endianness=big).
-void msgfmt(const std::string& po_text, const fs::path& mo, const std::string& flags = "") {
-  require_msgfmt();
-  const fs::path po = fs::path(mo).replace_extension(".po");
-  write_file(po, po_text);
-  fs::create_directories(mo.parent_path());
-  const std::string cmd = "msgfmt " + flags + " -o '" + mo.string() + "' '" + po.string() + "'";
-  INFO(cmd);
-  REQUIRE(std::system(cmd.c_str()) == 0);
-  fs::remove(po);
-}
 
 std::string po_header(const std::string& lang, const std::string& charset = "UTF-8",
                       const std::string& plural = "nplurals=2; plural=(n != 1);") {

@@ -30,18 +30,6 @@ using namespace mixmoe::test;
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct ScratchDir {
-  fs::path path;
-  explicit ScratchDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("mixmoe_test_hfmoe_" + std::to_string(::getpid()) + "_" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 using Vec = std::vector<double>;
 
@@ -346,7 +334,7 @@ void check_import(const HfMoE& ref, const fs::path& dir) {
 }
 
 TEST_CASE("HF MoE import: Mixtral (renormalised top-2, sharded) matches a naive reference forward", "[hf][moe]") {
-  ScratchDir dir("mixtral");
+  TempDir dir("hfmoe_mixtral");
   HfMoE ref("mixtral");
   ref.make(21);
   ref.save(dir.path / "one");
@@ -435,7 +423,7 @@ TEST_CASE("HF MoE import: Mixtral (renormalised top-2, sharded) matches a naive 
 }
 
 TEST_CASE("HF MoE import: Qwen2-MoE (q/k/v biases, sigmoid-gated shared expert, gates not renormalised)", "[hf][moe]") {
-  ScratchDir dir("qwen2moe");
+  TempDir dir("hfmoe_qwen2moe");
   HfMoE ref("qwen2_moe");
   ref.tied = true;
   ref.make(22);
@@ -493,7 +481,7 @@ TEST_CASE("HF MoE import: Qwen2-MoE (q/k/v biases, sigmoid-gated shared expert, 
 }
 
 TEST_CASE("HF MoE import: OLMoE (q/k norms over the whole projections), with and without norm_topk_prob", "[hf][moe]") {
-  ScratchDir dir("olmoe");
+  TempDir dir("hfmoe_olmoe");
   HfMoE ref("olmoe");
   ref.make(23);
   ref.save(dir.path / "plain");
@@ -631,7 +619,7 @@ TEST_CASE("SharedExpertMoE: routed layer plus sigmoid-gated shared expert, gradi
 }
 
 TEST_CASE("HF tokenizer: a LLaMA-style SentencePiece model (no <pad>) loads, round trips", "[hf][tokenizer]") {
-  ScratchDir dir("tok");
+  TempDir dir("hfmoe_tok");
   std::vector<std::string> lines;
   for (int i = 0; i < 60; ++i)
     lines.push_back("the quick brown fox " + std::to_string(i) + " jumps over the lazy dog and the cat");
@@ -676,7 +664,7 @@ TEST_CASE("HF tokenizer: a LLaMA-style SentencePiece model (no <pad>) loads, rou
   MIXMOE_REQUIRE_ERROR(Tokenizer::from_bytes(bytes, "llama-style"), "must define <unk>, </s> and <pad>");
 
   // A directory with only tokenizer.json, or nothing.
-  ScratchDir bpe("tokjson");
+  TempDir bpe("hfmoe_tokjson");
   MIXMOE_REQUIRE_ERROR(load_hf_sentencepiece(bpe.path), "no tokenizer.model");
   write_file_atomic(bpe.path / "tokenizer.json", "{}");
   MIXMOE_REQUIRE_ERROR(load_hf_sentencepiece(bpe.path), "only tokenizer.json");

@@ -18,32 +18,10 @@
 namespace test_iso_task {
 
 using namespace mixmoe;
+using namespace mixmoe::test;
 namespace fs = std::filesystem;
 
 namespace {
-
-/// A fresh temporary directory removed at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "mixmoe_test_iso_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-void write_file(const fs::path& p, std::string_view text) {
-  fs::create_directories(p.parent_path());
-  std::ofstream out(p, std::ios::binary);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  REQUIRE(out.good());
-}
 
 std::string slurp(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -52,19 +30,11 @@ std::string slurp(const fs::path& p) {
 
 /// Compiles (msgid, msgstr) pairs into `mo` with msgfmt (a clear failure when msgfmt is missing).
 void msgfmt(const std::vector<std::pair<std::string, std::string>>& messages, const fs::path& mo) {
-  static const bool ok = std::system("msgfmt --version >/dev/null 2>&1") == 0;
-  INFO("msgfmt (GNU gettext) is needed by these tests and was not found on PATH; install the gettext package");
-  REQUIRE(ok);
   std::string po =
       "msgid \"\"\nmsgstr \"\"\n\"Content-Type: text/plain; charset=UTF-8\\n\"\n"
       "\"Content-Transfer-Encoding: 8bit\\n\"\n\n";
   for (const auto& [id, str] : messages) po += "msgid \"" + id + "\"\nmsgstr \"" + str + "\"\n\n";
-  const fs::path po_file = fs::path(mo).replace_extension(".po");
-  write_file(po_file, po);
-  const std::string cmd = "msgfmt -o '" + mo.string() + "' '" + po_file.string() + "'";
-  INFO(cmd);
-  REQUIRE(std::system(cmd.c_str()) == 0);
-  fs::remove(po_file);
+  mixmoe::test::msgfmt(po, mo);
 }
 
 constexpr int kFillers = 40;  // extra countries without translations, for the split counts
