@@ -82,6 +82,23 @@ inline std::string get_string(const nlohmann::json& j, const char* key, const st
   return j[key].get<std::string>();
 }
 
+/// The checks every supported HF architecture shares, then ModelConfig::validate(): no
+/// rope_scaling, silu activation, head_dim (when given) = hidden_size / num_attention_heads.
+inline void check_common_and_validate(const nlohmann::json& j, ModelConfig& c, const std::string& where) {
+  MIXMOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "hf_import", where, ": rope_scaling ",
+               j.contains("rope_scaling") ? j["rope_scaling"].dump() : "", " is not supported");
+  const std::string act = get_string(j, "hidden_act", "silu", where);
+  MIXMOE_CHECK(act == "silu", "hf_import", where, ": hidden_act '", act, "' is not supported (silu only)");
+  if (j.contains("head_dim") && !j["head_dim"].is_null())
+    MIXMOE_CHECK(get_size(j, "head_dim", where) == c.d_model / c.heads, "hf_import", where, ": head_dim ",
+                 j["head_dim"].dump(), " differs from hidden_size / num_attention_heads = ", c.d_model / c.heads);
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    detail::fail("hf_import", where, ": ", e.what());
+  }
+}
+
 }  // namespace detail::hf
 
 /// The ModelConfig of an HF LLaMA / Qwen2 checkpoint directory (its config.json); throws naming
@@ -109,10 +126,6 @@ inline ModelConfig hf_config(const std::filesystem::path& dir) {
   c.tie_embeddings = get_flag(j, "tie_word_embeddings", false, where);
   c.attn_bias = type == "qwen2";
   c.moe = MoEConfig{};
-  MIXMOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "hf_import", where, ": rope_scaling ",
-               j.contains("rope_scaling") ? j["rope_scaling"].dump() : "", " is not supported");
-  const std::string act = get_string(j, "hidden_act", "silu", where);
-  MIXMOE_CHECK(act == "silu", "hf_import", where, ": hidden_act '", act, "' is not supported (silu only)");
   if (type == "llama") {
     MIXMOE_CHECK(!get_flag(j, "attention_bias", false, where), "hf_import", where,
                  ": attention_bias (biases on q, k, v and o) is not supported for llama");
@@ -120,14 +133,7 @@ inline ModelConfig hf_config(const std::filesystem::path& dir) {
   }
   MIXMOE_CHECK(!get_flag(j, "use_sliding_window", false, where), "hf_import", where,
                ": use_sliding_window is not supported");
-  if (j.contains("head_dim") && !j["head_dim"].is_null())
-    MIXMOE_CHECK(get_size(j, "head_dim", where) == c.d_model / c.heads, "hf_import", where, ": head_dim ",
-                 j["head_dim"].dump(), " differs from hidden_size / num_attention_heads = ", c.d_model / c.heads);
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    detail::fail("hf_import", where, ": ", e.what());
-  }
+  detail::hf::check_common_and_validate(j, c, where);
   return c;
 }
 

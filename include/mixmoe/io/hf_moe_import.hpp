@@ -187,18 +187,7 @@ inline HFMoEInfo hf_moe_info(const std::filesystem::path& dir) {
   m.experts_per_group = {experts};
   MIXMOE_CHECK(m.top_k <= experts, "hf_import", where, ": num_experts_per_tok ", m.top_k, " exceeds the ", experts,
                " experts");
-  MIXMOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "hf_import", where, ": rope_scaling ",
-               j.contains("rope_scaling") ? j["rope_scaling"].dump() : "", " is not supported");
-  const std::string act = get_string(j, "hidden_act", "silu", where);
-  MIXMOE_CHECK(act == "silu", "hf_import", where, ": hidden_act '", act, "' is not supported (silu only)");
-  if (j.contains("head_dim") && !j["head_dim"].is_null())
-    MIXMOE_CHECK(get_size(j, "head_dim", where) == c.d_model / c.heads, "hf_import", where, ": head_dim ",
-                 j["head_dim"].dump(), " differs from hidden_size / num_attention_heads = ", c.d_model / c.heads);
-  try {
-    c.validate();
-  } catch (const Error& e) {
-    detail::fail("hf_import", where, ": ", e.what());
-  }
+  detail::hf::check_common_and_validate(j, c, where);
   return info;
 }
 
