@@ -19,8 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BEGIN = "<!-- ramoe:begin -->"
-END = "<!-- ramoe:end -->"
+from results import RAMOE_BEGIN as BEGIN, RAMOE_END as END  # noqa: E402  (scripts/results.py keeps the section)
 METHODS = [
     ("base", "base (English task fine-tuning only)"),
     ("sft", "SFT on the train items of every language"),

@@ -30,7 +30,6 @@
 #include <iostream>
 #include <map>
 #include <numeric>
-#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -174,8 +173,6 @@ nlohmann::json accuracy_json(const IsoScore& s) {
   return j;
 }
 
-nlohmann::json matrix_json(const SlotValues& v) { return nlohmann::json(v); }
-
 // ---- one seed ---------------------------------------------------------------------------------
 template <class Model>
 nlohmann::json run_seed(const Model& loaded, const Tokenizer& tok, const TaskData& d,
@@ -185,8 +182,13 @@ nlohmann::json run_seed(const Model& loaded, const Tokenizer& tok, const TaskDat
   const std::vector<std::string> targets(d.langs.begin() + 1, d.langs.end());
 
   // 1. The task base: English questions of every item.
-  Model base(loaded.config);
-  copy_parameter_values(loaded, base);
+  // A copy of a model's weights in a new model of the same configuration.
+  const auto copy_of = [](const Model& src) {
+    Model m(src.config);
+    copy_parameter_values(src, m);
+    return m;
+  };
+  Model base = copy_of(loaded);
   set_requires_grad(base, [](std::string_view) { return true; }, true);
   {
     const auto qs = iso_queries(d.set, "", {"en"});
@@ -240,25 +242,28 @@ nlohmann::json run_seed(const Model& loaded, const Tokenizer& tok, const TaskDat
   r["zone_layers"] = zone_layers;
   r["slots"] = nlohmann::json::array();
   for (const auto& s : slots) r["slots"].push_back({{"layer", s.layer}, {"name", s.name}, {"experts", s.num_experts}});
-  r["delta"] = matrix_json(frequency_delta(task_freq, general_freq));
+  r["delta"] = frequency_delta(task_freq, general_freq);
   r["task_experts"] = task_sets;
 
-  // Per-language frequencies (RISE) and cross-lingual similarity per layer, on the train items.
-  LanguageFrequencies lang_freq;
-  for (const auto& l : d.langs) {
+  // Per-language frequencies (RISE) and cross-lingual similarity per layer, on the train items:
+  // the examples of d.train by language (English's frequencies are the task statistics above).
+  std::map<std::string, std::vector<std::size_t>> rows_of;  // language -> indices into d.train
+  for (std::size_t i = 0; i < d.train_queries.size(); ++i) rows_of[d.train_queries[i].lang].push_back(i);
+  LanguageFrequencies lang_freq{task_freq.selection_frequency()};
+  for (const auto& l : targets) {
     std::vector<Example> ex;
-    for (std::size_t i = 0; i < d.set.items.size(); ++i)
-      if (d.set.items[i].split == "train" && d.set.items[i].has(l)) ex.push_back(make_iso_example(tok, d.set.items[i], l));
+    for (const std::size_t i : rows_of[l]) ex.push_back(d.train[i]);
     lang_freq.push_back(prompt_frequencies(base, ex, TokenRegion::prompt).selection_frequency());
   }
   for (const auto& l : targets) {
     RoutingSimilarity sim;
     std::vector<Example> en_ex, tg_ex;
-    for (std::size_t i = 0; i < d.set.items.size(); ++i)
-      if (d.set.items[i].split == "train" && d.set.items[i].has(l) && d.set.items[i].has("en")) {
-        en_ex.push_back(make_iso_example(tok, d.set.items[i], "en"));
-        tg_ex.push_back(make_iso_example(tok, d.set.items[i], l));
-      }
+    for (const std::size_t i : rows_of[l]) {
+      const auto en = d.english_of_item.find(d.train_queries[i].item);
+      if (en == d.english_of_item.end()) continue;
+      en_ex.push_back(en->second);
+      tg_ex.push_back(d.train[i]);
+    }
     no_grad ng;
     for (std::size_t at = 0; at < en_ex.size(); at += 64) {
       const std::size_t n = std::min<std::size_t>(64, en_ex.size() - at);
@@ -282,8 +287,7 @@ nlohmann::json run_seed(const Model& loaded, const Tokenizer& tok, const TaskDat
   r["methods"]["base"] = r["base"];
   {  // steering at inference
     for (const SteeringMode mode : {SteeringMode::soft, SteeringMode::hard}) {
-      Model m(base.config);
-      copy_parameter_values(base, m);
+      Model m = copy_of(base);
       RoutingSteering spec;
       spec.experts = task_sets;
       spec.mode = mode;
@@ -294,15 +298,13 @@ nlohmann::json run_seed(const Model& loaded, const Tokenizer& tok, const TaskDat
     }
   }
   {  // plain SFT
-    Model m(base.config);
-    copy_parameter_values(base, m);
+    Model m = copy_of(base);
     set_requires_grad(m, [](std::string_view) { return true; }, true);
     fine_tune(m, d.train, a, a.steps, seed + 100, "sft");
     evaluate("sft", m);
   }
   {  // RA-MoE
-    Model m(base.config);
-    copy_parameter_values(base, m);
+    Model m = copy_of(base);
     set_requires_grad(m, [](std::string_view) { return true; }, true);
     const std::vector<Example>& ex = d.train;
     const std::function<Var<float>(Model&, const Batch&)> align = [&](Model& model, const Batch& b) {
@@ -326,8 +328,7 @@ nlohmann::json run_seed(const Model& loaded, const Tokenizer& tok, const TaskDat
     evaluate("ramoe", m);
   }
   {  // RISE: the union of the experts selected for each target language
-    Model m(base.config);
-    copy_parameter_values(base, m);
+    Model m = copy_of(base);
     const auto zones = slot_zones(m);
     ExpertSets chosen(slots.size());
     for (std::size_t t = 1; t < d.langs.size(); ++t) {
