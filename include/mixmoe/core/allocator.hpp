@@ -29,6 +29,36 @@ struct AllocatorStats {
   std::size_t peak_bytes_in_use = 0;
 };
 
+namespace detail {
+
+/// The size classes of the caching allocators (host and device): 64-byte steps up to 1 KiB,
+/// then 8 classes per power of two, so a request wastes at most 12.5% (64 bytes below 1 KiB).
+struct SizeClasses {
+  static constexpr int kStepsPerOctave = 8;
+  static constexpr int kClasses = 64 * kStepsPerOctave;
+
+  // Class c covers sizes up to bytes_of(c): 64, 128, ..., then 8 steps per octave.
+  static int of(std::size_t bytes) {
+    if (bytes <= 1024) return static_cast<int>((bytes + 63) / 64);  // classes 0..16: 64-byte steps
+    int octave = 63 - __builtin_clzll(static_cast<unsigned long long>(bytes - 1));  // 2^octave < bytes <= 2^(octave+1)
+    const std::size_t base = std::size_t{1} << octave;
+    const std::size_t step = base / kStepsPerOctave;
+    const std::size_t k = (bytes - base + step - 1) / step;  // 1..8
+    return 16 + (octave - 10) * kStepsPerOctave + static_cast<int>(k);
+  }
+
+  static std::size_t bytes_of(int cls) {
+    if (cls <= 16) return static_cast<std::size_t>(cls < 1 ? 1 : cls) * 64;
+    const int rel = cls - 17;  // 0-based within the octave ladder above 1024
+    const int octave = 10 + rel / kStepsPerOctave;
+    const std::size_t k = static_cast<std::size_t>(rel % kStepsPerOctave) + 1;
+    const std::size_t base = std::size_t{1} << octave;
+    return base + k * (base / kStepsPerOctave);
+  }
+};
+
+}  // namespace detail
+
 class CachingHostAllocator {
  public:
   static constexpr std::size_t kAlignment = 64;  // one cache line, full AVX-512 vector
@@ -44,25 +74,25 @@ class CachingHostAllocator {
 
   /// Returns a block of at least `bytes` bytes, aligned to kAlignment.
   void* allocate(std::size_t bytes) {
-    const int cls = size_class(bytes);
+    const int cls = detail::SizeClasses::of(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
     auto& list = free_[cls];
     void* p = nullptr;
     if (!list.empty()) {
       p = list.back();
       list.pop_back();
-      stats_.bytes_cached -= class_bytes(cls);
+      stats_.bytes_cached -= detail::SizeClasses::bytes_of(cls);
       ++stats_.cache_hits;
     } else {
-      p = std::aligned_alloc(kAlignment, class_bytes(cls));
+      p = std::aligned_alloc(kAlignment, detail::SizeClasses::bytes_of(cls));
       if (!p) {
         release_cache_locked();  // out of memory: give the cache back and retry once
-        p = std::aligned_alloc(kAlignment, class_bytes(cls));
+        p = std::aligned_alloc(kAlignment, detail::SizeClasses::bytes_of(cls));
       }
       if (!p) throw std::bad_alloc();
       ++stats_.system_allocs;
     }
-    stats_.bytes_in_use += class_bytes(cls);
+    stats_.bytes_in_use += detail::SizeClasses::bytes_of(cls);
     if (stats_.bytes_in_use > stats_.peak_bytes_in_use) stats_.peak_bytes_in_use = stats_.bytes_in_use;
     return p;
   }
@@ -70,13 +100,13 @@ class CachingHostAllocator {
   /// Takes back a block from allocate(p, bytes) with the same `bytes`.
   void deallocate(void* p, std::size_t bytes) noexcept {
     if (!p) return;
-    const int cls = size_class(bytes);
+    const int cls = detail::SizeClasses::of(bytes);
     std::lock_guard<std::mutex> lock(mutex_);
-    stats_.bytes_in_use -= class_bytes(cls);
+    stats_.bytes_in_use -= detail::SizeClasses::bytes_of(cls);
     auto& list = free_[cls];
     try {
       list.push_back(p);
-      stats_.bytes_cached += class_bytes(cls);
+      stats_.bytes_cached += detail::SizeClasses::bytes_of(cls);
     } catch (...) {
       std::free(p);
       ++stats_.system_frees;
@@ -95,32 +125,10 @@ class CachingHostAllocator {
   }
 
   /// Rounds a request up to its size class (exposed for tests).
-  static std::size_t rounded_size(std::size_t bytes) { return class_bytes(size_class(bytes)); }
+  static std::size_t rounded_size(std::size_t bytes) { return detail::SizeClasses::bytes_of(detail::SizeClasses::of(bytes)); }
 
  private:
   CachingHostAllocator() = default;
-
-  // Class c covers sizes up to class_bytes(c): 64, 128, ..., then 8 steps per octave.
-  static constexpr int kStepsPerOctave = 8;
-  static constexpr int kClasses = 64 * kStepsPerOctave;
-
-  static int size_class(std::size_t bytes) {
-    if (bytes <= 1024) return static_cast<int>((bytes + 63) / 64);  // classes 0..16: 64-byte steps
-    int octave = 63 - __builtin_clzll(static_cast<unsigned long long>(bytes - 1));  // 2^octave < bytes <= 2^(octave+1)
-    const std::size_t base = std::size_t{1} << octave;
-    const std::size_t step = base / kStepsPerOctave;
-    const std::size_t k = (bytes - base + step - 1) / step;  // 1..8
-    return 16 + (octave - 10) * kStepsPerOctave + static_cast<int>(k);
-  }
-
-  static std::size_t class_bytes(int cls) {
-    if (cls <= 16) return static_cast<std::size_t>(cls < 1 ? 1 : cls) * 64;
-    const int rel = cls - 17;  // 0-based within the octave ladder above 1024
-    const int octave = 10 + rel / kStepsPerOctave;
-    const std::size_t k = static_cast<std::size_t>(rel % kStepsPerOctave) + 1;
-    const std::size_t base = std::size_t{1} << octave;
-    return base + k * (base / kStepsPerOctave);
-  }
 
   void release_cache_locked() {
     for (auto& list : free_) {
@@ -134,7 +142,7 @@ class CachingHostAllocator {
   }
 
   mutable std::mutex mutex_;
-  std::array<std::vector<void*>, kClasses> free_{};
+  std::array<std::vector<void*>, detail::SizeClasses::kClasses> free_{};
   AllocatorStats stats_{};
 };
 

@@ -13,6 +13,12 @@ struct Cpu {
   static constexpr const char* name = "cpu";
 };
 
+/// An NVIDIA GPU through CUDA (cuBLAS, cuFFT and the kernels of backend/cuda/). The tag is
+/// plain C++; tensors on it need <mixmoe/backend/cuda/tensor.cuh> in a CUDA translation unit.
+struct Cuda {
+  static constexpr const char* name = "cuda";
+};
+
 /// A device tag names itself; its kernels live in backend/<device>/.
 template <class D>
 concept Device = requires {

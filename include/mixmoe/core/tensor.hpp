@@ -3,6 +3,15 @@
 // views without copying where the layout allows; contiguous() and clone() copy.
 //
 // Tensors hold values only; gradients and the graph live in autograd::Var.
+//
+// Devices. Tensor<T, Cpu> is the host backend and needs nothing else. Any other device D
+// (Cuda) is provided by a backend header that specialises detail::DeviceBackend<D> with its
+// memory and a few element kernels (allocate, fill, copy between views, convert, upload and
+// download); backend/cuda/tensor.cuh does it for Cuda and is included by CUDA translation
+// units only. On such a device data() is a device pointer: the factories, clone(), fill_(),
+// copy_from(), to<U>(), item() and to_vector() run on the device or copy through it, and
+// operator() (a host reference to one element) is a compile error. to_device<D2>(t) copies a
+// tensor between devices.
 #pragma once
 
 #include <algorithm>
@@ -22,14 +31,34 @@ namespace mixmoe {
 
 namespace detail {
 
+/// The memory and element kernels of a device other than Cpu. A backend header specialises
+/// it with `available = true` and the static functions Tensor calls (see backend/cuda/tensor.cuh).
+template <class D>
+struct DeviceBackend {
+  static constexpr bool available = false;
+};
+
+template <class D>
+inline constexpr bool is_host_device = std::is_same_v<D, Cpu>;
+
 /// Memory of one device for `n` elements of T; returned to the device's cache on destruction.
 template <class T, class D>
 struct Storage {
-  static_assert(std::is_same_v<D, Cpu>, "mixmoe: Storage is implemented for Cpu only; enable the CUDA backend for Cuda");
+  static_assert(is_host_device<D> || DeviceBackend<D>::available,
+                "mixmoe: this device's backend is not included: include <mixmoe/backend/cuda/tensor.cuh> in a CUDA "
+                "translation unit (CMake target mixmoe::cuda) to use Tensor<T, Cuda>");
   explicit Storage(std::size_t n) : size(n) {
-    ptr = static_cast<T*>(CachingHostAllocator::instance().allocate(n * sizeof(T)));
+    if constexpr (is_host_device<D>)
+      ptr = static_cast<T*>(CachingHostAllocator::instance().allocate(n * sizeof(T)));
+    else
+      ptr = static_cast<T*>(DeviceBackend<D>::allocate(n * sizeof(T)));
   }
-  ~Storage() { CachingHostAllocator::instance().deallocate(ptr, size * sizeof(T)); }
+  ~Storage() {
+    if constexpr (is_host_device<D>)
+      CachingHostAllocator::instance().deallocate(ptr, size * sizeof(T));
+    else
+      DeviceBackend<D>::deallocate(ptr, size * sizeof(T));
+  }
   Storage(const Storage&) = delete;
   Storage& operator=(const Storage&) = delete;
   T* ptr = nullptr;
@@ -43,6 +72,8 @@ class Tensor {
  public:
   using value_type = T;
   using device_type = D;
+  /// True for Tensor<T, Cpu>: its elements are host memory.
+  static constexpr bool on_host = detail::is_host_device<D>;
 
   /// An empty (undefined) tensor: no storage, rank 0, defined() is false.
   Tensor() = default;
@@ -61,7 +92,10 @@ class Tensor {
   }
   static Tensor full(const Shape& shape, T value) {
     Tensor t = empty(shape);
-    std::fill_n(t.data(), t.numel(), value);
+    if constexpr (on_host)
+      std::fill_n(t.data(), t.numel(), value);
+    else
+      detail::DeviceBackend<D>::fill(t.data(), t.numel(), value);
     return t;
   }
   static Tensor zeros(const Shape& shape) { return full(shape, T(0)); }
@@ -73,7 +107,10 @@ class Tensor {
     MIXMOE_CHECK(static_cast<index_t>(values.size()) == shape.numel(), "Tensor::from", values.size(),
                  " values for shape ", shape, " of ", shape.numel(), " elements");
     Tensor t = empty(shape);
-    std::copy(values.begin(), values.end(), t.data());
+    if constexpr (on_host)
+      std::copy(values.begin(), values.end(), t.data());
+    else
+      detail::DeviceBackend<D>::upload(t.data(), values.data(), values.size() * sizeof(T));
     return t;
   }
   static Tensor from(std::initializer_list<T> values, const Shape& shape) {
@@ -81,32 +118,25 @@ class Tensor {
   }
   static Tensor from(const std::vector<T>& values, const Shape& shape) { return from(std::span<const T>(values), shape); }
 
-  /// Normal(mean, stddev) from a seeded generator.
+  /// Normal(mean, stddev) from a seeded generator. The values are drawn on the host on every
+  /// device, so the same generator state gives the same tensor on the CPU and on a GPU.
   static Tensor randn(const Shape& shape, Generator& gen, double mean = 0.0, double stddev = 1.0) {
-    Tensor t = empty(shape);
-    for (index_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(gen.normal(mean, stddev));
-    return t;
+    return generated(shape, [&](index_t) { return static_cast<T>(gen.normal(mean, stddev)); });
   }
-  /// Uniform in [lo, hi) from a seeded generator.
+  /// Uniform in [lo, hi) from a seeded generator (drawn on the host, as randn).
   static Tensor uniform(const Shape& shape, Generator& gen, double lo = 0.0, double hi = 1.0) {
-    Tensor t = empty(shape);
-    for (index_t i = 0; i < t.numel(); ++i) t.data()[i] = static_cast<T>(gen.uniform(lo, hi));
-    return t;
+    return generated(shape, [&](index_t) { return static_cast<T>(gen.uniform(lo, hi)); });
   }
   /// Copies integer indices (token ids, positions) into a new tensor of `shape`.
   static Tensor from_indices(std::span<const int> values, const Shape& shape) {
     MIXMOE_CHECK(static_cast<index_t>(values.size()) == shape.numel(), "Tensor::from_indices", values.size(),
                  " values for shape ", shape);
-    Tensor t = empty(shape);
-    for (std::size_t i = 0; i < values.size(); ++i) t.data()[i] = static_cast<T>(values[i]);
-    return t;
+    return generated(shape, [&](index_t i) { return static_cast<T>(values[static_cast<std::size_t>(i)]); });
   }
 
   /// 0, 1, ..., n-1 as a 1-D tensor.
   static Tensor arange(index_t n) {
-    Tensor t = empty(Shape{n});
-    for (index_t i = 0; i < n; ++i) t.data()[i] = static_cast<T>(i);
-    return t;
+    return generated(Shape{n}, [](index_t i) { return static_cast<T>(i); });
   }
 
   // ---- queries -----------------------------------------------------------
@@ -132,7 +162,8 @@ class Tensor {
   /// True when both views share the same storage.
   [[nodiscard]] bool shares_storage(const Tensor& other) const { return storage_ && storage_ == other.storage_; }
 
-  /// Pointer to the first element of this view (element i of a contiguous view is data()[i]).
+  /// Pointer to the first element of this view (element i of a contiguous view is data()[i]);
+  /// a device pointer on a device other than Cpu.
   [[nodiscard]] T* data() const {
     MIXMOE_CHECK(defined(), "Tensor::data", "the tensor is undefined (default-constructed)");
     return storage_->ptr + offset_;
@@ -142,6 +173,8 @@ class Tensor {
   template <class... I>
   [[nodiscard]] T& operator()(I... idx) const {
     static_assert((std::is_integral_v<I> && ...), "Tensor::operator(): indices must be integers");
+    static_assert(on_host, "Tensor::operator(): a reference to one element exists for Cpu tensors only; on a device use "
+                           "item() of a one-element view, to_vector(), or to_device<Cpu>()");
     MIXMOE_CHECK(static_cast<int>(sizeof...(I)) == dim(), "Tensor::operator()", sizeof...(I), " indices for shape ", shape_);
     const index_t ix[] = {static_cast<index_t>(idx)...};
     index_t off = 0;
@@ -156,13 +189,25 @@ class Tensor {
   /// The single value of a one-element tensor.
   [[nodiscard]] T item() const {
     MIXMOE_CHECK(numel() == 1, "Tensor::item", "needs one element, shape is ", shape_);
-    return storage_->ptr[offset_];
+    if constexpr (on_host) {
+      return storage_->ptr[offset_];
+    } else {
+      T v{};
+      detail::DeviceBackend<D>::download(&v, storage_->ptr + offset_, sizeof(T));
+      return v;
+    }
   }
 
   /// Row-major copy of the elements (any layout).
   [[nodiscard]] std::vector<T> to_vector() const {
     const Tensor c = contiguous();
-    return std::vector<T>(c.data(), c.data() + c.numel());
+    if constexpr (on_host) {
+      return std::vector<T>(c.data(), c.data() + c.numel());
+    } else {
+      std::vector<T> v(static_cast<std::size_t>(c.numel()));
+      if (!v.empty()) detail::DeviceBackend<D>::download(v.data(), c.data(), v.size() * sizeof(T));
+      return v;
+    }
   }
 
   // ---- views -------------------------------------------------------------
@@ -255,6 +300,11 @@ class Tensor {
   /// Copies src's elements into this tensor (same shape; any layouts).
   void copy_from(const Tensor& src) const {
     MIXMOE_CHECK(src.shape() == shape_, "copy_from", "shape ", src.shape(), " into ", shape_);
+    if constexpr (!on_host) {
+      detail::DeviceBackend<D>::copy(src.storage_->ptr + src.offset_, src.strides_, storage_->ptr + offset_, strides_,
+                                     shape_);
+      return;
+    }
     if (is_contiguous()) {
       copy_strided(src, data());
       return;
@@ -264,6 +314,10 @@ class Tensor {
   }
 
   void fill_(T value) const {
+    if constexpr (!on_host) {
+      if (numel() > 0) detail::DeviceBackend<D>::fill_strided(storage_->ptr + offset_, strides_, shape_, value);
+      return;
+    }
     if (is_contiguous()) {
       std::fill_n(data(), numel(), value);
       return;
@@ -276,11 +330,33 @@ class Tensor {
   [[nodiscard]] Tensor<U, D> to() const {
     const Tensor c = contiguous();
     auto out = Tensor<U, D>::empty(shape_);
-    for (index_t i = 0; i < numel(); ++i) out.data()[i] = static_cast<U>(c.data()[i]);
+    if constexpr (on_host) {
+      for (index_t i = 0; i < numel(); ++i) out.data()[i] = static_cast<U>(c.data()[i]);
+    } else if (numel() > 0) {
+      detail::DeviceBackend<D>::convert(c.data(), out.data(), numel());
+    }
     return out;
   }
 
  private:
+  template <Element, Device>
+  friend class Tensor;
+
+  /// A new contiguous tensor with element i = f(i), f called in order on the host.
+  template <class F>
+  static Tensor generated(const Shape& shape, F&& f) {
+    Tensor t = empty(shape);
+    const index_t n = t.numel();
+    if constexpr (on_host) {
+      for (index_t i = 0; i < n; ++i) t.data()[i] = f(i);
+    } else if (n > 0) {
+      std::vector<T> host(static_cast<std::size_t>(n));
+      for (index_t i = 0; i < n; ++i) host[static_cast<std::size_t>(i)] = f(i);
+      detail::DeviceBackend<D>::upload(t.data(), host.data(), host.size() * sizeof(T));
+    }
+    return t;
+  }
+
   template <class F>
   static void for_each_offset(const Tensor& t, F&& f) {
     const int r = t.dim();
@@ -300,6 +376,11 @@ class Tensor {
 
   static void copy_strided(const Tensor& src, T* dst) {
     if (src.numel() == 0) return;
+    if constexpr (!on_host) {
+      detail::DeviceBackend<D>::copy(src.storage_->ptr + src.offset_, src.strides_, dst,
+                                     contiguous_strides(src.shape_), src.shape_);
+      return;
+    }
     if (src.is_contiguous()) {
       std::memcpy(dst, src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
       return;
@@ -313,5 +394,26 @@ class Tensor {
   Shape strides_;
   index_t offset_ = 0;
 };
+
+/// A copy of `t` on device To (t itself, sharing storage, when it is already there). One of the
+/// two devices must be Cpu; the other's backend header must be included.
+template <Device To, Element T, Device From>
+[[nodiscard]] Tensor<T, To> to_device(const Tensor<T, From>& t) {
+  if constexpr (std::is_same_v<To, From>) {
+    return t;
+  } else {
+    static_assert(detail::is_host_device<To> || detail::is_host_device<From>,
+                  "to_device: copies between two non-host devices go through Cpu");
+    const Tensor<T, From> c = t.contiguous();
+    auto out = Tensor<T, To>::empty(t.shape());
+    const auto bytes = static_cast<std::size_t>(t.numel()) * sizeof(T);
+    if (bytes == 0) return out;
+    if constexpr (detail::is_host_device<From>)
+      detail::DeviceBackend<To>::upload(out.data(), c.data(), bytes);
+    else
+      detail::DeviceBackend<From>::download(out.data(), c.data(), bytes);
+    return out;
+  }
+}
 
 }  // namespace mixmoe
