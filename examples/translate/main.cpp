@@ -585,11 +585,15 @@ struct ScoreArgs {
 };
 
 int cmd_score(const ScoreArgs& a) {
-  const auto hyps = a.hyp.empty() ? parse_lines(std::string((std::istreambuf_iterator<char>(std::cin)), {}), "<stdin>")
-                                  : read_lines(a.hyp);
+  // Line i of every file is sentence i: an empty line is an empty sentence (a model may output
+  // nothing), not a line to skip, as sacreBLEU reads them.
+  const LineReadOptions keep_empty{.skip_empty = false};
+  const auto hyps = a.hyp.empty() ? parse_lines(std::string((std::istreambuf_iterator<char>(std::cin)), {}), "<stdin>",
+                                                keep_empty)
+                                  : read_lines(a.hyp, keep_empty);
   std::vector<std::vector<std::string>> refs;
   for (const auto& r : a.refs) {
-    refs.push_back(read_lines(r));
+    refs.push_back(read_lines(r, keep_empty));
     MIXMOE_CHECK(refs.back().size() == hyps.size(), "score", r.string(), " has ", refs.back().size(),
                  " lines, the hypotheses ", hyps.size());
   }

@@ -109,6 +109,12 @@ run(${BIN} score -r ref.txt -i ref.txt)
 if(NOT out MATCHES "BLEU = 100.00" OR NOT out MATCHES "chrF2 = 100.00")
   message(FATAL_ERROR "a file scored against itself is not 100:\n${out}")
 endif()
+# An empty hypothesis line is an empty sentence, not a skipped line: 2 lines against 2 references.
+file(WRITE ${WORK}/hyp_empty.txt "Die Datei konnte nicht geöffnet werden.\n\n")
+run(${BIN} score -r ref.txt -i hyp_empty.txt)
+if(NOT out MATCHES "BLEU = ")
+  message(FATAL_ERROR "a hypothesis file with an empty line was not scored line by line:\n${out}")
+endif()
 # Errors name the problem.
 execute_process(COMMAND ${BIN} translate --model runs/mix-fft/model --tgt xx WORKING_DIRECTORY ${WORK}
                 RESULT_VARIABLE rc ERROR_VARIABLE err INPUT_FILE ${WORK}/in.txt)
