@@ -3,6 +3,7 @@
 #include <mixmoe/backend/cpu/gemm.hpp>
 #include <mixmoe/ops/elementwise.hpp>
 #include <mixmoe/ops/fft.hpp>
+#include <mixmoe/ops/matmul.hpp>
 #include <mixmoe/ops/norm.hpp>
 #include <mixmoe/ops/reduce.hpp>
 #include <mixmoe/ops/softmax.hpp>
@@ -55,6 +56,22 @@ Grads cpu_mul_row(const Vec& a, const Vec& b, const Vec& g, std::int64_t rows, s
   Grads r = run(a, g, {rows, cols}, {rows, cols}, [&](const Var<float>& v) { return v * bv; });
   r.dw = bv.grad().to_vector();
   return r;
+}
+
+LinearGrads cpu_linear(const Vec& x, const Vec& w, const Vec& b, const Vec& g, std::int64_t rows, std::int64_t n,
+                       std::int64_t k) {
+  auto xv = parameter(tensor(x, {rows, k})), wv = parameter(tensor(w, {n, k})), bv = parameter(tensor(b, {n}));
+  auto y = linear(xv, wv, bv);
+  y.backward(tensor(g, {rows, n}));
+  return {y.value().to_vector(), xv.grad().to_vector(), wv.grad().to_vector(), bv.grad().to_vector()};
+}
+
+Grads cpu_matmul_broadcast(const Vec& a, const Vec& b, const Vec& g, std::int64_t batch, std::int64_t m, std::int64_t n,
+                           std::int64_t k) {
+  auto av = parameter(tensor(a, {batch, m, k})), bv = parameter(tensor(b, {k, n}));
+  auto y = matmul(av, bv);
+  y.backward(tensor(g, {batch, m, n}));
+  return {y.value().to_vector(), av.grad().to_vector(), bv.grad().to_vector()};
 }
 
 }  // namespace mixmoe_cuda_test

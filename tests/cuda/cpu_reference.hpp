@@ -25,4 +25,14 @@ Grads cpu_rfft_magnitude(const Vec& x, const Vec& g, std::int64_t rows, std::int
 /// y = a * b with b a row (cols) broadcast over the rows: dx = dL/da, dw = dL/db.
 Grads cpu_mul_row(const Vec& a, const Vec& b, const Vec& g, std::int64_t rows, std::int64_t cols);
 
+/// y = linear(x (rows, k), w (n, k), b (n)); y.backward(g): dx, dw and db (in `extra`).
+struct LinearGrads {
+  Vec y, dx, dw, db;
+};
+LinearGrads cpu_linear(const Vec& x, const Vec& w, const Vec& b, const Vec& g, std::int64_t rows, std::int64_t n,
+                       std::int64_t k);
+/// y = matmul(a (batch, m, k), b (k, n)) with b broadcast over the batch; y.backward(g): da, db.
+Grads cpu_matmul_broadcast(const Vec& a, const Vec& b, const Vec& g, std::int64_t batch, std::int64_t m, std::int64_t n,
+                           std::int64_t k);
+
 }  // namespace mixmoe_cuda_test

@@ -34,6 +34,11 @@ template <class T, class D>
 void add_into(const Tensor<T, D>& dst, const Tensor<T, D>& src) {
   MIXMOE_CHECK(dst.shape() == src.shape(), "autograd", "gradient of shape ", src.shape(), " for a value of shape ", dst.shape());
   const Tensor<T, D> s = src.contiguous();
+  if constexpr (!Tensor<T, D>::on_host) {
+    mixmoe::detail::require_device_ops<D>();
+    mixmoe::detail::DeviceOps<D>::add_into(dst.data(), s.data(), dst.numel());
+    return;
+  }
   T* d = dst.data();
   const T* p = s.data();
   for (index_t i = 0, n = dst.numel(); i < n; ++i) d[i] += p[i];

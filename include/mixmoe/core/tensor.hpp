@@ -41,6 +41,22 @@ struct DeviceBackend {
 template <class D>
 inline constexpr bool is_host_device = std::is_same_v<D, Cpu>;
 
+/// The kernels that autograd and the ops of ops/ call for a device other than Cpu (GEMM,
+/// gradient accumulation, ...). A backend specialises it with `available = true`
+/// (backend/cuda/cuda.cuh for Cuda); the CPU code paths never use it.
+template <class D>
+struct DeviceOps {
+  static constexpr bool available = false;
+};
+
+/// Compile-time check, with a message, that device D's ops are included.
+template <class D>
+constexpr void require_device_ops() {
+  static_assert(DeviceOps<D>::available,
+                "mixmoe: this op on a device tensor needs the device's ops: include <mixmoe/backend/cuda/cuda.cuh> in a "
+                "CUDA translation unit (CMake target mixmoe::cuda)");
+}
+
 /// Memory of one device for `n` elements of T; returned to the device's cache on destruction.
 template <class T, class D>
 struct Storage {

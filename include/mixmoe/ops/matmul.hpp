@@ -13,14 +13,26 @@ namespace mixmoe {
 
 namespace detail {
 
+/// Row-major GEMM on device D's memory: cpu::gemm on the host, the device's GEMM otherwise.
+template <class D, class T>
+void gemm_on(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+             index_t ldb, T beta, T* c, index_t ldc) {
+  if constexpr (is_host_device<D>) {
+    cpu::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    require_device_ops<D>();
+    DeviceOps<D>::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
 /// c[b] (+)= op(a[b]) * op(b[b]) for each batch b; batch shapes already broadcast.
 /// a: (Ba, M, K) or (Ba, K, M) if ta; b: (Bb, K, N) or (Bb, N, K) if tb; Ba, Bb in {1, B}.
-template <class T>
+template <class D, class T>
 void batched_gemm(index_t batch, bool ta, bool tb, index_t m, index_t n, index_t k, const T* a, index_t a_batch_stride,
                   const T* b, index_t b_batch_stride, T beta, T* c) {
   const index_t lda = ta ? m : k, ldb = tb ? k : n;
   for (index_t i = 0; i < batch; ++i)
-    cpu::gemm(ta, tb, m, n, k, T(1), a + i * a_batch_stride, lda, b + i * b_batch_stride, ldb, beta, c + i * m * n, n);
+    gemm_on<D>(ta, tb, m, n, k, T(1), a + i * a_batch_stride, lda, b + i * b_batch_stride, ldb, beta, c + i * m * n, n);
 }
 
 }  // namespace detail
@@ -46,18 +58,18 @@ Var<T, D> matmul(const Var<T, D>& a, const Var<T, D>& b) {
   const Tensor<T, D> av = a.value().contiguous(), bv = b.value().contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(oshape);
   const index_t sa = ba.numel() == 1 ? 0 : m * k, sb = bb.numel() == 1 ? 0 : k * n;
-  detail::batched_gemm(nb, false, false, m, n, k, av.data(), sa, bv.data(), sb, T(0), out.data());
+  detail::batched_gemm<D>(nb, false, false, m, n, k, av.data(), sa, bv.data(), sb, T(0), out.data());
   return record("matmul", std::move(out), {a, b}, [av, bv, m, n, k, nb, sa, sb](autograd::BackwardContext<T, D>& ctx) {
     const T* g = ctx.grad_out().data();
     if (ctx.needs_grad(0)) {  // dA = dC B^T, summed over broadcast batches
       T* ga = ctx.grad_in(0).data();
       for (index_t i = 0; i < nb; ++i)
-        cpu::gemm(false, true, m, k, n, T(1), g + i * m * n, n, bv.data() + i * sb, n, T(1), ga + (sa ? i * sa : 0), k);
+        detail::gemm_on<D>(false, true, m, k, n, T(1), g + i * m * n, n, bv.data() + i * sb, n, T(1), ga + (sa ? i * sa : 0), k);
     }
     if (ctx.needs_grad(1)) {  // dB = A^T dC
       T* gb = ctx.grad_in(1).data();
       for (index_t i = 0; i < nb; ++i)
-        cpu::gemm(true, false, k, n, m, T(1), av.data() + i * sa, k, g + i * m * n, n, T(1), gb + (sb ? i * sb : 0), n);
+        detail::gemm_on<D>(true, false, k, n, m, T(1), av.data() + i * sa, k, g + i * m * n, n, T(1), gb + (sb ? i * sb : 0), n);
     }
   });
 }
@@ -74,15 +86,24 @@ Var<T, D> linear(const Var<T, D>& x, const Var<T, D>& w, const Var<T, D>& bias =
   Shape oshape = x.shape().with(-1, n);
   Tensor<T, D> out = Tensor<T, D>::empty(oshape);
   if (bias.defined()) {
-    const T* pb = bias.value().contiguous().data();
-    for (index_t r = 0; r < rows; ++r) std::copy(pb, pb + n, out.data() + r * n);
+    const Tensor<T, D> bv = bias.value().contiguous();
+    if constexpr (Tensor<T, D>::on_host) {
+      const T* pb = bv.data();
+      for (index_t r = 0; r < rows; ++r) std::copy(pb, pb + n, out.data() + r * n);
+    } else {  // every row of out = bias: a copy from a view of bias with a 0 stride on the rows
+      detail::DeviceBackend<D>::copy(bv.data(), Shape{0, 1}, out.data(), Shape{n, 1}, Shape{rows, n});
+    }
   }
-  cpu::gemm(false, true, rows, n, k, T(1), xv.data(), k, wv.data(), k, bias.defined() ? T(1) : T(0), out.data(), n);
+  detail::gemm_on<D>(false, true, rows, n, k, T(1), xv.data(), k, wv.data(), k, bias.defined() ? T(1) : T(0), out.data(), n);
   return record("linear", std::move(out), {x, w, bias}, [xv, wv, rows, n, k](autograd::BackwardContext<T, D>& ctx) {
     const T* g = ctx.grad_out().data();
-    if (ctx.needs_grad(0)) cpu::gemm(false, false, rows, k, n, T(1), g, n, wv.data(), k, T(1), ctx.grad_in(0).data(), k);
-    if (ctx.needs_grad(1)) cpu::gemm(true, false, n, k, rows, T(1), g, n, xv.data(), k, T(1), ctx.grad_in(1).data(), k);
-    if (ctx.needs_grad(2)) {
+    if (ctx.needs_grad(0))
+      detail::gemm_on<D>(false, false, rows, k, n, T(1), g, n, wv.data(), k, T(1), ctx.grad_in(0).data(), k);
+    if (ctx.needs_grad(1))
+      detail::gemm_on<D>(true, false, n, k, rows, T(1), g, n, xv.data(), k, T(1), ctx.grad_in(1).data(), k);
+    if constexpr (!Tensor<T, D>::on_host) {
+      if (ctx.needs_grad(2)) detail::DeviceOps<D>::add_column_sums(ctx.grad_in(2).data(), g, rows, n);
+    } else if (ctx.needs_grad(2)) {
       T* gb = ctx.grad_in(2).data();
       for (index_t r = 0; r < rows; ++r)
         for (index_t j = 0; j < n; ++j) gb[j] += g[r * n + j];

@@ -56,16 +56,24 @@ __global__ void binary_rows(const T* a, const T* b, T* out, index_t n, index_t b
   }
 }
 
-/// out (C) = sum over rows of x (R, C) [times y (R, C) when y is given], in double.
+/// out (C) (+)= sum over rows of x (R, C) [times y (R, C) when y is given], in double.
 template <class T>
-__global__ void column_sums(const T* x, const T* y, T* out, index_t rows, index_t c) {
+__global__ void column_sums(const T* x, const T* y, T* out, index_t rows, index_t c, bool accumulate) {
   for (index_t j = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; j < c;
        j += static_cast<index_t>(gridDim.x) * blockDim.x) {
     double s = 0;
     for (index_t r = 0; r < rows; ++r)
       s += y ? static_cast<double>(x[r * c + j]) * static_cast<double>(y[r * c + j]) : static_cast<double>(x[r * c + j]);
-    out[j] = static_cast<T>(s);
+    out[j] = accumulate ? static_cast<T>(static_cast<double>(out[j]) + s) : static_cast<T>(s);
   }
+}
+
+/// dst (+)= src, n elements.
+template <class T>
+__global__ void add_into(T* dst, const T* src, index_t n) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    dst[i] += src[i];
 }
 
 template <class T>
@@ -193,7 +201,7 @@ Tensor<T, Cuda> sum_rows(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& y = {}
   auto out = Tensor<T, Cuda>::empty({c});
   if (c == 0) return out;
   kernels::column_sums<<<blocks_for(c), 256, 0, current_stream()>>>(cx.data(), cy.defined() ? cy.data() : nullptr,
-                                                                     out.data(), rows, c);
+                                                                     out.data(), rows, c, false);
   MIXMOE_CUDA_CHECK_LAUNCH("column_sums");
   return out;
 }

@@ -1,0 +1,45 @@
+// The whole CUDA backend: Tensor<T, Cuda>, its kernels, and the DeviceOps<Cuda> that autograd
+// (Var<T, Cuda>) and the ops of ops/ call on the device. Include this header from a CUDA
+// translation unit (CMake target mixmoe::cuda) to run model code on the GPU.
+//
+// Ops on Var<T, Cuda> so far: matmul, linear (with bias), and gradient accumulation; the other
+// ops of ops/ are CPU-only until they are ported (docs/cuda.md).
+#pragma once
+
+#include "mixmoe/backend/cuda/blas.cuh"
+#include "mixmoe/backend/cuda/fft.cuh"
+#include "mixmoe/backend/cuda/ops.cuh"
+#include "mixmoe/backend/cuda/runtime.cuh"
+#include "mixmoe/backend/cuda/tensor.cuh"
+
+namespace mixmoe::detail {
+
+template <>
+struct DeviceOps<Cuda> {
+  static constexpr bool available = true;
+
+  template <class T>
+  static void gemm(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
+                   index_t ldb, T beta, T* c, index_t ldc) {
+    cuda::gemm<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  /// dst += src (n elements, both contiguous).
+  template <class T>
+  static void add_into(T* dst, const T* src, index_t n) {
+    if (n == 0) return;
+    cuda::kernels::add_into<<<cuda::blocks_for(n), 256, 0, cuda::current_stream()>>>(dst, src, n);
+    MIXMOE_CUDA_CHECK_LAUNCH("add_into");
+  }
+
+  /// out (C) += the column sums of x (R, C).
+  template <class T>
+  static void add_column_sums(T* out, const T* x, index_t rows, index_t c) {
+    if (c == 0) return;
+    cuda::kernels::column_sums<<<cuda::blocks_for(c), 256, 0, cuda::current_stream()>>>(x, static_cast<const T*>(nullptr),
+                                                                                         out, rows, c, true);
+    MIXMOE_CUDA_CHECK_LAUNCH("column_sums");
+  }
+};
+
+}  // namespace mixmoe::detail
