@@ -240,4 +240,66 @@ TEST_CASE("train_loop: non-finite steps are skipped, then training stops with th
   CHECK(flat_weights(restored) == good);
   fs::remove_all(d);
 }
+
+TEST_CASE("supervised_logits: projecting only the supervised positions gives the loss and gradients of the full "
+          "projection", "[train][lm_loss]") {
+  using LM = DecoderLM<CausalSelfAttention<double>, MixedMoE<TopK<1>, ExpertGroup<SwiGLU<double>, tag::lm>,
+                                                          ExpertGroup<SwiGLU<double>, tag::mt>>>;
+  for (const bool tied : {true, false}) {
+    ModelConfig c = loop_config();
+    c.tie_embeddings = tied;
+    LM model(c);
+    // Translation-like rows: prompts of different lengths (ignored targets) and right padding.
+    std::vector<Example> ex;
+    for (int i = 0; i < 5; ++i) {
+      Example e;
+      for (int p = 0; p < 4 + 2 * i; ++p) e.ids.push_back(3 + (5 * i + p) % 10);
+      e.target_begin = 1 + i;
+      ex.push_back(std::move(e));
+    }
+    const Batch batch = collate(ex);
+    REQUIRE(batch.target_tokens > 0);
+    REQUIRE(batch.target_tokens < batch.targets.numel());
+    for (const double smoothing : {0.0, 0.1}) {
+      CrossEntropyOptions opt;
+      opt.label_smoothing = smoothing;
+      auto grads_of = [&](bool sparse) {
+        for (auto& p : parameters(model)) p.zero_grad();
+        Var<double> loss = sparse ? [&] {
+          auto sup = supervised_logits(model, batch, opt.ignore_index);
+          CHECK(sup.logits.shape() == Shape{batch.target_tokens, c.vocab});
+          return cross_entropy(sup.logits, sup.targets, opt);
+        }()
+                                  : cross_entropy(model(batch.inputs), batch.targets, opt);
+        loss.backward();
+        std::vector<double> g{loss.value().item()};
+        for (const auto& p : parameters(model)) {
+          const auto t = p.grad().contiguous();
+          g.insert(g.end(), t.data(), t.data() + t.numel());
+        }
+        release_routing_graphs(model);
+        return g;
+      };
+      const auto full = grads_of(false);
+      const auto sparse = grads_of(true);
+      REQUIRE(full.size() == sparse.size());
+      double worst = 0, largest = 0;
+      for (std::size_t i = 0; i < full.size(); ++i) {
+        worst = std::max(worst, std::abs(full[i] - sparse[i]));
+        largest = std::max(largest, std::abs(full[i]));
+      }
+      INFO("tied " << tied << ", label smoothing " << smoothing << ": loss " << full[0]);
+      CHECK(largest > 1e-3);  // the gradients are not all zero
+      CHECK(worst <= 1e-12 * (1 + largest));
+    }
+  }
+}
+
+TEST_CASE("supervised_logits: a batch whose target count is wrong is an error naming both counts", "[train][lm_loss]") {
+  LoopLM model(loop_config());
+  Batch batch = collate(loop_examples());
+  batch.target_tokens -= 1;
+  CHECK_THROWS_WITH(supervised_logits(model, batch), Catch::Contains("target_tokens"));
+}
+
 }  // namespace test_train_loop

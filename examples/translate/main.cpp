@@ -528,6 +528,7 @@ struct TranslateArgs {
   fs::path input, tokenizer;
   int beam = 4;
   int max_tokens = 128;
+  int no_repeat_ngram = 0;
 };
 
 template <class Model>
@@ -537,6 +538,7 @@ int translate_with(const TranslateArgs& a, const ModelInfo& info, const Tokenize
   DecodeOptions o;
   o.beam_size = a.beam;
   o.max_new_tokens = a.max_tokens;
+  o.no_repeat_ngram = a.no_repeat_ngram;
   std::ifstream file;
   if (!a.input.empty()) {
     file.open(a.input);
@@ -660,6 +662,9 @@ int main(int argc, char** argv) {
   translate_cmd->add_option("--tokenizer", tr.tokenizer, "tokenizer model (default: the one the model names)");
   translate_cmd->add_option("--beam", tr.beam, "beam size (1: greedy)")->capture_default_str();
   translate_cmd->add_option("--max-tokens", tr.max_tokens, "tokens per translation at most")->capture_default_str();
+  translate_cmd->add_option("--no-repeat-ngram", tr.no_repeat_ngram,
+                            "never repeat an n-gram of this many tokens within a translation (0: off)")
+      ->capture_default_str();
 
   ScoreArgs sc;
   auto* score = app.add_subcommand("score", "BLEU and chrF2 of hypotheses against references, as sacreBLEU");

@@ -118,10 +118,12 @@ struct DecoderLM {
     return norm(x);
   }
 
+  /// The output projection of hidden states: (..., C) -> (..., V) (the tied embedding or `head`).
+  Var<T, D> logits(const Var<T, D>& h) const { return config.tie_embeddings ? linear(h, embed.weight) : head(h); }
+
   /// Logits over the vocabulary: ids (B, T) -> (B, T, V).
   Var<T, D> operator()(const Tensor<Index, D>& ids, DecodeState<T, D>* state = nullptr) const {
-    auto h = hidden(ids, state);
-    return config.tie_embeddings ? linear(h, embed.weight) : head(h);
+    return logits(hidden(ids, state));
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {

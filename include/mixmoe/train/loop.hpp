@@ -46,6 +46,7 @@
 #include "mixmoe/ops/cross_entropy.hpp"
 #include "mixmoe/train/checkpoint.hpp"
 #include "mixmoe/train/clip.hpp"
+#include "mixmoe/train/lm_loss.hpp"
 #include "mixmoe/train/metrics_log.hpp"
 #include "mixmoe/train/optimizer.hpp"
 #include "mixmoe/train/progress.hpp"
@@ -253,8 +254,8 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
   while (step < o.steps) {
     const Batch batch = data.next();
     const double lr = apply_schedule(opt, schedule, step);
-    auto logits = model(batch.inputs);
-    auto ce = cross_entropy(logits, batch.targets, ce_opt);
+    auto sup = supervised_logits(model, batch, ce_opt.ignore_index);  // only the positions with a loss
+    auto ce = cross_entropy(sup.logits, sup.targets, ce_opt);
     Var<T, D> loss = ce;
     if (moe) {
       if (o.load_balance != 0) {

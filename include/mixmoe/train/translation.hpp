@@ -28,6 +28,7 @@
 #include "mixmoe/eval/decode.hpp"
 #include "mixmoe/moe/moe_layer.hpp"
 #include "mixmoe/ops/cross_entropy.hpp"
+#include "mixmoe/train/lm_loss.hpp"
 
 namespace mixmoe {
 
@@ -65,8 +66,8 @@ double mean_loss(const Model& model, Source& source, std::size_t batches) {
   opt.reduction = Reduction::sum;
   for (std::size_t b = 0; b < batches; ++b) {
     const Batch batch = source.next();
-    auto logits = model(batch.inputs);
-    total += static_cast<double>(cross_entropy(logits, batch.targets, opt).value().item());
+    auto sup = supervised_logits(model, batch, opt.ignore_index);
+    total += static_cast<double>(cross_entropy(sup.logits, sup.targets, opt).value().item());
     tokens += static_cast<double>(batch.target_tokens);
   }
   MIXMOE_CHECK(tokens > 0, "mean_loss", "the batches have no target tokens");
