@@ -87,8 +87,8 @@ struct Preset {
 
 Preset preset_of(const std::string& name) {
   if (name == "demo")
-    return {{"de", "fr", "es", "ru"}, 8000, 192, 4, 4, 2, 768, 4, 2, 2, 64, 16, 1536, 700, 250, 700, 175,
-            3e-3, 1e-3, 1e-3, 200, 16, 1, 150000};
+    return {{"de", "fr", "es", "ru"}, 8000, 192, 4, 4, 2, 768, 4, 2, 2, 64, 16, 1536, 700, 250, 1200, 200,
+            3e-3, 1e-3, 3e-3, 200, 16, 1, 150000};
   if (name == "long")
     return {{"de", "fr", "es", "ru", "ja", "zh_CN"}, 12000, 256, 6, 8, 4, 1024, 4, 4, 2, 128, 16, 4096, 6000, 3000,
             8000, 1000, 2e-3, 1e-3, 1e-3, 0, 32, 4, 400000};
@@ -629,7 +629,7 @@ int main(int argc, char** argv) {
   auto* train = app.add_subcommand("train", "train a translation model through all stages and test it");
   train->add_option("--variant", ta.variant, "mix-fft, mix-dct, mix-random, mix-fft-nostage1, moe, dense")
       ->capture_default_str();
-  train->add_option("--preset", ta.preset, "demo (about 8 min of training on 2 idle cores), long, tiny")->capture_default_str();
+  train->add_option("--preset", ta.preset, "demo (about 10 min of training on 2 idle cores), long, tiny")->capture_default_str();
   train->add_option("--corpus", ta.corpus, "corpus directory")->capture_default_str();
   train->add_option("--work", ta.work, "work directory: tokenizer, stage 0, one directory per variant")
       ->capture_default_str();
