@@ -476,6 +476,80 @@ TEST_CASE("beam search: beam size 1 is greedy; a wide beam finds the exhaustive 
   REQUIRE(length_penalty(7, 1.0) == Approx(2.0));
 }
 
+TEST_CASE("exact_counts: greedy and beam keep the counts; beam finds the best valid sequence", "[eval][decode]") {
+  // vocab 5, stop id 0, at most 4 new tokens; token 2 exactly once, token 3 never.
+  const std::vector<std::pair<Index, int>> counts{{2, 1}, {3, 0}};
+  const auto valid = [](const std::vector<Index>& g) {
+    return std::count(g.begin(), g.end(), Index{2}) == 1 && std::count(g.begin(), g.end(), Index{3}) == 0;
+  };
+  const auto body = [](const Hypothesis& h) {  // the tokens without the stop id
+    std::vector<Index> t = h.tokens;
+    if (h.finished && !t.empty()) t.pop_back();
+    return t;
+  };
+  int greedy_would_break = 0;
+  for (std::uint64_t seed = 1; seed <= 6; ++seed) {
+    auto cfg = decode_config(5);
+    cfg.seed = seed;
+    cfg.init_std = 0.3;
+    DenseLMd model(cfg);
+    const std::vector<Index> prompt{1, 4};
+    // Every sequence the constraint allows, finished or cut at the length limit, and its
+    // log-probability from full forwards.
+    std::map<std::vector<Index>, double> finished;
+    std::function<void(const std::vector<Index>&, double)> expand = [&](const std::vector<Index>& gen, double lp) {
+      if (std::count(gen.begin(), gen.end(), Index{2}) > 1 || std::count(gen.begin(), gen.end(), Index{3}) > 0) return;
+      if (gen.size() == 4) {
+        finished[gen] = lp;
+        return;
+      }
+      std::vector<Index> seq = prompt;
+      seq.insert(seq.end(), gen.begin(), gen.end());
+      const auto next = next_log_probs(model, seq);
+      for (Index v = 0; v < 5; ++v) {
+        auto g = gen;
+        g.push_back(v);
+        const double l = lp + next[static_cast<std::size_t>(v)];
+        if (v == 0) {
+          if (valid(gen)) finished[g] = l;
+        } else {
+          expand(g, l);
+        }
+      }
+    };
+    expand({}, 0.0);
+    REQUIRE(!finished.empty());
+    std::vector<Index> best_tokens;
+    double best = -INFINITY;
+    for (const auto& [g, l] : finished) {
+      const double score = l / std::pow((5.0 + static_cast<double>(g.size())) / 6, 0.6);
+      if (score > best) best = score, best_tokens = g;
+    }
+    DecodeOptions opt{.max_new_tokens = 4, .stop_ids = {0}, .beam_size = 64};
+    opt.exact_counts = counts;
+    const auto beams = beam_search(model, prompt, opt);
+    INFO("seed " << seed);
+    REQUIRE(beams.front().tokens == best_tokens);
+    REQUIRE(beams.front().score == Approx(best).epsilon(1e-10));
+    for (const auto& h : beams)
+      if (h.finished) REQUIRE(valid(body(h)));
+    opt.beam_size = 1;
+    const auto g = greedy_decode(model, prompt, opt);
+    if (g.finished) REQUIRE(valid(body(g)));
+    REQUIRE(std::count(g.tokens.begin(), g.tokens.end(), Index{3}) == 0);
+    REQUIRE(std::count(g.tokens.begin(), g.tokens.end(), Index{2}) <= 1);
+    const auto free_greedy = greedy_decode(model, prompt, {.max_new_tokens = 4, .stop_ids = {0}});
+    if (!(free_greedy.finished && valid(body(free_greedy))))
+      ++greedy_would_break;
+  }
+  REQUIRE(greedy_would_break > 0);  // the models are such that the constraint matters
+  DenseLMd model(decode_config(5));
+  REQUIRE_THROWS_WITH(greedy_decode(model, {1}, {.stop_ids = {0}, .exact_counts = {{0, 1}}}),
+                      Catch::Contains("is a stop id"));
+  REQUIRE_THROWS_WITH(greedy_decode(model, {1}, {.exact_counts = {{7, 1}}}), Catch::Contains("outside the vocabulary"));
+  REQUIRE_THROWS_WITH(greedy_decode(model, {1}, {.exact_counts = {{2, -1}}}), Catch::Contains("negative count"));
+}
+
 TEST_CASE("decoding errors", "[eval][decode][errors]") {
   DenseLMf model(decode_config(17));
   MIXMOE_REQUIRE_ERROR(greedy_decode(model, {}), "[greedy_decode] the prompt is empty");

@@ -21,6 +21,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include <mixmoe/data/batching.hpp>
@@ -28,6 +29,7 @@
 #include <mixmoe/data/iso_task.hpp>
 #include <mixmoe/data/text_io.hpp>
 #include <mixmoe/data/tokenizer.hpp>
+#include <mixmoe/data/verbatim.hpp>
 #include <mixmoe/eval/bleu.hpp>
 #include <mixmoe/eval/chrf.hpp>
 #include <mixmoe/io/atomic_file.hpp>
@@ -72,6 +74,10 @@ struct TrainArgs {
   // text has no attention pattern that reads a source to translate it; with it frozen, stage 2
   // learned far less (measured: docs/results.md, docs/translation.md).
   bool frozen_attention = false;
+  // Verbatim spans (placeholders, options, numbers, paths, identifiers) go through slot tokens
+  // <v1>..<v8> in every stage and come back in the translations (data/verbatim.hpp);
+  // --no-verbatim trains on the raw text.
+  bool verbatim = true;
   std::uint64_t seed = 1;
 };
 
@@ -117,7 +123,13 @@ struct Inputs {
   Tokenizer tok;
   fs::path tok_path;
   std::vector<std::string> langs;
+  std::optional<VerbatimOptions> verbatim;  // set: the text goes through verbatim slots
 };
+
+/// Every line as the model sees it: with its verbatim spans as slots, or as it is.
+std::vector<std::string> model_text(const Inputs& in, const std::vector<std::string>& lines) {
+  return in.verbatim ? mask_verbatim_lines(lines, *in.verbatim) : lines;
+}
 
 Inputs load_inputs(const TrainArgs& a, const Preset& p) {
   Inputs in;
@@ -135,8 +147,10 @@ Inputs load_inputs(const TrainArgs& a, const Preset& p) {
               << in.corpus.mono.at(l).size() << " monolingual sentences\n";
   }
   const index_t vocab = a.vocab > 0 ? a.vocab : p.vocab;
+  if (a.verbatim) in.verbatim = VerbatimOptions{};
   std::string lang_key;
   for (const auto& l : in.langs) lang_key += "-" + l;
+  if (in.verbatim) lang_key += "-v" + std::to_string(in.verbatim->slots);  // other user symbols: another tokenizer
   in.tok_path = a.work / ("tokenizer-" + std::to_string(vocab) + lang_key + ".model");
   if (fs::exists(in.tok_path)) {
     in.tok = Tokenizer::load(in.tok_path.string());
@@ -150,9 +164,12 @@ Inputs load_inputs(const TrainArgs& a, const Preset& p) {
     }
     const auto en = take(in.corpus.mono.at("en"), per_lang);
     text.insert(text.end(), en.begin(), en.end());
+    text = model_text(in, text);
     TokenizerOptions to;
     to.vocab_size = static_cast<int>(vocab);
     to.user_symbols = Tokenizer::translation_symbols(in.langs);
+    if (in.verbatim)
+      for (const auto& sym : verbatim_symbols(in.verbatim->slots)) to.user_symbols.push_back(sym);
     // The task tags of the ISO-code task (data/iso_task.hpp), so that examples/ramoe can fine-tune
     // the translation models of this work directory on it.
     for (const auto& sym : iso_task_symbols({IsoKind::country, IsoKind::language, IsoKind::currency}))
@@ -210,13 +227,14 @@ std::vector<std::vector<index_t>> mono_text(const Inputs& in, bool dev) {
   for (std::size_t i = 0; i < longest; ++i)
     for (const auto* s : sources)
       if (i < s->size()) lines.push_back((*s)[i]);
-  return lm_sentences(in.tok, lines);
+  return lm_sentences(in.tok, model_text(in, lines));
 }
 
 std::vector<Example> parallel_examples(const Inputs& in, const std::string& split, std::size_t per_lang = 0) {
   std::vector<Example> ex;
   for (const auto& l : in.langs) {
-    auto e = translation_examples(in.tok, l, in.corpus.pairs(split, l), per_lang);
+    const auto& pairs = in.corpus.pairs(split, l);
+    auto e = translation_examples(in.tok, l, in.verbatim ? mask_verbatim_pairs(pairs, *in.verbatim) : pairs, per_lang);
     ex.insert(ex.end(), std::make_move_iterator(e.begin()), std::make_move_iterator(e.end()));
   }
   return ex;
@@ -231,7 +249,21 @@ struct StageSpec {
 };
 
 nlohmann::json extra_of(const Inputs& in, const std::string& variant) {
-  return {{"tokenizer", in.tok_path.string()}, {"languages", in.langs}, {"variant", variant}};
+  return {{"tokenizer", in.tok_path.string()},
+          {"languages", in.langs},
+          {"variant", variant},
+          {"verbatim_slots", in.verbatim ? in.verbatim->slots : 0}};
+}
+
+/// A checkpoint of the work directory that another tokenizer made would load (the shapes are the
+/// same) and be wrong: refused by name.
+void check_tokenizer_of(const fs::path& ckpt, const Inputs& in) {
+  if (!fs::exists(ckpt / "config.json")) return;
+  const ModelInfo info = read_model_info(ckpt, false);
+  const std::string t = info.extra.is_object() ? info.extra.value("tokenizer", std::string{}) : std::string{};
+  MIXMOE_CHECK(t.empty() || t == in.tok_path.string(), "mixmoe-translate", ckpt.string(),
+               " was trained with the tokenizer ", t, ", this run uses ", in.tok_path.string(),
+               ": train in another --work directory, or remove that one (--fresh retrains a variant)");
 }
 
 /// Trains `model` on `data` for one stage (resuming or skipping what is done) and saves
@@ -353,7 +385,8 @@ VariantReport evaluate_model(const Model& model, const Inputs& in, const Preset&
     r.directions.push_back(evaluate_direction(model, in.tok, l, in.corpus.pairs("test", l), dopt, n,
                                               [&](std::size_t done, std::size_t) {
                                                 bar.update(static_cast<std::int64_t>(done));
-                                              }));
+                                              },
+                                              in.verbatim));
     bar.finish();
   }
   return r;
@@ -362,6 +395,8 @@ VariantReport evaluate_model(const Model& model, const Inputs& in, const Preset&
 // ---- the pipeline ------------------------------------------------------------------------------
 DenseLM stage0(const Inputs& in, const Preset& p, const TrainArgs& a, const ModelConfig& cfg) {
   const fs::path dir = a.work / "stage0";
+  check_tokenizer_of(dir / "model", in);
+  check_tokenizer_of(dir / "ckpt" / "last", in);
   DenseLM dense(cfg);
   if (fs::exists(dir / "model") && open_checkpoint(dir / "model") == dir / "model") {
     load_model(dense, dir / "model");
@@ -386,6 +421,8 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
   const std::string v = a.variant + (a.frozen_attention ? "-frozen-attn" : "");
   const fs::path dir = a.work / v;
   if (a.fresh) fs::remove_all(dir);
+  for (const fs::path& c : {dir / "stage1" / "ckpt" / "last", dir / "stage2" / "ckpt" / "last", dir / "model"})
+    check_tokenizer_of(c, in);
   fs::create_directories(dir);
   const nlohmann::json extra = extra_of(in, v);
 
@@ -450,7 +487,7 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
     double bleu = 0;
     for (const auto& l : in.langs)
       bleu += evaluate_direction(m, in.tok, l, in.corpus.pairs("dev", l), DecodeOptions{.max_new_tokens = 48},
-                                 static_cast<std::size_t>(p.dev_bleu_sentences))
+                                 static_cast<std::size_t>(p.dev_bleu_sentences), {}, in.verbatim)
                   .bleu.score;
     return EvalResult{-loss, {{"dev_loss", loss}, {"dev_bleu", bleu / static_cast<double>(in.langs.size())}}};
   };
@@ -529,16 +566,22 @@ struct TranslateArgs {
   int beam = 4;
   int max_tokens = 128;
   int no_repeat_ngram = 0;
+  double length_penalty = 0.6;
 };
 
 template <class Model>
 int translate_with(const TranslateArgs& a, const ModelInfo& info, const Tokenizer& tok) {
+  // A model trained with verbatim slots gets them when it translates too.
+  std::optional<VerbatimOptions> verbatim;
+  const int slots = info.extra.is_object() ? info.extra.value("verbatim_slots", 0) : 0;
+  if (slots > 0) verbatim = VerbatimOptions{.slots = slots};
   Model model(info.config);
   load_model(model, a.model);
   DecodeOptions o;
   o.beam_size = a.beam;
   o.max_new_tokens = a.max_tokens;
   o.no_repeat_ngram = a.no_repeat_ngram;
+  o.length_penalty = a.length_penalty;
   std::ifstream file;
   if (!a.input.empty()) {
     file.open(a.input);
@@ -551,7 +594,7 @@ int translate_with(const TranslateArgs& a, const ModelInfo& info, const Tokenize
     ++n;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     MIXMOE_CHECK(is_valid_utf8(line), "mixmoe-translate", "line ", n, " of the input is not valid UTF-8");
-    std::cout << (line.empty() ? std::string{} : translate(model, tok, a.tgt, line, o)) << '\n' << std::flush;
+    std::cout << (line.empty() ? std::string{} : translate(model, tok, a.tgt, line, o, 2.0, verbatim)) << '\n' << std::flush;
   }
   return 0;
 }
@@ -651,6 +694,9 @@ int main(int argc, char** argv) {
   train->add_option("--show", ta.show, "held-out translations to print per direction")->capture_default_str();
   train->add_flag("--frozen-attention", ta.frozen_attention,
                   "stage 2 of the Mix-MoE variants keeps attention frozen, as the paper's recipe (default: trains it)");
+  train->add_flag("--verbatim,!--no-verbatim", ta.verbatim,
+                  "verbatim spans (placeholders, options, numbers, paths, identifiers) as slot tokens <v1>..<v8> "
+                  "(default: on; --no-verbatim trains on the raw text)");
   train->add_option("--seed", ta.seed, "seed of initialisation and data order")->capture_default_str();
 
   TranslateArgs tr;
@@ -664,6 +710,9 @@ int main(int argc, char** argv) {
   translate_cmd->add_option("--max-tokens", tr.max_tokens, "tokens per translation at most")->capture_default_str();
   translate_cmd->add_option("--no-repeat-ngram", tr.no_repeat_ngram,
                             "never repeat an n-gram of this many tokens within a translation (0: off)")
+      ->capture_default_str();
+  translate_cmd->add_option("--length-penalty", tr.length_penalty,
+                            "beam search: GNMT length penalty alpha (higher favours longer translations)")
       ->capture_default_str();
 
   ScoreArgs sc;

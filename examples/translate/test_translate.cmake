@@ -96,6 +96,21 @@ if(err MATCHES "stage1 +\\[")
   message(FATAL_ERROR "the second run trained stage 1 again:\n${err}")
 endif()
 
+# Verbatim slots are on by default: the tokenizer's name says so, the model records them, and a run
+# without them in the same work directory (another tokenizer) refuses the stage-0 model by name.
+if(NOT EXISTS ${WORK}/runs/tokenizer-600-de-fr-v8.model)
+  message(FATAL_ERROR "no verbatim-slot tokenizer runs/tokenizer-600-de-fr-v8.model")
+endif()
+file(READ ${WORK}/runs/mix-fft/model/config.json model_config)
+if(NOT model_config MATCHES "\"verbatim_slots\": *8")
+  message(FATAL_ERROR "the model does not record its verbatim slots:\n${model_config}")
+endif()
+execute_process(COMMAND ${BIN} train --preset tiny --corpus corpus --work runs --langs de,fr --no-verbatim
+                WORKING_DIRECTORY ${WORK} RESULT_VARIABLE rc ERROR_VARIABLE err OUTPUT_QUIET)
+if(rc EQUAL 0 OR NOT err MATCHES "was trained with the tokenizer runs/tokenizer-600-de-fr-v8.model")
+  message(FATAL_ERROR "a run with another tokenizer was not refused (rc ${rc}):\n${err}")
+endif()
+
 # translate: one line out per line in; score: a file against itself is 100.
 file(WRITE ${WORK}/in.txt "Open the file\n\nPrint the page\n")
 run(${BIN} translate --model runs/mix-fft/model --tgt fr --beam 2 --max-tokens 8 -i in.txt)

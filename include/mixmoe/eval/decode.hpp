@@ -21,6 +21,7 @@
 #include <concepts>
 #include <limits>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "mixmoe/autograd/grad_mode.hpp"
@@ -45,6 +46,11 @@ struct DecodeOptions {
   int beam_size = 1;              // beam_search only; 1 = greedy
   double length_penalty = 0.6;    // GNMT alpha: score = log_prob / ((5 + len) / 6)^alpha
   int no_repeat_ngram = 0;        // > 0: never repeat an n-gram of this size within the generated tokens
+  // Tokens that a finished hypothesis holds an exact number of times, {id, count}: a token at its
+  // count is banned, and while one is short of its count the stop ids are banned. The verbatim
+  // slots of a source (data/verbatim.hpp) are the use: a translation of a message that drops or
+  // repeats one of its placeholders is not a valid message.
+  std::vector<std::pair<Index, int>> exact_counts{};
 };
 
 /// One decoded continuation.
@@ -62,6 +68,10 @@ inline double length_penalty(std::size_t len, double alpha) {
 
 namespace detail {
 
+inline bool is_stop(Index t, const DecodeOptions& opt) {
+  return std::find(opt.stop_ids.begin(), opt.stop_ids.end(), t) != opt.stop_ids.end();
+}
+
 inline void check_decode(const char* where, std::span<const Index> prompt, const DecodeOptions& opt, index_t vocab) {
   MIXMOE_CHECK(!prompt.empty(), where, "the prompt is empty: decoding starts from at least one token (e.g. BOS)");
   MIXMOE_CHECK(opt.max_new_tokens >= 0, where, "max_new_tokens must be >= 0, got ", opt.max_new_tokens);
@@ -72,10 +82,11 @@ inline void check_decode(const char* where, std::span<const Index> prompt, const
                  ", outside the vocabulary of ", vocab);
   for (Index s : opt.stop_ids)
     MIXMOE_CHECK(s >= 0 && s < vocab, where, "stop id ", s, " is outside the vocabulary of ", vocab);
-}
-
-inline bool is_stop(Index t, const DecodeOptions& opt) {
-  return std::find(opt.stop_ids.begin(), opt.stop_ids.end(), t) != opt.stop_ids.end();
+  for (const auto& [id, count] : opt.exact_counts) {
+    MIXMOE_CHECK(id >= 0 && id < vocab, where, "exact_counts: token ", id, " is outside the vocabulary of ", vocab);
+    MIXMOE_CHECK(count >= 0, where, "exact_counts: token ", id, " has a negative count ", count);
+    MIXMOE_CHECK(!is_stop(id, opt), where, "exact_counts: token ", id, " is a stop id");
+  }
 }
 
 /// Log-softmax of each row of the last position of logits (B, T, V), in double: (B * V).
@@ -110,6 +121,19 @@ inline void ban_repeats(const std::vector<Index>& tokens, const DecodeOptions& o
   }
 }
 
+/// Applies opt.exact_counts to the log-probabilities of the next token after `tokens`.
+inline void apply_exact_counts(const std::vector<Index>& tokens, const DecodeOptions& opt, double* log_probs) {
+  if (opt.exact_counts.empty()) return;
+  bool short_of_count = false;
+  for (const auto& [id, count] : opt.exact_counts) {
+    const auto have = std::count(tokens.begin(), tokens.end(), id);
+    if (have >= count) log_probs[id] = -std::numeric_limits<double>::infinity();
+    short_of_count = short_of_count || have < count;
+  }
+  if (short_of_count)
+    for (Index s : opt.stop_ids) log_probs[s] = -std::numeric_limits<double>::infinity();
+}
+
 template <class D>
 Tensor<Index, D> ids_tensor(std::span<const Index> ids, index_t rows) {
   return Tensor<Index, D>::from(ids, Shape{rows, static_cast<index_t>(ids.size()) / rows});
@@ -133,6 +157,7 @@ Hypothesis greedy_decode(const Model& model, const std::vector<Index>& prompt, c
   for (int step = 0; step < opt.max_new_tokens; ++step) {
     auto lp = detail::last_log_probs(logits);
     detail::ban_repeats(h.tokens, opt, lp.data());
+    detail::apply_exact_counts(h.tokens, opt, lp.data());
     const auto best = static_cast<Index>(std::max_element(lp.begin(), lp.end()) - lp.begin());
     if (std::isinf(lp[static_cast<std::size_t>(best)])) break;  // every token banned
     h.tokens.push_back(best);
@@ -178,6 +203,7 @@ std::vector<Hypothesis> beam_search(const Model& model, const std::vector<Index>
     for (std::size_t b = 0; b < live.size(); ++b) {
       double* row = lp.data() + static_cast<std::ptrdiff_t>(b) * vocab;
       detail::ban_repeats(live[b].tokens, opt, row);
+      detail::apply_exact_counts(live[b].tokens, opt, row);
       for (index_t v = 0; v < vocab; ++v)
         if (!std::isinf(row[v])) cands.push_back({live[b].log_prob + row[v], b, static_cast<Index>(v)});
     }

@@ -7,7 +7,11 @@
 //   mean_loss              teacher-forced cross-entropy of a model over a batch source
 //                          (validation loss of either kind, and the "monolingual loss" that
 //                          measures how much translation training degraded the LM)
-//   translate              one sentence, greedy or beam search with the KV cache
+//   translate              one sentence, greedy or beam search with the KV cache; with
+//                          VerbatimOptions, its verbatim spans go through slot tokens
+//                          (data/verbatim.hpp) and come back in the translation
+//   mask_verbatim_pairs    corpus pairs with the slots in both sides (training data of a
+//                          model that translates with verbatim slots)
 //   evaluate_direction     a test set of one direction: hypotheses, BLEU, chrF, and the
 //                          copy-the-source baseline
 #pragma once
@@ -15,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -23,6 +28,7 @@
 #include "mixmoe/data/batching.hpp"
 #include "mixmoe/data/corpus.hpp"
 #include "mixmoe/data/tokenizer.hpp"
+#include "mixmoe/data/verbatim.hpp"
 #include "mixmoe/eval/bleu.hpp"
 #include "mixmoe/eval/chrf.hpp"
 #include "mixmoe/eval/decode.hpp"
@@ -39,6 +45,29 @@ inline std::vector<Example> translation_examples(const Tokenizer& tok, std::stri
   const std::size_t n = max_pairs > 0 ? std::min(max_pairs, pairs.size()) : pairs.size();
   out.reserve(n);
   for (std::size_t i = 0; i < n; ++i) out.push_back(make_translation_example(tok, target_lang, pairs[i].en, pairs[i].target));
+  return out;
+}
+
+/// The pairs with the verbatim spans of each English side as slots, in both sides
+/// (mask_verbatim on the source, mask_like on the target).
+inline std::vector<CorpusPair> mask_verbatim_pairs(const std::vector<CorpusPair>& pairs,
+                                                   const VerbatimOptions& opt = {}) {
+  std::vector<CorpusPair> out;
+  out.reserve(pairs.size());
+  for (const auto& p : pairs) {
+    MaskedText m = mask_verbatim(p.en, opt);
+    out.push_back({p.group, std::move(m.text), mask_like(p.target, m.spans)});
+  }
+  return out;
+}
+
+/// The lines with their verbatim spans as slots (monolingual text of a model that translates
+/// with verbatim slots: it learns the slots in running text too).
+inline std::vector<std::string> mask_verbatim_lines(const std::vector<std::string>& lines,
+                                                    const VerbatimOptions& opt = {}) {
+  std::vector<std::string> out;
+  out.reserve(lines.size());
+  for (const auto& l : lines) out.push_back(mask_verbatim(l, opt).text);
   return out;
 }
 
@@ -77,10 +106,28 @@ double mean_loss(const Model& model, Source& source, std::size_t batches) {
 /// Translates `source` into `target_lang`: beam search when opt.beam_size > 1, else greedy.
 /// Stops at </s>; at most opt.max_new_tokens tokens, and at most max_ratio times the source's
 /// tokens plus 8 when max_ratio > 0 (a translation much longer than its source is a model
-/// repeating itself).
+/// repeating itself). With `verbatim` (a model trained on mask_verbatim_pairs), the source's
+/// verbatim spans are given to the model as slot tokens and put back into its output; with
+/// verbatim->exact_slots, the output holds each slot exactly as often as the source does
+/// (DecodeOptions::exact_counts), so no placeholder of the message is lost or repeated.
 template <class Model>
 std::string translate(const Model& model, const Tokenizer& tok, std::string_view target_lang, std::string_view source,
-                      DecodeOptions opt = {}, double max_ratio = 2.0) {
+                      DecodeOptions opt = {}, double max_ratio = 2.0,
+                      const std::optional<VerbatimOptions>& verbatim = std::nullopt) {
+  if (verbatim) {
+    const MaskedText m = mask_verbatim(source, *verbatim);
+    DecodeOptions o = opt;
+    for (int k = 1; k <= verbatim->slots; ++k) {
+      const std::string sym = verbatim_symbol(k);
+      MIXMOE_CHECK(tok.contains(sym), "translate", "the tokenizer ", tok.name(), " has no verbatim slot ", sym,
+                   ": the model was trained without verbatim slots, or with fewer");
+      if (!verbatim->exact_slots) continue;
+      int n = 0;
+      for (auto p = m.text.find(sym); p != std::string::npos; p = m.text.find(sym, p + sym.size())) ++n;
+      o.exact_counts.emplace_back(static_cast<Index>(tok.id(sym)), n);
+    }
+    return unmask_verbatim(translate(model, tok, target_lang, m.text, o, max_ratio), m.spans);
+  }
   no_grad ng;
   const auto p = translation_prompt(tok, target_lang, source);
   if (max_ratio > 0) {
@@ -106,12 +153,14 @@ struct DirectionResult {
 
 /// Translates `max_sentences` pairs (0: all), evenly spaced over the set (a test set is ordered by
 /// catalog: its first sentences would all come from one), and scores them against their references.
-/// `on_sentence(done, total)` is called after each sentence (progress display), when given.
+/// `on_sentence(done, total)` is called after each sentence (progress display), when given. With
+/// `verbatim`, translate() protects the verbatim spans (the scores are of the restored text).
 template <class Model>
 DirectionResult evaluate_direction(const Model& model, const Tokenizer& tok, const std::string& lang,
                                    const std::vector<CorpusPair>& pairs, const DecodeOptions& opt,
                                    std::size_t max_sentences = 0,
-                                   const std::function<void(std::size_t, std::size_t)>& on_sentence = {}) {
+                                   const std::function<void(std::size_t, std::size_t)>& on_sentence = {},
+                                   const std::optional<VerbatimOptions>& verbatim = std::nullopt) {
   DirectionResult r;
   r.lang = lang;
   const std::size_t n = max_sentences > 0 ? std::min(max_sentences, pairs.size()) : pairs.size();
@@ -120,7 +169,7 @@ DirectionResult evaluate_direction(const Model& model, const Tokenizer& tok, con
     const std::size_t i = k * pairs.size() / n;
     r.sources.push_back(pairs[i].en);
     r.references.push_back(pairs[i].target);
-    r.hypotheses.push_back(translate(model, tok, lang, pairs[i].en, opt));
+    r.hypotheses.push_back(translate(model, tok, lang, pairs[i].en, opt, 2.0, verbatim));
     if (on_sentence) on_sentence(k + 1, n);
   }
   r.sentences = n;
