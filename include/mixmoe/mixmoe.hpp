@@ -66,6 +66,7 @@
 #include "mixmoe/data/mo_reader.hpp"
 #include "mixmoe/data/text_io.hpp"
 #include "mixmoe/data/tokenizer.hpp"
+#include "mixmoe/data/verbatim.hpp"
 
 #include "mixmoe/eval/bleu.hpp"
 #include "mixmoe/eval/chrf.hpp"
