@@ -139,6 +139,10 @@ def main():
                         f"monolingual text of each language (English included).\n")
 
     cfg = runs[names[0]].get("config", {}).get("config", {})
+    slots = runs[names[0]].get("config", {}).get("extra", {}).get("verbatim_slots", 0)
+    verbatim_note = (f" through {slots} verbatim slots with exact slot counts (placeholders, options, numbers, paths "
+                     "and identifiers as slot tokens; [translation.md](translation.md#verbatim-slots))"
+                     if slots else ", on the raw text (no verbatim slots)")
     best = max(summary, key=lambda n: summary[n][0])
     least = min(summary, key=lambda n: summary[n][2])
     md = []
@@ -149,7 +153,7 @@ def main():
               "`examples/translate` (see [translation.md](translation.md)); the scores are corpus BLEU (13a) and "
               "chrF2 as sacreBLEU computes them, on "
               f"{sentences} sentences evenly spaced over each test set (catalogs of Linux-PAM, apt, shadow, systemd; "
-              "[data.md](data.md)), greedy decoding.\n")
+              "[data.md](data.md)), greedy decoding" + verbatim_note + ".\n")
     if cfg:
         md.append(f"Model: d_model {cfg.get('d_model')}, {cfg.get('layers')} layers, {cfg.get('heads')} heads "
                   f"({cfg.get('kv_heads')} KV), dense FFN {cfg.get('d_ff')}, vocabulary {cfg.get('vocab')}; MoE "
