@@ -344,6 +344,31 @@ Hypothesis reference_greedy(const Model& model, std::vector<Index> seq, int max_
   return h;
 }
 
+/// Every continuation of `prompt` that ends with the stop id 0 or reaches `max_new` tokens, with its
+/// log-probability from full forwards: tokens -> (log_prob, finished).
+template <class Model>
+std::map<std::vector<Index>, std::pair<double, bool>> all_continuations(const Model& model,
+                                                                        const std::vector<Index>& prompt,
+                                                                        Index vocab, std::size_t max_new) {
+  std::map<std::vector<Index>, std::pair<double, bool>> all;
+  std::function<void(const std::vector<Index>&, double)> expand = [&](const std::vector<Index>& gen, double lp) {
+    std::vector<Index> seq = prompt;
+    seq.insert(seq.end(), gen.begin(), gen.end());
+    const auto next = next_log_probs(model, seq);
+    for (Index v = 0; v < vocab; ++v) {
+      auto g = gen;
+      g.push_back(v);
+      const double l = lp + next[static_cast<std::size_t>(v)];
+      if (v == 0 || g.size() == max_new)
+        all[g] = {l, v == 0};
+      else
+        expand(g, l);
+    }
+  };
+  expand({}, 0.0);
+  return all;
+}
+
 using DenseLMf = DecoderLM<CausalSelfAttention<float>, SwiGLU<float>>;
 using DenseLMd = DecoderLM<CausalSelfAttention<double>, SwiGLU<double>>;
 using HashLMf = DecoderLM<CausalSelfAttention<float>, MixedMoE<HashRouting, ExpertGroup<SwiGLU<float>, tag::generic>>>;
@@ -424,22 +449,7 @@ TEST_CASE("beam search: beam size 1 is greedy; a wide beam finds the exhaustive 
     cfg.init_std = 0.3;  // flatter distributions: greedy is often not optimal
     DenseLMd model(cfg);
     const std::vector<Index> prompt{1, 3};
-    std::map<std::vector<Index>, std::pair<double, bool>> all;  // tokens -> (log_prob, finished)
-    std::function<void(const std::vector<Index>&, double)> expand = [&](const std::vector<Index>& gen, double lp) {
-      std::vector<Index> seq = prompt;
-      seq.insert(seq.end(), gen.begin(), gen.end());
-      const auto next = next_log_probs(model, seq);
-      for (Index v = 0; v < 4; ++v) {
-        auto g = gen;
-        g.push_back(v);
-        const double l = lp + next[static_cast<std::size_t>(v)];
-        if (v == 0 || g.size() == 3)
-          all[g] = {l, v == 0};
-        else
-          expand(g, l);
-      }
-    };
-    expand({}, 0.0);
+    const auto all = all_continuations(model, prompt, 4, 3);  // tokens -> (log_prob, finished)
     REQUIRE(all.size() == 1 + 3 + 9 + 27);
     for (double alpha : {0.0, 0.6, 2.0}) {
       std::vector<Index> best_tokens;
@@ -494,30 +504,17 @@ TEST_CASE("exact_counts: greedy and beam keep the counts; beam finds the best va
     cfg.init_std = 0.3;
     DenseLMd model(cfg);
     const std::vector<Index> prompt{1, 4};
-    // Every sequence the constraint allows, finished or cut at the length limit, and its
-    // log-probability from full forwards.
+    // Every sequence the constraint allows, finished (token 2 once, no 3) or cut at the length
+    // limit (token 2 at most once, no 3), and its log-probability from full forwards.
     std::map<std::vector<Index>, double> finished;
-    std::function<void(const std::vector<Index>&, double)> expand = [&](const std::vector<Index>& gen, double lp) {
-      if (std::count(gen.begin(), gen.end(), Index{2}) > 1 || std::count(gen.begin(), gen.end(), Index{3}) > 0) return;
-      if (gen.size() == 4) {
-        finished[gen] = lp;
-        return;
-      }
-      std::vector<Index> seq = prompt;
-      seq.insert(seq.end(), gen.begin(), gen.end());
-      const auto next = next_log_probs(model, seq);
-      for (Index v = 0; v < 5; ++v) {
-        auto g = gen;
-        g.push_back(v);
-        const double l = lp + next[static_cast<std::size_t>(v)];
-        if (v == 0) {
-          if (valid(gen)) finished[g] = l;
-        } else {
-          expand(g, l);
-        }
-      }
-    };
-    expand({}, 0.0);
+    for (const auto& [g, v] : all_continuations(model, prompt, 5, 4)) {
+      std::vector<Index> b = g;  // without the stop id
+      if (v.second) b.pop_back();
+      const bool allowed = v.second ? valid(b)
+                                    : std::count(b.begin(), b.end(), Index{2}) <= 1 &&
+                                          std::count(b.begin(), b.end(), Index{3}) == 0;
+      if (allowed) finished[g] = v.first;
+    }
     REQUIRE(!finished.empty());
     std::vector<Index> best_tokens;
     double best = -INFINITY;

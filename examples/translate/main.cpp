@@ -233,8 +233,9 @@ std::vector<std::vector<index_t>> mono_text(const Inputs& in, bool dev) {
 std::vector<Example> parallel_examples(const Inputs& in, const std::string& split, std::size_t per_lang = 0) {
   std::vector<Example> ex;
   for (const auto& l : in.langs) {
-    const auto& pairs = in.corpus.pairs(split, l);
-    auto e = translation_examples(in.tok, l, in.verbatim ? mask_verbatim_pairs(pairs, *in.verbatim) : pairs, per_lang);
+    // Only the pairs that are used go through the masking.
+    const auto pairs = per_lang > 0 ? take(in.corpus.pairs(split, l), per_lang) : in.corpus.pairs(split, l);
+    auto e = translation_examples(in.tok, l, in.verbatim ? mask_verbatim_pairs(pairs, *in.verbatim) : pairs);
     ex.insert(ex.end(), std::make_move_iterator(e.begin()), std::make_move_iterator(e.end()));
   }
   return ex;
