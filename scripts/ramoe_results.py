@@ -120,7 +120,10 @@ def main():
               f"every number is the mean ± the standard deviation over them.")
     md.append("")
     md.append(f"Budget: English task fine-tuning {o['steps_en']} steps, then each method {o['steps']} steps on the same "
-              f"train items of every language (batches of {o['token_budget']} tokens, peak learning rate {o['lr']}); "
+              f"train items of every language"
+              + (", plus the English questions of the other items as rehearsal" if o.get('rehearsal') else
+                 " (no rehearsal: the English side of the test items may be forgotten)")
+              + f" (batches of {o['token_budget']} tokens, peak learning rate {o['lr']}); "
               f"RA-MoE λ = {o['lambda']}, β = {o['beta']}; task experts: top-{o['top_m']} per router slot of the zone "
               f"with Δ > 0; soft steering λ = {o['steer_lambda']}.")
     md.append("")
@@ -152,7 +155,8 @@ def main():
     md.append("")
     if pred:
         md.append(f"RA-MoE gain over the base against the ci proportion, one point per seed and language "
-                  f"({pred['points']} points): gain = {100 * pred['intercept']:.2f} + {100 * pred['slope']:.2f} · ci "
+                  f"({pred['points']} points): gain = {100 * pred['intercept']:.2f} "
+                  f"{'−' if pred['slope'] < 0 else '+'} {abs(100 * pred['slope']):.2f} · ci "
                   f"(accuracy points), R² = {pred['r2']:.3f}.")
     else:
         md.append("No fit: every point has the same ci proportion.")

@@ -489,7 +489,11 @@ TEST_CASE("gap predictor: least-squares line and R^2", "[align]") {
   CHECK(g.intercept == Approx(1.1));
   CHECK(g.r2 == Approx(30.25 / 43.75));
   CHECK(g.points == 4);
-  CHECK(format_gap_predictor(exact, f).find("R^2 = 1.0000") != std::string::npos);
+  CHECK(format_gap_predictor(exact, f).find("gain = 0.1000 + 2.0000 * ci   (R^2 = 1.0000") != std::string::npos);
+  // A falling line prints its sign once: gain = 1 - 0.5 ci.
+  const std::vector<GapPoint> falling = {{"a", 0.0, 1.0}, {"b", 1.0, 0.5}};
+  CHECK(format_gap_predictor(falling, fit_gap_predictor(falling)).find("gain = 1.0000 - 0.5000 * ci") !=
+        std::string::npos);
   MIXMOE_REQUIRE_ERROR(fit_line({1, 1}, {0, 2}), "same x");
   MIXMOE_REQUIRE_ERROR(fit_line({1}, {0}), "at least 2 points");
 }

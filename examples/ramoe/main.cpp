@@ -12,7 +12,9 @@
 //  3. routing statistics of the base: task experts of the alignment zone (middle layers) from
 //     English task prompts against general English text (Δ of selection frequency), the
 //     cross-lingual routing similarity per layer, per-language frequencies for RISE;
-//  4. from the same base, on the same data (the train items in every language) and budget:
+//  4. from the same base, on the same data (the train items in every language, plus the English
+//     questions of the other items as rehearsal, so that no method is scored on forgetting what
+//     the base knew; --no-rehearsal leaves them out) and budget:
 //       sft     cross-entropy;
 //       ramoe   cross-entropy + λ · routing alignment loss on the ci items (align/alignment_loss.hpp);
 //       rise    cross-entropy, only the RISE-selected experts trainable (align/rise.hpp);
@@ -69,6 +71,7 @@ struct Args {
   double lr = 1e-3;
   index_t token_budget = 1024;
   double lambda = 1.0, beta = 1.0, steer_lambda = 0.5;
+  bool rehearsal = true;  // the English questions of the dev/test items join every method's data
   index_t top_m = 2;
   int general_sentences = 400;
 };
@@ -90,7 +93,8 @@ std::string fixed(double v, int digits = 3) {
 struct TaskData {
   IsoTaskSet set;
   std::vector<std::string> langs;  // "en" first, then the targets
-  // Training examples (train items, every language) and, per example, its item and language.
+  // Training examples (train items, every language; with rehearsal also the English questions of
+  // the other items) and, per example, its item and language.
   std::vector<Example> train;
   std::vector<IsoQuery> train_queries;
   // The English example of every item (index = item), for the alignment loss's English side.
@@ -104,6 +108,13 @@ TaskData make_task(const Args& a, const Tokenizer& tok) {
   d.set = build_iso_task(o);
   d.langs = d.set.languages;
   d.train_queries = iso_queries(d.set, "train", d.langs);
+  // Rehearsal: the base learnt the English questions of every item (step 1 of the protocol);
+  // fine-tuning on the train items alone makes every method forget the English side of the test
+  // items, and the comparison would measure that instead of the cross-lingual transfer. The
+  // English rows are never ci, so the alignment loss does not see them.
+  if (a.rehearsal)
+    for (const IsoQuery& q : iso_queries(d.set, "", {"en"}))
+      if (d.set.items[q.item].split != "train") d.train_queries.push_back(q);
   d.train = iso_examples(tok, d.set, d.train_queries);
   for (std::size_t i = 0; i < d.set.items.size(); ++i)
     if (d.set.items[i].has("en")) d.english_of_item.emplace(i, make_iso_example(tok, d.set.items[i], "en"));
@@ -369,7 +380,7 @@ int compare(const Args& a, const ModelInfo& info, const Tokenizer& tok) {
   all["items"] = {{"train", iso_queries(d.set, "train", {"en"}).size()}, {"test", iso_queries(d.set, "test", {"en"}).size()}};
   all["options"] = {{"steps_en", a.steps_en}, {"steps", a.steps},     {"lr", a.lr},         {"lambda", a.lambda},
                     {"beta", a.beta},         {"top_m", a.top_m},     {"steer_lambda", a.steer_lambda},
-                    {"token_budget", a.token_budget}};
+                    {"token_budget", a.token_budget}, {"rehearsal", a.rehearsal}};
   fs::create_directories(a.out);
   for (const auto seed : a.seeds) {
     all["runs"].push_back(run_seed(loaded, tok, d, general, a, seed));
@@ -443,6 +454,8 @@ int main(int argc, char** argv) {
   cmp->add_option("--token-budget", a.token_budget, "tokens per batch")->capture_default_str();
   cmp->add_option("--lambda", a.lambda, "weight of the routing alignment loss")->capture_default_str();
   cmp->add_option("--beta", a.beta, "weight of its allocation term")->capture_default_str();
+  cmp->add_flag("--rehearsal,!--no-rehearsal", a.rehearsal,
+                "add the English questions of the dev/test items to every method's data (default on)");
   cmp->add_option("--top-m", a.top_m, "task experts per router slot of the zone")->capture_default_str();
   cmp->add_option("--steer-lambda", a.steer_lambda, "soft steering: shift in logit standard deviations")
       ->capture_default_str();

@@ -78,6 +78,7 @@ struct TrainArgs {
   // <v1>..<v8> in every stage and come back in the translations (data/verbatim.hpp);
   // --no-verbatim trains on the raw text.
   bool verbatim = true;
+  double copy_pretrain = 0.0;
   std::uint64_t seed = 1;
 };
 
@@ -201,7 +202,7 @@ ModelConfig model_config(const TrainArgs& a, const Preset& p, const Tokenizer& t
 
 /// Monolingual sentences of the chosen languages and English, interleaved round robin so that
 /// every block mixes languages.
-std::vector<std::vector<index_t>> mono_text(const Inputs& in, bool dev) {
+std::vector<std::vector<index_t>> mono_text(const Inputs& in, bool dev, double copy_fraction = 0.0) {
   std::vector<const std::vector<std::string>*> sources;
   std::vector<std::vector<std::string>> dev_text;
   if (dev) {
@@ -222,12 +223,35 @@ std::vector<std::vector<index_t>> mono_text(const Inputs& in, bool dev) {
     sources.push_back(&in.corpus.mono.at("en"));
   }
   std::vector<std::string> lines;
+  std::vector<std::size_t> lang_of;  // index into in.langs; in.langs.size() for English
   std::size_t longest = 0;
   for (const auto* s : sources) longest = std::max(longest, s->size());
   for (std::size_t i = 0; i < longest; ++i)
-    for (const auto* s : sources)
-      if (i < s->size()) lines.push_back((*s)[i]);
-  return lm_sentences(in.tok, model_text(in, lines));
+    for (std::size_t j = 0; j < sources.size(); ++j)
+      if (i < sources[j]->size()) {
+        lines.push_back((*sources[j])[i]);
+        lang_of.push_back(j);
+      }
+  lines = model_text(in, lines);
+  std::vector<std::vector<index_t>> out;
+  out.reserve(lines.size());
+  double credit = 0.0;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    auto ids = in.tok.encode(lines[i]);
+    if (ids.empty()) continue;
+    credit += copy_fraction;
+    if (credit >= 1.0) {
+      credit -= 1.0;
+      std::vector<index_t> c;
+      if (lang_of[i] < in.langs.size()) c.push_back(in.tok.lang_tag_id(in.langs[lang_of[i]]));
+      c.insert(c.end(), ids.begin(), ids.end());
+      c.push_back(in.tok.sep_id());
+      c.insert(c.end(), ids.begin(), ids.end());
+      ids = std::move(c);
+    }
+    out.push_back(std::move(ids));
+  }
+  return out;
 }
 
 std::vector<Example> parallel_examples(const Inputs& in, const std::string& split, std::size_t per_lang = 0) {
@@ -262,7 +286,9 @@ void check_tokenizer_of(const fs::path& ckpt, const Inputs& in) {
   if (!fs::exists(ckpt / "config.json")) return;
   const ModelInfo info = read_model_info(ckpt, false);
   const std::string t = info.extra.is_object() ? info.extra.value("tokenizer", std::string{}) : std::string{};
-  MIXMOE_CHECK(t.empty() || t == in.tok_path.string(), "mixmoe-translate", ckpt.string(),
+  // By file name: the name records what makes a tokenizer (vocabulary size, languages, slots), and a
+  // work directory that was moved or copied keeps its checkpoints.
+  MIXMOE_CHECK(t.empty() || fs::path(t).filename() == in.tok_path.filename(), "mixmoe-translate", ckpt.string(),
                " was trained with the tokenizer ", t, ", this run uses ", in.tok_path.string(),
                ": train in another --work directory, or remove that one (--fresh retrains a variant)");
 }
@@ -406,7 +432,7 @@ DenseLM stage0(const Inputs& in, const Preset& p, const TrainArgs& a, const Mode
   }
   say("stage 0: pretraining a dense LM (" + std::to_string(count_parameters(dense)) +
       " parameters) on monolingual text of " + std::to_string(in.langs.size() + 1) + " languages");
-  LMBlockStream data(mono_text(in, false), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed});
+  LMBlockStream data(mono_text(in, false, a.copy_pretrain), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed});
   LMBlockStream dev(mono_text(in, true), {.block_len = p.block_len, .batch_size = p.lm_batch, .shuffle = false});
   const std::size_t dev_batches = std::min<std::size_t>(dev.batches_per_epoch(), 16);
   const std::int64_t steps = a.steps0 > 0 ? a.steps0 : p.steps0;
@@ -462,7 +488,7 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
       say("stage 1: " + apply_freeze_policy(model, fp).summary());
     }
     // Tokenized here, only for the variants that have a stage 1 (the dense and no-stage-1 ones never read it).
-    LMBlockStream mono(mono_text(in, false), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed + 1});
+    LMBlockStream mono(mono_text(in, false, a.copy_pretrain), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed + 1});
     run_stage(model, mono, {"stage1", steps1, p.lr1, dir / "stage1"}, p, model_type, extra,
               lm_eval<Model>(mono_dev, mono_dev_batches));
   }
@@ -698,6 +724,8 @@ int main(int argc, char** argv) {
   train->add_flag("--verbatim,!--no-verbatim", ta.verbatim,
                   "verbatim spans (placeholders, options, numbers, paths, identifiers) as slot tokens <v1>..<v8> "
                   "(default: on; --no-verbatim trains on the raw text)");
+  train->add_option("--copy-pretrain", ta.copy_pretrain,
+                    "fraction of the stage 0/1 monolingual sentences given as copy prompts <2xx> s <sep> s");
   train->add_option("--seed", ta.seed, "seed of initialisation and data order")->capture_default_str();
 
   TranslateArgs tr;

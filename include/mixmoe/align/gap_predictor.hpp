@@ -91,8 +91,8 @@ inline LinearFit fit_gap_predictor(const std::vector<GapPoint>& points) {
 inline std::string format_gap_predictor(const std::vector<GapPoint>& points, const LinearFit& f) {
   std::ostringstream os;
   char buf[160];
-  std::snprintf(buf, sizeof buf, "gain = %.4f + %.4f * ci   (R^2 = %.4f, RMSE = %.4f, %lld pairs)\n", f.intercept,
-                f.slope, f.r2, f.rmse, static_cast<long long>(f.points));
+  std::snprintf(buf, sizeof buf, "gain = %.4f %c %.4f * ci   (R^2 = %.4f, RMSE = %.4f, %lld pairs)\n", f.intercept,
+                f.slope < 0 ? '-' : '+', std::abs(f.slope), f.r2, f.rmse, static_cast<long long>(f.points));
   os << buf << "pair                 ci      gain  predicted\n";
   for (const auto& p : points) {
     std::snprintf(buf, sizeof buf, "%-16s %6.3f %9.4f %10.4f\n", p.label.c_str(), p.ci_proportion, p.gain,
