@@ -7,6 +7,8 @@
 #   mix-fft-nostage1  Mix-MoE without the monolingual stage 1
 #   mix-dct           Mix-MoE with DCT router features
 #   mix-random        Mix-MoE with random-projection router features
+#   mix-fft-frozen-emb  mix-fft with the embeddings frozen in stage 2, as the paper's recipe
+#                     (any variant name ending in -frozen-emb runs its base with --frozen-embeddings)
 # then writes docs/results.md and its plots (scripts/results.py).
 #
 #   bash scripts/compare.sh [--preset demo|long] [--variants "dense moe ..."] [--work runs-compare]
@@ -17,7 +19,7 @@ source scripts/deps.sh
 
 preset=demo
 work=runs-compare
-variants="dense moe mix-fft mix-fft-nostage1 mix-dct mix-random"
+variants="dense moe mix-fft mix-fft-nostage1 mix-dct mix-random mix-fft-frozen-emb"
 extra=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -39,6 +41,11 @@ fi
 for v in $variants; do
   echo
   echo "==== compare: $v"
-  "$bin" train --preset "$preset" --work "$work" --variant "$v" --show 0 "${extra[@]}"
+  flags=()
+  if [[ $v == *-frozen-emb ]]; then
+    v=${v%-frozen-emb}
+    flags=(--frozen-embeddings)
+  fi
+  "$bin" train --preset "$preset" --work "$work" --variant "$v" "${flags[@]}" --show 0 "${extra[@]}"
 done
 /usr/bin/python3 scripts/results.py "$work" docs  # Debian's python3, with python3-matplotlib

@@ -7,8 +7,9 @@
 #    (build/demo);
 # 2. the catalogs and the corpus as scripts/demo.sh makes them, and the iso-codes lists
 #    (scripts/fetch-iso-codes.sh);
-# 3. a Mix-MoE translation model for de, fr, es, ru, ja and zh_CN in runs-ramoe/ (the demo preset
-#    with shorter stages: 400 / 150 / 400 steps; reused when it is there);
+# 3. a Mix-MoE translation model for de, fr, es, ru, ja and zh_CN in runs-ramoe/ (the demo preset's
+#    recipe with shorter stages, 400 / 150 / 400 steps, at a wider size: 8000 pieces, d 192, FFN 768;
+#    reused when it is there);
 # 4. mixmoe-ramoe compare: base, SFT, Routing Steering (soft, hard), RISE and RA-MoE over three
 #    seeds, into runs-ramoe/ramoe/results.json;
 # 5. scripts/ramoe_results.py: the RA-MoE section of docs/results.md and its plots.
@@ -30,7 +31,7 @@ fi
 bash scripts/fetch-iso-codes.sh data/catalogs/iso-codes
 
 "$translate" train --variant mix-fft --preset demo --work runs-ramoe --langs de,fr,es,ru,ja,zh_CN \
-  --steps0 400 --steps1 150 --steps2 400 --test-sentences 50 --show 0
+  --vocab 8000 --d-model 192 --d-ff 768 --steps0 400 --steps1 150 --steps2 400 --test-sentences 50 --show 0
 "$ramoe" compare --model runs-ramoe/mix-fft/model --iso data/catalogs/iso-codes --corpus data/corpus \
   --out runs-ramoe/ramoe "$@"
 /usr/bin/python3 scripts/ramoe_results.py runs-ramoe/ramoe/results.json docs

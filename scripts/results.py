@@ -16,14 +16,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = ["dense", "moe", "mix-fft", "mix-fft-nostage1", "mix-dct", "mix-random"]
+ORDER = ["dense", "moe", "mix-fft", "mix-fft-nostage1", "mix-dct", "mix-random", "mix-fft-frozen-emb"]
 WHAT = {
     "dense": "dense LM, full fine-tuning on the parallel data (the interference baseline)",
     "moe": "vanilla MoE: the same experts under one router, no Fourier features, nothing frozen in stage 2",
-    "mix-fft": "Mix-MoE: LM + MT groups, FFT-magnitude router features, stage 1 then stage 2",
+    "mix-fft": "Mix-MoE: LM + MT groups, FFT-magnitude router features, stage 1 then stage 2 (MT experts, routers, "
+               "attention and embeddings train; LM experts and norms frozen)",
     "mix-fft-nostage1": "Mix-MoE without the monolingual stage 1",
     "mix-dct": "Mix-MoE with DCT router features",
     "mix-random": "Mix-MoE with random-projection router features",
+    "mix-fft-frozen-emb": "mix-fft with the embeddings frozen in stage 2, as the paper's recipe",
 }
 
 
