@@ -13,7 +13,7 @@
 # 4. mixmoe-ramoe compare: base, SFT, Routing Steering (soft, hard), RISE and RA-MoE over three
 #    seeds, into runs-ramoe/ramoe/results.json;
 # 5. scripts/ramoe_results.py: the RA-MoE section of docs/results.md and its plots.
-# On 2 idle cores: about 15 minutes for the model, 10 for the comparison.
+# About half an hour on 2 cores (the model, then the comparison), plus the build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/deps.sh
