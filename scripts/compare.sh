@@ -11,7 +11,7 @@
 #                     (any variant name ending in -frozen-emb runs its base with --frozen-embeddings)
 # then writes docs/results.md and its plots (scripts/results.py).
 #
-#   bash scripts/compare.sh [--preset demo|long] [--variants "dense moe ..."] [--work runs-compare]
+#   bash scripts/compare.sh [--preset demo|long] [--variants "dense moe ..."] [--work runs-compare] [--steps2 N]
 # Every finished stage is reused, so an interrupted comparison continues where it stopped.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,6 +19,8 @@ source scripts/deps.sh
 
 preset=demo
 work=runs-compare
+# The comparison's stage 2 is 2000 steps (the demo itself trains 3000): seven variants in about an hour.
+steps2=2000
 variants="dense moe mix-fft mix-fft-nostage1 mix-dct mix-random mix-fft-frozen-emb"
 extra=()
 while [[ $# -gt 0 ]]; do
@@ -26,6 +28,7 @@ while [[ $# -gt 0 ]]; do
     --preset) preset=$2; shift 2 ;;
     --variants) variants=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
+    --steps2) steps2=$2; shift 2 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
@@ -46,6 +49,6 @@ for v in $variants; do
     v=${v%-frozen-emb}
     flags=(--frozen-embeddings)
   fi
-  "$bin" train --preset "$preset" --work "$work" --variant "$v" "${flags[@]}" --show 0 "${extra[@]}"
+  "$bin" train --preset "$preset" --work "$work" --variant "$v" "${flags[@]}" --steps2 "$steps2" --show 0 "${extra[@]}"
 done
 /usr/bin/python3 scripts/results.py "$work" docs  # Debian's python3, with python3-matplotlib

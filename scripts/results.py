@@ -85,7 +85,8 @@ def main():
             f"| {n} | " + " | ".join(f"{d['bleu']:.2f} / {d['chrf']:.2f}" for d in ds)
             + f" | {mb:.2f} | {mc:.2f} | {before:.3f} → {after:.3f} ({after - before:+.3f}) |")
 
-    # ---- training curves
+    # ---- training curves (and the stage-2 steps the runs made: the last logged step)
+    steps2 = 0
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for n in names:
         ev = read_jsonl(os.path.join(work, n, "stage2", "metrics.jsonl"))
@@ -93,6 +94,7 @@ def main():
         dv = [e for e in ev if e.get("split") == "dev"]
         if tr:
             axes[0].plot([e["step"] for e in tr], [e["ce"] for e in tr], label=n, linewidth=1)
+            steps2 = max(steps2, tr[-1]["step"])
         if dv:
             axes[1].plot([e["step"] for e in dv], [e["dev_loss"] for e in dv], marker="o", label=n)
     axes[0].set_title("stage 2: training cross-entropy (label-smoothed)")
@@ -151,8 +153,8 @@ def main():
     md.append("# Results: Mix-MoE against its baselines on the machine's gettext corpus\n")
     md.append("Produced by `bash scripts/compare.sh` (this page and its plots are written by `scripts/results.py`; "
               "rerunning the command replaces them). Every model starts from the same tokenizer and the same stage-0 "
-              "dense LM and gets the same stage-1 and stage-2 budgets of the `demo` preset of "
-              "`examples/translate` (see [translation.md](translation.md)); the scores are corpus BLEU (13a) and "
+              "dense LM and gets the same budgets: the `demo` preset of `examples/translate` with "
+              f"{steps2} stage-2 steps (see [translation.md](translation.md)); the scores are corpus BLEU (13a) and "
               "chrF2 as sacreBLEU computes them, on "
               f"{sentences} sentences evenly spaced over each test set (catalogs of Linux-PAM, apt, shadow, systemd; "
               "[data.md](data.md)), greedy decoding" + verbatim_note + ".\n")

@@ -100,7 +100,7 @@ struct Preset {
 
 Preset preset_of(const std::string& name) {
   if (name == "demo")
-    return {{"de", "fr", "es", "ru"}, 4000, 128, 4, 4, 2, 512, 4, 2, 2, 64, 16, 1536, 700, 250, 2000, 200,
+    return {{"de", "fr", "es", "ru"}, 4000, 128, 4, 4, 2, 512, 4, 2, 2, 64, 16, 1536, 700, 250, 3000, 200,
             3e-3, 1e-3, 3e-3, 200, 16, 1, 150000};
   if (name == "long")
     return {{"de", "fr", "es", "ru", "ja", "zh_CN"}, 12000, 256, 6, 8, 4, 1024, 4, 4, 2, 128, 16, 4096, 6000, 3000,
@@ -718,7 +718,7 @@ int main(int argc, char** argv) {
   auto* train = app.add_subcommand("train", "train a translation model through all stages and test it");
   train->add_option("--variant", ta.variant, "mix-fft, mix-dct, mix-random, mix-fft-nostage1, moe, dense")
       ->capture_default_str();
-  train->add_option("--preset", ta.preset, "demo (about 13 min of training on 2 idle cores), long, tiny")->capture_default_str();
+  train->add_option("--preset", ta.preset, "demo (about 12 min of training on 2 idle cores), long, tiny")->capture_default_str();
   train->add_option("--corpus", ta.corpus, "corpus directory")->capture_default_str();
   train->add_option("--work", ta.work, "work directory: tokenizer, stage 0, one directory per variant")
       ->capture_default_str();
