@@ -281,24 +281,31 @@ struct StageSpec {
   fs::path dir;
 };
 
-nlohmann::json extra_of(const Inputs& in, const std::string& variant) {
-  return {{"tokenizer", in.tok_path.string()},
-          {"languages", in.langs},
-          {"variant", variant},
-          {"verbatim_slots", in.verbatim ? in.verbatim->slots : 0}};
+nlohmann::json extra_of(const Inputs& in, const TrainArgs& a, const std::string& variant) {
+  nlohmann::json j = {{"tokenizer", in.tok_path.string()},
+                      {"languages", in.langs},
+                      {"variant", variant},
+                      {"verbatim_slots", in.verbatim ? in.verbatim->slots : 0}};
+  if (a.copy_pretrain > 0) j["copy_pretrain"] = a.copy_pretrain;  // the monolingual stages' data
+  return j;
 }
 
 /// A checkpoint of the work directory that another tokenizer made would load (the shapes are the
-/// same) and be wrong: refused by name.
-void check_tokenizer_of(const fs::path& ckpt, const Inputs& in) {
+/// same) and be wrong, and so would one trained on other monolingual data (--copy-pretrain): refused
+/// by name.
+void check_checkpoint_of(const fs::path& ckpt, const Inputs& in, const TrainArgs& a) {
   if (!fs::exists(ckpt / "config.json")) return;
   const ModelInfo info = read_model_info(ckpt, false);
-  const std::string t = info.extra.is_object() ? info.extra.value("tokenizer", std::string{}) : std::string{};
+  const nlohmann::json extra = info.extra.is_object() ? info.extra : nlohmann::json::object();
+  const std::string t = extra.value("tokenizer", std::string{});
   // By file name: the name records what makes a tokenizer (vocabulary size, languages, slots), and a
   // work directory that was moved or copied keeps its checkpoints.
   MIXMOE_CHECK(t.empty() || fs::path(t).filename() == in.tok_path.filename(), "mixmoe-translate", ckpt.string(),
                " was trained with the tokenizer ", t, ", this run uses ", in.tok_path.string(),
                ": train in another --work directory, or remove that one (--fresh retrains a variant)");
+  const double copy = extra.value("copy_pretrain", 0.0);
+  MIXMOE_CHECK(copy == a.copy_pretrain, "mixmoe-translate", ckpt.string(), " was trained with --copy-pretrain ", copy,
+               ", this run asks for ", a.copy_pretrain, ": use another --work directory");
 }
 
 /// Trains `model` on `data` for one stage (resuming or skipping what is done) and saves
@@ -430,14 +437,10 @@ VariantReport evaluate_model(const Model& model, const Inputs& in, const Preset&
 // ---- the pipeline ------------------------------------------------------------------------------
 DenseLM stage0(const Inputs& in, const Preset& p, const TrainArgs& a, const ModelConfig& cfg) {
   const fs::path dir = a.work / "stage0";
-  check_tokenizer_of(dir / "model", in);
-  check_tokenizer_of(dir / "ckpt" / "last", in);
+  check_checkpoint_of(dir / "model", in, a);
+  check_checkpoint_of(dir / "ckpt" / "last", in, a);
   DenseLM dense(cfg);
   if (fs::exists(dir / "model") && open_checkpoint(dir / "model") == dir / "model") {
-    const ModelInfo info = read_model_info(dir / "model", false);
-    const double copy = info.extra.is_object() ? info.extra.value("copy_pretrain", 0.0) : 0.0;
-    MIXMOE_CHECK(copy == a.copy_pretrain, "mixmoe-translate", (dir / "model").string(), " was pretrained with ",
-                 "--copy-pretrain ", copy, ", this run asks for ", a.copy_pretrain, ": use another --work directory");
     load_model(dense, dir / "model");
     say("stage 0: reusing the pretrained dense LM in " + (dir / "model").string());
     return dense;
@@ -449,9 +452,8 @@ DenseLM stage0(const Inputs& in, const Preset& p, const TrainArgs& a, const Mode
   LMBlockStream dev(mono_text(in, true), {.block_len = p.block_len, .batch_size = p.lm_batch, .shuffle = false});
   const std::size_t dev_batches = std::min<std::size_t>(dev.batches_per_epoch(), 16);
   const std::int64_t steps = a.steps0 > 0 ? a.steps0 : p.steps0;
-  nlohmann::json extra = extra_of(in, "dense");
-  if (a.copy_pretrain > 0) extra["copy_pretrain"] = a.copy_pretrain;
-  run_stage(dense, data, {"stage0", steps, p.lr0, dir}, p, "dense", extra, lm_eval<DenseLM>(dev, dev_batches));
+  run_stage(dense, data, {"stage0", steps, p.lr0, dir}, p, "dense", extra_of(in, a, "dense"),
+            lm_eval<DenseLM>(dev, dev_batches));
   return dense;
 }
 
@@ -464,9 +466,9 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
   const fs::path dir = a.work / v;
   if (a.fresh) fs::remove_all(dir);
   for (const fs::path& c : {dir / "stage1" / "ckpt" / "last", dir / "stage2" / "ckpt" / "last", dir / "model"})
-    check_tokenizer_of(c, in);
+    check_checkpoint_of(c, in, a);
   fs::create_directories(dir);
-  const nlohmann::json extra = extra_of(in, v);
+  const nlohmann::json extra = extra_of(in, a, v);
 
   LMBlockStream mono_dev(mono_text(in, true), {.block_len = p.block_len, .batch_size = p.lm_batch, .shuffle = false});
   const std::size_t mono_dev_batches = std::min<std::size_t>(mono_dev.batches_per_epoch(), 16);
@@ -506,7 +508,8 @@ int run_variant(const Inputs& in, const Preset& p, const TrainArgs& a, const Mod
       say("stage 1: " + apply_freeze_policy(model, fp).summary());
     }
     // Tokenized here, only for the variants that have a stage 1 (the dense and no-stage-1 ones never read it).
-    LMBlockStream mono(mono_text(in, false, a.copy_pretrain), {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed + 1});
+    LMBlockStream mono(mono_text(in, false, a.copy_pretrain),
+                       {.block_len = p.block_len, .batch_size = p.lm_batch, .seed = a.seed + 1});
     run_stage(model, mono, {"stage1", steps1, p.lr1, dir / "stage1"}, p, model_type, extra,
               lm_eval<Model>(mono_dev, mono_dev_batches));
   }
