@@ -23,6 +23,7 @@
 
 #include "mixmoe/core/allocator.hpp"
 #include "mixmoe/core/device.hpp"
+#include "mixmoe/core/device_fn.hpp"
 #include "mixmoe/core/error.hpp"
 #include "mixmoe/core/random.hpp"
 #include "mixmoe/core/shape.hpp"
@@ -55,6 +56,15 @@ constexpr void require_device_ops() {
   static_assert(DeviceOps<D>::available,
                 "mixmoe: this op on a device tensor needs the device's ops: include <mixmoe/backend/cuda/cuda.cuh> in a "
                 "CUDA translation unit (CMake target mixmoe::cuda)");
+}
+
+/// Compile-time check that an op with host loops only is not instantiated for a device tensor
+/// (it would read device memory on the host). docs/cuda.md lists the ops that run on Cuda.
+template <class D>
+constexpr void require_host() {
+  static_assert(is_host_device<D>,
+                "mixmoe: this op has no device implementation yet and runs on Cpu tensors only (docs/cuda.md lists the "
+                "ops that run on Cuda)");
 }
 
 /// Memory of one device for `n` elements of T; returned to the device's cache on destruction.

@@ -25,6 +25,7 @@ Shape broadcast_strides(const Tensor<T, D>& t, const Shape& out) {
 }
 
 /// out[i] = f(a[i], b[i]) with broadcasting; out is contiguous with the broadcast shape.
+/// f is a function object of core/device_fn.hpp, so that a device can run it too.
 template <class T, class D, class F>
 Tensor<T, D> broadcast_map(const Tensor<T, D>& a, const Tensor<T, D>& b, const char* op, F f) {
   const Shape shape = broadcast_shapes(a.shape(), b.shape(), op);
@@ -32,6 +33,14 @@ Tensor<T, D> broadcast_map(const Tensor<T, D>& a, const Tensor<T, D>& b, const c
   T* o = out.data();
   const index_t n = out.numel();
   if (n == 0) return out;
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    if (a.shape() == shape && b.shape() == shape && a.is_contiguous() && b.is_contiguous())
+      DeviceOps<D>::map(o, n, f, a.data(), b.data());
+    else
+      DeviceOps<D>::map_broadcast(o, shape, a.data(), broadcast_strides(a, shape), b.data(), broadcast_strides(b, shape), f);
+    return out;
+  }
   if (a.shape() == shape && b.shape() == shape && a.is_contiguous() && b.is_contiguous()) {
     const T *pa = a.data(), *pb = b.data();
     cpu::parallel_for(n, 1 << 15, [&](index_t lo, index_t hi) {
@@ -81,6 +90,11 @@ Tensor<T, D> sum_to_shape(const Tensor<T, D>& g, const Shape& target) {
   const Shape& shape = g.shape();
   const Tensor<T, D> gc = g.contiguous();
   const Shape so = broadcast_strides(out, shape);
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::sum_to(out.data(), gc.data(), shape, so);
+    return out;
+  }
   const int r = shape.rank();
   index_t idx[kMaxDims] = {};
   const T* pg = gc.data();
@@ -98,11 +112,16 @@ Tensor<T, D> sum_to_shape(const Tensor<T, D>& g, const Shape& target) {
   return out;
 }
 
-/// y[i] = f(x[i]) for a tensor of any layout (result contiguous).
+/// y[i] = f(x[i]) for a tensor of any layout (result contiguous); f as for broadcast_map.
 template <class T, class D, class F>
 Tensor<T, D> map(const Tensor<T, D>& x, F f) {
   const Tensor<T, D> xc = x.contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(x.shape());
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::map(out.data(), out.numel(), f, xc.data());
+    return out;
+  }
   const T* px = xc.data();
   T* o = out.data();
   cpu::parallel_for(out.numel(), 1 << 15, [&](index_t lo, index_t hi) {
@@ -117,7 +136,7 @@ Tensor<T, D> map(const Tensor<T, D>& x, F f) {
 
 template <Scalar T, Device D>
 Var<T, D> add(const Var<T, D>& a, const Var<T, D>& b) {
-  auto out = detail::broadcast_map(a.value(), b.value(), "add", [](T x, T y) { return x + y; });
+  auto out = detail::broadcast_map(a.value(), b.value(), "add", detail::fn::Add{});
   return record("add", std::move(out), {a, b}, [sa = a.shape(), sb = b.shape()](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, detail::sum_to_shape(ctx.grad_out(), sa));
     ctx.accumulate(1, detail::sum_to_shape(ctx.grad_out(), sb));
@@ -126,19 +145,19 @@ Var<T, D> add(const Var<T, D>& a, const Var<T, D>& b) {
 
 template <Scalar T, Device D>
 Var<T, D> sub(const Var<T, D>& a, const Var<T, D>& b) {
-  auto out = detail::broadcast_map(a.value(), b.value(), "sub", [](T x, T y) { return x - y; });
+  auto out = detail::broadcast_map(a.value(), b.value(), "sub", detail::fn::Sub{});
   return record("sub", std::move(out), {a, b}, [sa = a.shape(), sb = b.shape()](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, detail::sum_to_shape(ctx.grad_out(), sa));
     if (ctx.needs_grad(1))
-      ctx.accumulate(1, detail::map(detail::sum_to_shape(ctx.grad_out(), sb), [](T g) { return -g; }));
+      ctx.accumulate(1, detail::map(detail::sum_to_shape(ctx.grad_out(), sb), detail::fn::Negate{}));
   });
 }
 
 template <Scalar T, Device D>
 Var<T, D> mul(const Var<T, D>& a, const Var<T, D>& b) {
-  auto out = detail::broadcast_map(a.value(), b.value(), "mul", [](T x, T y) { return x * y; });
+  auto out = detail::broadcast_map(a.value(), b.value(), "mul", detail::fn::Mul{});
   return record("mul", std::move(out), {a, b}, [va = a.value(), vb = b.value()](autograd::BackwardContext<T, D>& ctx) {
-    const auto mult = [](T g, T v) { return g * v; };
+    const detail::fn::Mul mult;
     if (ctx.needs_grad(0))
       ctx.accumulate(0, detail::sum_to_shape(detail::broadcast_map(ctx.grad_out(), vb, "mul", mult), va.shape()));
     if (ctx.needs_grad(1))
@@ -148,15 +167,15 @@ Var<T, D> mul(const Var<T, D>& a, const Var<T, D>& b) {
 
 template <Scalar T, Device D>
 Var<T, D> div(const Var<T, D>& a, const Var<T, D>& b) {
-  auto out = detail::broadcast_map(a.value(), b.value(), "div", [](T x, T y) { return x / y; });
+  auto out = detail::broadcast_map(a.value(), b.value(), "div", detail::fn::Div{});
   return record("div", out, {a, b}, [va = a.value(), vb = b.value(), out](autograd::BackwardContext<T, D>& ctx) {
     if (ctx.needs_grad(0))
-      ctx.accumulate(0, detail::sum_to_shape(detail::broadcast_map(ctx.grad_out(), vb, "div", [](T g, T y) { return g / y; }),
+      ctx.accumulate(0, detail::sum_to_shape(detail::broadcast_map(ctx.grad_out(), vb, "div", detail::fn::Div{}),
                                              va.shape()));
     if (ctx.needs_grad(1)) {
       // d(a/b)/db = -(a/b)/b = -out/b
-      auto t = detail::broadcast_map(ctx.grad_out(), out, "div", [](T g, T o) { return -g * o; });
-      ctx.accumulate(1, detail::sum_to_shape(detail::broadcast_map(t, vb, "div", [](T x, T y) { return x / y; }), vb.shape()));
+      auto t = detail::broadcast_map(ctx.grad_out(), out, "div", detail::fn::NegMul{});
+      ctx.accumulate(1, detail::sum_to_shape(detail::broadcast_map(t, vb, "div", detail::fn::Div{}), vb.shape()));
     }
   });
 }
@@ -167,9 +186,9 @@ Var<T, D> div(const Var<T, D>& a, const Var<T, D>& b) {
 template <Scalar T, Device D>
 Var<T, D> scale(const Var<T, D>& x, double s) {
   const T k = static_cast<T>(s);
-  auto out = detail::map(x.value(), [k](T v) { return v * k; });
+  auto out = detail::map(x.value(), detail::fn::Scale<T>{k});
   return record("scale", std::move(out), {x}, [k](autograd::BackwardContext<T, D>& ctx) {
-    ctx.accumulate(0, detail::map(ctx.grad_out(), [k](T g) { return g * k; }));
+    ctx.accumulate(0, detail::map(ctx.grad_out(), detail::fn::Scale<T>{k}));
   });
 }
 
@@ -177,7 +196,7 @@ Var<T, D> scale(const Var<T, D>& x, double s) {
 template <Scalar T, Device D>
 Var<T, D> add_scalar(const Var<T, D>& x, double s) {
   const T k = static_cast<T>(s);
-  auto out = detail::map(x.value(), [k](T v) { return v + k; });
+  auto out = detail::map(x.value(), detail::fn::AddC<T>{k});
   return record("add_scalar", std::move(out), {x},
                 [](autograd::BackwardContext<T, D>& ctx) { ctx.accumulate(0, ctx.grad_out().clone()); });
 }

@@ -35,6 +35,8 @@ namespace mixmoe {
 
 namespace detail::unary_impl {
 
+namespace fn = mixmoe::detail::fn;
+
 
 using cpu::Array;
 using cpu::In;
@@ -46,10 +48,16 @@ inline void check_defined(bool defined, const char* op) {
 }
 
 /// A fresh contiguous tensor of x's shape; f(In x_chunk, Out out_chunk) fills it chunk by chunk.
-template <class T, class D, class F>
-Tensor<T, D> map_chunks(const Tensor<T, D>& x, F f) {
+/// On a device, `dev` (a function object of core/device_fn.hpp) maps each element instead.
+template <class T, class D, class F, class G>
+Tensor<T, D> map_chunks(const Tensor<T, D>& x, F f, G dev) {
   const Tensor<T, D> xc = x.contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(x.shape());
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::map(out.data(), out.numel(), dev, xc.data());
+    return out;
+  }
   const T* px = xc.data();
   T* po = out.data();
   cpu::parallel_for(out.numel(), kGrain, [&](index_t lo, index_t hi) {
@@ -62,9 +70,14 @@ Tensor<T, D> map_chunks(const Tensor<T, D>& x, F f) {
 
 /// The same with two same-shaped contiguous inputs: f(In g, In s, Out out), for backwards
 /// where g is the output gradient and s the saved input or output.
-template <class T, class D, class F>
-Tensor<T, D> map_chunks(const Tensor<T, D>& g, const Tensor<T, D>& s, F f) {
+template <class T, class D, class F, class G>
+Tensor<T, D> map_chunks(const Tensor<T, D>& g, const Tensor<T, D>& s, F f, G dev) {
   Tensor<T, D> out = Tensor<T, D>::empty(g.shape());
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::map(out.data(), out.numel(), dev, g.data(), s.data());
+    return out;
+  }
   const T* pg = g.data();
   const T* ps = s.data();
   T* po = out.data();
@@ -116,10 +129,10 @@ Var<T, D> exp(const Var<T, D>& x) {
   auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) {
     o = a.exp();
     cpu::flush_subnormal(o.data(), o.size());
-  });
+  }, fn::Exp{});
   return record("exp", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
-                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }));
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y; }, fn::ExpGrad{}));
   });
 }
 
@@ -129,9 +142,9 @@ Var<T, D> log(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "log");
   const Tensor<T, D> xc = x.value().contiguous();
-  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.log(); });
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.log(); }, fn::Log{});
   return record("log", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
-    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) { o = g / v; }));
+    ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) { o = g / v; }, fn::LogGrad{}));
   });
 }
 
@@ -140,10 +153,10 @@ template <Scalar T, Device D>
 Var<T, D> sqrt(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "sqrt");
-  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.sqrt(); });
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.sqrt(); }, fn::Sqrt{});
   return record("sqrt", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
-                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = T(0.5) * g / y; }));
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = T(0.5) * g / y; }, fn::SqrtGrad{}));
   });
 }
 
@@ -155,12 +168,12 @@ Var<T, D> relu(const Var<T, D>& x) {
   // plain loops, vectorised as blends (see backend/cpu/vmath.hpp); a < 0 is false for NaN
   auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) {
     for (index_t i = 0; i < a.size(); ++i) o[i] = a[i] < T(0) ? T(0) : a[i];
-  });
+  }, fn::Relu{});
   return record("relu", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     // y > 0 exactly where x > 0, so the output serves as the mask.
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(), [](const In<T>& g, const In<T>& y, Out<T>& o) {
       for (index_t i = 0; i < g.size(); ++i) o[i] = y[i] > T(0) ? g[i] : T(0);
-    }));
+    }, fn::ReluGrad{}));
   });
 }
 
@@ -173,7 +186,7 @@ Var<T, D> gelu(const Var<T, D>& x) {
   auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
     erf_scaled_into(a, o);
     o = T(0.5) * a * (T(1) + o);
-  });
+  }, fn::Gelu{});
   return record("gelu", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
       // d/dx x Phi(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi). x phi(x) is 0 in
@@ -182,7 +195,7 @@ Var<T, D> gelu(const Var<T, D>& x) {
       erf_scaled_into(v, o);
       o = g * (T(0.5) * (T(1) + o) + kRsqrt2Pi * v.max(T(-40)).min(T(40)) *
                                          (T(-0.5) * v.max(T(-40)).min(T(40)).square()).exp());
-    }));
+    }, fn::GeluGrad{}));
   });
 }
 
@@ -194,7 +207,7 @@ Var<T, D> gelu_tanh(const Var<T, D>& x) {
   const Tensor<T, D> xc = x.value().contiguous();
   auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
     o = T(0.5) * a * (T(1) + (kGeluTanhK<T> * (a + kGeluTanhC<T> * a.cube())).tanh());
-  });
+  }, fn::GeluTanh{});
   return record("gelu_tanh", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
       // t = tanh(u) goes through o first (cwise, so reading and writing o in place is safe).
@@ -203,7 +216,7 @@ Var<T, D> gelu_tanh(const Var<T, D>& x) {
       o = (kGeluTanhK<T> * (v + kGeluTanhC<T> * v.cube())).tanh();
       o = g * (T(0.5) * (T(1) + o) + T(0.5) * v * (T(1) - o.square()) * kGeluTanhK<T> *
                                          (T(1) + T(3) * kGeluTanhC<T> * v.square().min(T(1e4))));
-    }));
+    }, fn::GeluTanhGrad{}));
   });
 }
 
@@ -212,10 +225,10 @@ template <Scalar T, Device D>
 Var<T, D> sigmoid(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "sigmoid");
-  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { sigmoid_into(a, o); });
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { sigmoid_into(a, o); }, fn::Sigmoid{});
   return record("sigmoid", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
-                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y * (T(1) - y); }));
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * y * (T(1) - y); }, fn::SigmoidGrad{}));
   });
 }
 
@@ -228,13 +241,13 @@ Var<T, D> silu(const Var<T, D>& x) {
   auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) {
     sigmoid_into(a, o);
     o *= a;
-  });
+  }, fn::Silu{});
   return record("silu", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [](const In<T>& g, const In<T>& v, Out<T>& o) {
       // d/dx x s(x) = s (1 + x (1 - s)), with s = sigmoid(x) computed into o first
       sigmoid_into(v, o);
       o = g * o * (T(1) + v * (T(1) - o));
-    }));
+    }, fn::SiluGrad{}));
   });
 }
 
@@ -243,10 +256,10 @@ template <Scalar T, Device D>
 Var<T, D> tanh(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "tanh");
-  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.tanh(); });
+  auto out = map_chunks(x.value(), [](const In<T>& a, Out<T>& o) { o = a.tanh(); }, fn::Tanh{});
   return record("tanh", std::move(out), {x}, [](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), ctx.output(),
-                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * (T(1) - y.square()); }));
+                                 [](const In<T>& g, const In<T>& y, Out<T>& o) { o = g * (T(1) - y.square()); }, fn::TanhGrad{}));
   });
 }
 
@@ -256,10 +269,10 @@ Var<T, D> square(const Var<T, D>& x) {
   using namespace detail::unary_impl;
   check_defined(x.defined(), "square");
   const Tensor<T, D> xc = x.value().contiguous();
-  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.square(); });
+  auto out = map_chunks(xc, [](const In<T>& a, Out<T>& o) { o = a.square(); }, fn::Square{});
   return record("square", std::move(out), {x}, [xc](autograd::BackwardContext<T, D>& ctx) {
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc,
-                                 [](const In<T>& g, const In<T>& v, Out<T>& o) { o = T(2) * g * v; }));
+                                 [](const In<T>& g, const In<T>& v, Out<T>& o) { o = T(2) * g * v; }, fn::SquareGrad{}));
   });
 }
 
@@ -276,7 +289,7 @@ Var<T, D> pow_scalar(const Var<T, D>& x, double p) {
   // (-Wuninitialized, a false positive inside its AVX-512 intrinsics) on Eigen's version.
   auto out = map_chunks(xc, [k](const In<T>& a, Out<T>& o) {
     for (index_t i = 0; i < a.size(); ++i) o[i] = std::pow(a[i], k);
-  });
+  }, fn::Pow<T>{k});
   return record("pow_scalar", std::move(out), {x}, [xc, k](autograd::BackwardContext<T, D>& ctx) {
     if (k == T(0)) {  // p x^(p-1) would be 0 * inf = NaN at x = 0
       ctx.accumulate(0, Tensor<T, D>::zeros(xc.shape()));
@@ -284,7 +297,7 @@ Var<T, D> pow_scalar(const Var<T, D>& x, double p) {
     }
     ctx.accumulate(0, map_chunks(ctx.grad_out(), xc, [k](const In<T>& g, const In<T>& v, Out<T>& o) {
       for (index_t i = 0; i < v.size(); ++i) o[i] = k * g[i] * std::pow(v[i], k - T(1));
-    }));
+    }, fn::PowGrad<T>{k}));
   });
 }
 

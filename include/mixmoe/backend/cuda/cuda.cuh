@@ -2,20 +2,34 @@
 // (Var<T, Cuda>) and the ops of ops/ call on the device. Include this header from a CUDA
 // translation unit (CMake target mixmoe::cuda) to run model code on the GPU.
 //
-// Ops on Var<T, Cuda> so far: matmul, linear (with bias), and gradient accumulation; the other
-// ops of ops/ are CPU-only until they are ported (docs/cuda.md).
+// DeviceOps<Cuda> is put together from one part per family of ops, each in its own header
+// (elementwise, rows, index, attention, moe, train); docs/cuda.md lists what runs on the GPU.
+// An op without a device path fails to compile for Cuda (detail::require_host) instead of
+// reading device memory on the host.
 #pragma once
 
+#include "mixmoe/backend/cuda/attention.cuh"
 #include "mixmoe/backend/cuda/blas.cuh"
+#include "mixmoe/backend/cuda/elementwise.cuh"
 #include "mixmoe/backend/cuda/fft.cuh"
+#include "mixmoe/backend/cuda/index.cuh"
+#include "mixmoe/backend/cuda/moe.cuh"
 #include "mixmoe/backend/cuda/ops.cuh"
+#include "mixmoe/backend/cuda/rows.cuh"
 #include "mixmoe/backend/cuda/runtime.cuh"
 #include "mixmoe/backend/cuda/tensor.cuh"
+#include "mixmoe/backend/cuda/train.cuh"
 
 namespace mixmoe::detail {
 
+// The parts' function names are distinct: a name in two bases would be ambiguous here.
 template <>
-struct DeviceOps<Cuda> {
+struct DeviceOps<Cuda> : cuda::ElementwiseOps,
+                         cuda::RowOps,
+                         cuda::IndexOps,
+                         cuda::AttentionOps,
+                         cuda::MoEOps,
+                         cuda::TrainOps {
   static constexpr bool available = true;
 
   template <class T>
