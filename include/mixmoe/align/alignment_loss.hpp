@@ -82,6 +82,7 @@ Var<T, D> routing_alignment_slot_loss(const Var<T, D>& target, const Tensor<T, D
                                       const std::vector<index_t>& experts, std::span<const unsigned char> ci,
                                       double beta = 1.0, double epsilon = 1e-6) {
   constexpr const char* where = "routing_alignment_loss";
+  detail::require_host<D>();  // host loops; the RA-MoE ops run on Cpu tensors (docs/cuda.md)
   MIXMOE_CHECK(target.defined() && target.dim() == 2, where, "the target-language routing must be (B, E), got ",
                target.defined() ? target.shape().to_string() : std::string("an undefined Var"));
   const index_t b_count = target.size(0), e_count = target.size(1);

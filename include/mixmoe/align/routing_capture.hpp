@@ -204,6 +204,7 @@ inline RowMap batch_row_map(const Batch& batch, std::span<const Example> example
 template <Scalar T, Device D>
 Var<T, D> example_mean_routing(const Var<T, D>& probs, const RowMap& rows) {
   constexpr const char* where = "example_mean_routing";
+  detail::require_host<D>();  // host loops; the RA-MoE ops run on Cpu tensors (docs/cuda.md)
   MIXMOE_CHECK(probs.defined() && probs.dim() == 2, where, "probs must be (N, E), got ",
                probs.defined() ? probs.shape().to_string() : std::string("an undefined Var"));
   const index_t n = probs.size(0), e_count = probs.size(1);
@@ -252,7 +253,7 @@ template <Scalar T, Device D>
 std::vector<std::vector<double>> to_rows(const Var<T, D>& m) {
   MIXMOE_CHECK(m.defined() && m.dim() == 2, "to_rows", "expected a (B, E) Var, got ",
                m.defined() ? m.shape().to_string() : std::string("an undefined Var"));
-  const Tensor<T, D> v = m.value().contiguous();
+  const Tensor<T, Cpu> v = to_device<Cpu>(m.value().contiguous());  // a host copy on a device
   const index_t b_count = m.size(0), e_count = m.size(1);
   std::vector<std::vector<double>> out(static_cast<std::size_t>(b_count));
   for (index_t b = 0; b < b_count; ++b)
@@ -361,12 +362,14 @@ class RoutingFrequencies {
                  slots_[si].num_experts, " experts, the routing has ", e_count);
     MIXMOE_CHECK(rows.num_rows() == n, where, "the row map has ", rows.num_rows(), " rows, the routing has ", n,
                  " tokens");
-    const Tensor<T, D> pv = probs.value().contiguous();
+    // statistics are gathered on the host: a device routing is copied once
+    const Tensor<T, Cpu> pv = to_device<Cpu>(probs.value().contiguous());
     std::vector<unsigned char> chosen(static_cast<std::size_t>(n * e_count), 0);
     if (routing.expert.defined() && routing.expert.numel() > 0) {
       MIXMOE_CHECK(routing.token.defined() && routing.token.numel() == routing.expert.numel(), where,
                    "routing.token and routing.expert must list the same assignments");
-      const Tensor<Index, D> tok = routing.token.contiguous(), ex = routing.expert.contiguous();
+      const Tensor<Index, Cpu> tok = to_device<Cpu>(routing.token.contiguous());
+      const Tensor<Index, Cpu> ex = to_device<Cpu>(routing.expert.contiguous());
       for (index_t m = 0; m < ex.numel(); ++m) {
         const index_t t = tok.data()[m], e = ex.data()[m];
         MIXMOE_CHECK(t >= 0 && t < n && e >= 0 && e < e_count, where, "assignment ", m, " (token ", t, ", expert ", e,

@@ -117,6 +117,7 @@ std::vector<SteerSlot> steer_slots(Model& model, const char* op) {
 template <Scalar T, Device D>
 Var<T, D> steer_logits(const Var<T, D>& logits, const std::vector<index_t>& experts, SteeringMode mode,
                        double lambda = 0.5) {
+  detail::require_host<D>();  // host loops; the RA-MoE ops run on Cpu tensors (docs/cuda.md)
   MIXMOE_CHECK(logits.defined() && logits.dim() == 2, "steer_logits", "logits must be (N, E), got ",
                logits.defined() ? logits.shape().to_string() : std::string("an undefined Var"));
   const index_t n = logits.size(0), e = logits.size(1);

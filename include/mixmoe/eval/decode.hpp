@@ -93,7 +93,7 @@ inline void check_decode(const char* where, std::span<const Index> prompt, const
 template <class T, class D>
 std::vector<double> last_log_probs(const Tensor<T, D>& logits) {
   const index_t b = logits.size(0), t = logits.size(1), v = logits.size(2);
-  const Tensor<T, D> last = logits.slice(1, t - 1, t).contiguous();
+  const Tensor<T, Cpu> last = to_device<Cpu>(logits.slice(1, t - 1, t).contiguous());  // decoding runs on the host
   std::vector<double> out(static_cast<std::size_t>(b * v));
   for (index_t r = 0; r < b; ++r) {
     const T* x = last.data() + r * v;
