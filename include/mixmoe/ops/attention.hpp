@@ -142,6 +142,7 @@ template <class T, class D>
 std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& q, const Tensor<T, D>& k, const Tensor<T, D>& v,
                                                const Tensor<T, D>& out, const Tensor<T, D>& gout,
                                                const Tensor<T, D>& lse, T scale, const bool need[3]) {
+  require_host<D>();  // attention_backward_device is the device's
   const index_t b = q.size(0), tq = q.size(1), hq = q.size(2), dh = q.size(3), tk = k.size(1), hkv = k.size(2);
   const index_t group = hq / hkv, blk = std::min(tq, kAttentionRowBlock);
   std::array<Tensor<T, D>, 3> grads;
@@ -197,6 +198,27 @@ std::array<Tensor<T, D>, 3> attention_backward(const Tensor<T, D>& q, const Tens
   return grads;
 }
 
+/// attention_backward on a device: the fused kernels of DeviceOps<D> (backend/cuda/attention.cuh);
+/// each wanted gradient is written whole by one kernel, so it is allocated uninitialised.
+template <class T, class D>
+std::array<Tensor<T, D>, 3> attention_backward_device(const Tensor<T, D>& q, const Tensor<T, D>& k,
+                                                      const Tensor<T, D>& v, const Tensor<T, D>& out,
+                                                      const Tensor<T, D>& gout, const Tensor<T, D>& lse, T scale,
+                                                      const bool need[3]) {
+  require_device_ops<D>();
+  const index_t b = q.size(0), tq = q.size(1), hq = q.size(2), dh = q.size(3), tk = k.size(1), hkv = k.size(2);
+  std::array<Tensor<T, D>, 3> grads;
+  if (!need[0] && !need[1] && !need[2]) return grads;
+  if (need[0]) grads[0] = Tensor<T, D>::empty(q.shape());                  // (B, Tq, Hq, Dh)
+  if (need[1]) grads[1] = Tensor<T, D>::empty(Shape{b, tk, hkv, dh});      // (B, Tk, Hkv, Dh)
+  if (need[2]) grads[2] = Tensor<T, D>::empty(Shape{b, tk, hkv, dh});      // (B, Tk, Hkv, Dh)
+  const Tensor<T, D> oc = out.contiguous(), gc = gout.contiguous();
+  DeviceOps<D>::attn_backward(q.data(), q.strides(), k.data(), k.strides(), v.data(), v.strides(), oc.data(), gc.data(),
+                              lse.data(), need[0] ? grads[0].data() : nullptr, need[1] ? grads[1].data() : nullptr,
+                              need[2] ? grads[2].data() : nullptr, b, tq, tk, hq, hkv, dh, scale);
+  return grads;
+}
+
 }  // namespace detail
 
 /// Causal attention of q (B, Tq, Hq, Dh) over k, v (B, Tk, Hkv, Dh) -> (B, Tq, Hq, Dh).
@@ -229,20 +251,31 @@ Var<T, D> causal_attention(const Var<T, D>& q, const Var<T, D>& k, const Var<T, 
   const Tensor<T, D> vc = detail::channels_contiguous(v.value());
   Tensor<T, D> out = Tensor<T, D>::empty(q.shape());         // (B, Tq, Hq, Dh)
   Tensor<T, D> lse = Tensor<T, D>::empty(Shape{b, hq, tq});  // (B, Hq, Tq)
-  cpu::parallel_for(b * hq, std::max<index_t>(1, (1 << 15) / head_work), [&](index_t lo, index_t hi) {
-    Tensor<T, D> s = Tensor<T, D>::empty(Shape{blk * tk});  // (blk, Tk) scores of one row block
-    for (index_t r = lo; r < hi; ++r) {
-      const index_t bb = r / hq, h = r % hq, kvh = h / group;
-      detail::attention_forward_head(detail::head_in(qc, bb, h), detail::head_in(kc, bb, kvh),
-                                     detail::head_in(vc, bb, kvh), detail::head_out(out, bb, h), lse.data() + r * tq,
-                                     tq, tk, dh, st, s.data());
-    }
-  });
+  if constexpr (!Tensor<T, D>::on_host) {
+    // One fused kernel (backend/cuda/attention.cuh): the probabilities are never stored.
+    detail::require_device_ops<D>();
+    detail::DeviceOps<D>::attn_forward(qc.data(), qc.strides(), kc.data(), kc.strides(), vc.data(), vc.strides(),
+                                       out.data(), lse.data(), b, tq, tk, hq, hkv, dh, st);
+  } else {
+    cpu::parallel_for(b * hq, std::max<index_t>(1, (1 << 15) / head_work), [&](index_t lo, index_t hi) {
+      Tensor<T, D> s = Tensor<T, D>::empty(Shape{blk * tk});  // (blk, Tk) scores of one row block
+      for (index_t r = lo; r < hi; ++r) {
+        const index_t bb = r / hq, h = r % hq, kvh = h / group;
+        detail::attention_forward_head(detail::head_in(qc, bb, h), detail::head_in(kc, bb, kvh),
+                                       detail::head_in(vc, bb, kvh), detail::head_out(out, bb, h),
+                                       lse.data() + r * tq, tq, tk, dh, st, s.data());
+      }
+    });
+  }
 
   // The backward keeps the inputs' values (shared, not copied) and the row log-sum-exps.
   return record(op, std::move(out), {q, k, v}, [qc, kc, vc, lse, st](autograd::BackwardContext<T, D>& ctx) {
     const bool need[3] = {ctx.needs_grad(0), ctx.needs_grad(1), ctx.needs_grad(2)};
-    auto grads = detail::attention_backward(qc, kc, vc, ctx.output(), ctx.grad_out(), lse, st, need);
+    std::array<Tensor<T, D>, 3> grads;
+    if constexpr (Tensor<T, D>::on_host)
+      grads = detail::attention_backward(qc, kc, vc, ctx.output(), ctx.grad_out(), lse, st, need);
+    else
+      grads = detail::attention_backward_device(qc, kc, vc, ctx.output(), ctx.grad_out(), lse, st, need);
     for (std::size_t i = 0; i < 3; ++i)
       if (need[i]) ctx.accumulate(i, std::move(grads[i]));
   });

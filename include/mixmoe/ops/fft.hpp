@@ -47,6 +47,7 @@ void rfft_rows(const T* x, T* y, index_t rows, index_t n) {
 /// interior bins and the DC/Nyquist imaginary parts are handled here.
 template <Scalar T, Device D, class Fill>
 Tensor<T, D> rfft_adjoint_rows(index_t rows, index_t n, const Shape& xshape, Fill fill) {
+  require_host<D>();  // on a device: DeviceOps<D>::fft_rfft_adjoint, fft_magnitude_adjoint
   const auto plan = cpu::fft::PlanCache::instance().get<T>(cpu::fft::Transform::c2r, n);
   const index_t f = n / 2 + 1;
   Tensor<T, D> gx = Tensor<T, D>::empty(xshape);  // (..., N)
@@ -90,14 +91,26 @@ Var<T, D> rfft(const Var<T, D>& x) {
   oshape.push_back(2);
   const Tensor<T, D> xv = x.value().contiguous();  // (R, N)
   Tensor<T, D> out = Tensor<T, D>::empty(oshape);  // (..., F, 2)
-  detail::rfft_rows(xv.data(), out.data(), rows, n);
-  return record("rfft", std::move(out), {x}, [xshape = x.shape(), rows, n, f](autograd::BackwardContext<T, D>& ctx) {
-    if (!ctx.needs_grad(0)) return;
-    const T* g = ctx.grad_out().data();  // (R, F, 2)
-    ctx.accumulate(0, detail::rfft_adjoint_rows<T, D>(rows, n, xshape, [g, f](index_t r, T* z) {
-                     std::copy(g + r * 2 * f, g + (r + 1) * 2 * f, z);
-                   }));
-  });
+  if constexpr (!Tensor<T, D>::on_host) {
+    // cuFFT (backend/cuda/attention.cuh, fft.cuh): the same transform and the same adjoint.
+    detail::require_device_ops<D>();
+    detail::DeviceOps<D>::fft_rfft_rows(xv.data(), out.data(), rows, n);
+    return record("rfft", std::move(out), {x}, [xshape = x.shape(), rows, n](autograd::BackwardContext<T, D>& ctx) {
+      if (!ctx.needs_grad(0)) return;
+      Tensor<T, D> gx = Tensor<T, D>::empty(xshape);  // (..., N)
+      detail::DeviceOps<D>::fft_rfft_adjoint(ctx.grad_out().data(), gx.data(), rows, n);
+      ctx.accumulate(0, std::move(gx));
+    });
+  } else {
+    detail::rfft_rows(xv.data(), out.data(), rows, n);
+    return record("rfft", std::move(out), {x}, [xshape = x.shape(), rows, n, f](autograd::BackwardContext<T, D>& ctx) {
+      if (!ctx.needs_grad(0)) return;
+      const T* g = ctx.grad_out().data();  // (R, F, 2)
+      ctx.accumulate(0, detail::rfft_adjoint_rows<T, D>(rows, n, xshape, [g, f](index_t r, T* z) {
+                       std::copy(g + r * 2 * f, g + (r + 1) * 2 * f, z);
+                     }));
+    });
+  }
 }
 
 /// |rfft(x)| along the last axis: x (..., N) -> (..., N/2 + 1) = sqrt(re^2 + im^2 + eps).
@@ -111,31 +124,45 @@ Var<T, D> rfft_magnitude(const Var<T, D>& x, double eps = 0.0) {
   const Tensor<T, D> xv = x.value().contiguous();                 // (R, N)
   Tensor<T, D> spec = Tensor<T, D>::empty(Shape{rows, f, 2});     // (R, F, 2)
   Tensor<T, D> out = Tensor<T, D>::empty(x.shape().with(-1, f));  // (..., F)
-  detail::rfft_rows(xv.data(), spec.data(), rows, n);
-  {
-    const T* s = spec.data();
-    T* o = out.data();
-    const T e = static_cast<T>(eps);
-    cpu::parallel_for(rows * f, 1 << 14, [&](index_t lo, index_t hi) {
-      for (index_t i = lo; i < hi; ++i) o[i] = std::sqrt(s[2 * i] * s[2 * i] + s[2 * i + 1] * s[2 * i + 1] + e);
-    });
+  if constexpr (!Tensor<T, D>::on_host) {
+    detail::require_device_ops<D>();
+    detail::DeviceOps<D>::fft_rfft_rows(xv.data(), spec.data(), rows, n);
+    detail::DeviceOps<D>::fft_magnitude(spec.data(), out.data(), rows * f, static_cast<T>(eps));
+    return record("rfft_magnitude", out, {x},
+                  [xshape = x.shape(), spec, out, rows, n](autograd::BackwardContext<T, D>& ctx) {
+                    if (!ctx.needs_grad(0)) return;
+                    Tensor<T, D> gx = Tensor<T, D>::empty(xshape);  // (..., N)
+                    detail::DeviceOps<D>::fft_magnitude_adjoint(ctx.grad_out().data(), spec.data(), out.data(),
+                                                                gx.data(), rows, n);
+                    ctx.accumulate(0, std::move(gx));
+                  });
+  } else {
+    detail::rfft_rows(xv.data(), spec.data(), rows, n);
+    {
+      const T* s = spec.data();
+      T* o = out.data();
+      const T e = static_cast<T>(eps);
+      cpu::parallel_for(rows * f, 1 << 14, [&](index_t lo, index_t hi) {
+        for (index_t i = lo; i < hi; ++i) o[i] = std::sqrt(s[2 * i] * s[2 * i] + s[2 * i + 1] * s[2 * i + 1] + e);
+      });
+    }
+    return record("rfft_magnitude", out, {x},
+                  [xshape = x.shape(), spec, out, rows, n, f](autograd::BackwardContext<T, D>& ctx) {
+                    if (!ctx.needs_grad(0)) return;
+                    const T* g = ctx.grad_out().data();  // (R, F)
+                    const T* s = spec.data();
+                    const T* m = out.data();
+                    // d|Y_k|/d(re, im) = (re, im) / |Y_k|
+                    ctx.accumulate(0, detail::rfft_adjoint_rows<T, D>(rows, n, xshape, [g, s, m, f](index_t r, T* z) {
+                                     for (index_t k = 0; k < f; ++k) {
+                                       const index_t i = r * f + k;
+                                       const T w = m[i] > T(0) ? g[i] / m[i] : T(0);
+                                       z[2 * k] = w * s[2 * i];
+                                       z[2 * k + 1] = w * s[2 * i + 1];
+                                     }
+                                   }));
+                  });
   }
-  return record("rfft_magnitude", out, {x},
-                [xshape = x.shape(), spec, out, rows, n, f](autograd::BackwardContext<T, D>& ctx) {
-                  if (!ctx.needs_grad(0)) return;
-                  const T* g = ctx.grad_out().data();  // (R, F)
-                  const T* s = spec.data();
-                  const T* m = out.data();
-                  // d|Y_k|/d(re, im) = (re, im) / |Y_k|
-                  ctx.accumulate(0, detail::rfft_adjoint_rows<T, D>(rows, n, xshape, [g, s, m, f](index_t r, T* z) {
-                                   for (index_t k = 0; k < f; ++k) {
-                                     const index_t i = r * f + k;
-                                     const T w = m[i] > T(0) ? g[i] / m[i] : T(0);
-                                     z[2 * k] = w * s[2 * i];
-                                     z[2 * k + 1] = w * s[2 * i + 1];
-                                   }
-                                 }));
-                });
 }
 
 }  // namespace mixmoe

@@ -62,6 +62,7 @@ std::shared_ptr<const RopeTable<T>> rope_table(index_t t, index_t dh, index_t of
 /// their negatives when `inverse` (the backward, and the way to undo a rotation).
 template <class T, class D>
 Tensor<T, D> rope_rotate(const Tensor<T, D>& x, const RopeTable<T>& tab, bool inverse) {
+  require_host<D>();  // rope_rotate_device is the device's
   const Tensor<T, D> xc = x.contiguous();  // (B, T, H, Dh)
   const index_t b = x.size(0), t = x.size(1), h = x.size(2), half = tab.half;
   MIXMOE_CHECK(t == tab.t && x.size(3) == 2 * half, "rope", "input ", x.shape(), " does not match a table for T = ",
@@ -90,6 +91,32 @@ Tensor<T, D> rope_rotate(const Tensor<T, D>& x, const RopeTable<T>& tab, bool in
   return out;
 }
 
+/// The device's table: cos (T, Dh/2) stacked on sin (T, Dh/2), as (2, T, Dh/2), computed on the
+/// device by rope_table's formula (the angles in double, then rounded to T), so that no host
+/// table is uploaded (an upload waits for the device).
+template <class T, class D>
+Tensor<T, D> rope_table_device(index_t t, index_t dh, index_t offset, double theta) {
+  require_device_ops<D>();
+  const index_t half = dh / 2;
+  Tensor<T, D> tab = Tensor<T, D>::empty(Shape{2, t, half});  // (2, T, Dh/2): cos, sin
+  DeviceOps<D>::rope_angles(tab.data(), tab.data() + t * half, t, dh, offset, theta);
+  return tab;
+}
+
+/// rope_rotate on a device, with a table of rope_table_device.
+template <class T, class D>
+Tensor<T, D> rope_rotate_device(const Tensor<T, D>& x, const Tensor<T, D>& tab, bool inverse) {
+  require_device_ops<D>();
+  const Tensor<T, D> xc = x.contiguous();  // (B, T, H, Dh)
+  const index_t t = x.size(1), half = x.size(3) / 2;
+  MIXMOE_CHECK(tab.dim() == 3 && tab.size(1) == t && tab.size(2) == half, "rope", "input ", x.shape(),
+               " does not match a table of shape ", tab.shape());
+  Tensor<T, D> out = Tensor<T, D>::empty(x.shape());  // (B, T, H, Dh)
+  DeviceOps<D>::rope_apply(xc.data(), tab.data(), tab.data() + t * half, out.data(), x.size(0), t, x.size(2),
+                           x.size(3), inverse);
+  return out;
+}
+
 }  // namespace detail
 
 /// Rotary embedding of x (B, T, H, Dh): token t sits at position position_offset + t.
@@ -99,11 +126,19 @@ Var<T, D> rope(const Var<T, D>& x, index_t position_offset = 0, double theta = 1
   MIXMOE_CHECK(x.size(3) % 2 == 0, "rope", "head size Dh = ", x.size(3), " must be even (input ", x.shape(), ")");
   MIXMOE_CHECK(position_offset >= 0, "rope", "position_offset ", position_offset, " must be >= 0");
   MIXMOE_CHECK(std::isfinite(theta) && theta > 0, "rope", "theta ", theta, " must be a positive number");
-  auto tab = detail::rope_table<T>(x.size(1), x.size(3), position_offset, theta);
-  auto out = detail::rope_rotate(x.value(), *tab, false);  // (B, T, H, Dh)
-  return record("rope", std::move(out), {x}, [tab](autograd::BackwardContext<T, D>& ctx) {
-    if (ctx.needs_grad(0)) ctx.accumulate(0, detail::rope_rotate(ctx.grad_out(), *tab, true));
-  });
+  if constexpr (!Tensor<T, D>::on_host) {
+    auto tab = detail::rope_table_device<T, D>(x.size(1), x.size(3), position_offset, theta);  // (2, T, Dh/2)
+    auto out = detail::rope_rotate_device(x.value(), tab, false);                              // (B, T, H, Dh)
+    return record("rope", std::move(out), {x}, [tab](autograd::BackwardContext<T, D>& ctx) {
+      if (ctx.needs_grad(0)) ctx.accumulate(0, detail::rope_rotate_device(ctx.grad_out(), tab, true));
+    });
+  } else {
+    auto tab = detail::rope_table<T>(x.size(1), x.size(3), position_offset, theta);
+    auto out = detail::rope_rotate(x.value(), *tab, false);  // (B, T, H, Dh)
+    return record("rope", std::move(out), {x}, [tab](autograd::BackwardContext<T, D>& ctx) {
+      if (ctx.needs_grad(0)) ctx.accumulate(0, detail::rope_rotate(ctx.grad_out(), *tab, true));
+    });
+  }
 }
 
 }  // namespace mixmoe
