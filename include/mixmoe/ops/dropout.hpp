@@ -12,7 +12,15 @@
 //
 // The mask is saved as a tensor of 0 and 1 / (1 - p) (the forward's multiplier),
 // so the backward is one multiply: dx = g * mask.
+//
+// On a device (Cuda) the mask is drawn there (backend/cuda/index.cuh): the generator gives one
+// 64-bit draw, the key of a counter-based (Philox) stream, and element i is kept when the i-th
+// uniform of that stream is >= p. The same generator state gives the same mask on the device,
+// and the generator advances by exactly one draw; the mask is not the CPU's (another stream),
+// only distributed like it.
 #pragma once
+
+#include <cstdint>
 
 #include <Eigen/Core>
 
@@ -32,6 +40,19 @@ Var<T, D> dropout(const Var<T, D>& x, double p, Generator& gen, bool training = 
   using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
   using In = Eigen::Map<const Array>;
   const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
+  if constexpr (!Tensor<T, D>::on_host) {
+    detail::require_device_ops<D>();
+    const Tensor<T, D> xc = x.value().contiguous();
+    Tensor<T, D> mask = Tensor<T, D>::empty(x.shape());  // 0 or 1 / (1 - p)
+    Tensor<T, D> out = Tensor<T, D>::empty(x.shape());
+    const std::uint64_t key = gen.next_u64();  // the device stream's key: one draw
+    detail::DeviceOps<D>::index_dropout(xc.data(), out.data(), mask.data(), xc.numel(), p, keep_scale, key);
+    return record("dropout", std::move(out), {x}, [mask](autograd::BackwardContext<T, D>& ctx) {
+      Tensor<T, D> gx = Tensor<T, D>::empty(mask.shape());
+      detail::DeviceOps<D>::map(gx.data(), gx.numel(), detail::fn::Mul{}, ctx.grad_out().data(), mask.data());
+      ctx.accumulate(0, std::move(gx));
+    });
+  }
   const Tensor<T, D> xc = x.value().contiguous();
   const index_t n = xc.numel();
   Tensor<T, D> mask = Tensor<T, D>::empty(x.shape());  // 0 or 1 / (1 - p)

@@ -15,6 +15,12 @@
 // The backward of a repeated index accumulates. gather and scatter_add work on
 // "lines" along the axis: lines at different positions off the axis touch
 // different elements of x, so they run in parallel without races.
+//
+// On a device (Cuda) every op runs there, forward and backward (backend/cuda/index.cuh). The
+// range check runs in a kernel and reads the first bad position back to the host: one small
+// copy, which synchronises the stream, per call; the error is the CPU's, word for word. The
+// accumulations of repeated indices (the backwards, scatter_add's forward) use atomic adds:
+// a float sum of a repeated index's terms may differ in its last bits from the CPU's.
 #pragma once
 
 #include <algorithm>
@@ -46,6 +52,18 @@ inline std::string index_position(const Shape& shape, index_t flat) {
 /// Checks every value of a contiguous index tensor against [0, extent).
 template <class D>
 void check_index_range(const Tensor<Index, D>& ic, index_t extent, const char* op, int axis, const Shape& xshape) {
+  if constexpr (!Tensor<Index, D>::on_host) {
+    // The first bad position is found on the device and read back (a synchronisation): the price
+    // of an error that names the bad index, as on the CPU, instead of an out-of-bounds access.
+    require_device_ops<D>();
+    const index_t bad = DeviceOps<D>::index_first_out_of_range(ic.data(), ic.numel(), extent);
+    if (bad >= 0) {
+      const Index v = ic.reshape(Shape{ic.numel()})[bad].item();
+      fail(op, "index ", v, " at position ", index_position(ic.shape(), bad), " is out of range for axis ", axis,
+           " of extent ", extent, " (x of shape ", xshape, ")");
+    }
+    return;
+  }
   const Index* p = ic.data();
   for (index_t i = 0, n = ic.numel(); i < n; ++i)
     MIXMOE_CHECK(p[i] >= 0 && p[i] < extent, op, "index ", p[i], " at position ", index_position(ic.shape(), i),
@@ -133,9 +151,16 @@ Var<T, D> index_select(const Var<T, D>& x, int axis, const Tensor<Index, D>& ind
   const index_t outer = s.prod(0, a), n = s[a], inner = s.prod(a + 1, s.rank()), m = ic.numel();
   const Tensor<T, D> xc = x.value().contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(s.with(a, m));  // (..., M, ...)
-  detail::select_rows(xc.data(), outer, n, inner, ic.data(), m, out.data());
+  if constexpr (!Tensor<T, D>::on_host)  // check_index_range required the device's ops
+    detail::DeviceOps<D>::index_select_rows(xc.data(), outer, n, inner, ic.data(), m, out.data());
+  else
+    detail::select_rows(xc.data(), outer, n, inner, ic.data(), m, out.data());
   return record("index_select", std::move(out), {x}, [ic, outer, n, inner, m](autograd::BackwardContext<T, D>& ctx) {
-    detail::select_rows_backward(ctx.grad_out().data(), outer, n, inner, ic.data(), m, ctx.grad_in(0).data());
+    if constexpr (!Tensor<T, D>::on_host)
+      detail::DeviceOps<D>::index_select_rows_backward(ctx.grad_out().data(), outer, n, inner, ic.data(), m,
+                                                       ctx.grad_in(0).data());
+    else
+      detail::select_rows_backward(ctx.grad_out().data(), outer, n, inner, ic.data(), m, ctx.grad_in(0).data());
   });
 }
 
@@ -155,7 +180,9 @@ Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index) {
   const Shape xs = contiguous_strides(s), is = contiguous_strides(ic.shape());
   const detail::AxisLines lines(ic.shape(), a);
   Tensor<T, D> out = Tensor<T, D>::empty(ic.shape());  // index's shape
-  {
+  if constexpr (!Tensor<T, D>::on_host) {
+    detail::DeviceOps<D>::index_gather_axis(out.data(), is, xc.data(), xs, ic.data(), ic.shape(), a);
+  } else {
     const T* px = xc.data();
     const Index* pi = ic.data();
     T* po = out.data();
@@ -173,6 +200,11 @@ Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index) {
   }
   return record("gather", std::move(out), {x}, [ic, s, xs, is, lines, a](autograd::BackwardContext<T, D>& ctx) {
     Tensor<T, D> gx = Tensor<T, D>::zeros(s);
+    if constexpr (!Tensor<T, D>::on_host) {
+      detail::DeviceOps<D>::index_scatter_add_axis(gx.data(), xs, ctx.grad_out().data(), is, ic.data(), ic.shape(), a);
+      ctx.accumulate(0, std::move(gx));
+      return;
+    }
     const T* g = ctx.grad_out().data();
     const Index* pi = ic.data();
     T* pgx = gx.data();
@@ -211,7 +243,9 @@ Var<T, D> scatter_add(const Var<T, D>& x, int axis, const Tensor<Index, D>& inde
   const Shape xs = contiguous_strides(s), is = contiguous_strides(ic.shape()), ss = contiguous_strides(sc.shape());
   const detail::AxisLines lines(ic.shape(), a);
   Tensor<T, D> out = x.value().clone();  // x's shape, contiguous
-  {
+  if constexpr (!Tensor<T, D>::on_host) {
+    detail::DeviceOps<D>::index_scatter_add_axis(out.data(), xs, sc.data(), ss, ic.data(), ic.shape(), a);
+  } else {
     const T* ps = sc.data();
     const Index* pi = ic.data();
     T* po = out.data();
@@ -230,6 +264,12 @@ Var<T, D> scatter_add(const Var<T, D>& x, int axis, const Tensor<Index, D>& inde
                   if (!ctx.needs_grad(1)) return;
                   // Each used src element was added to exactly one output element: it reads that gradient.
                   Tensor<T, D> gs = Tensor<T, D>::zeros(sshape);
+                  if constexpr (!Tensor<T, D>::on_host) {
+                    detail::DeviceOps<D>::index_gather_axis(gs.data(), ss, ctx.grad_out().data(), xs, ic.data(),
+                                                            ic.shape(), a);
+                    ctx.accumulate(1, std::move(gs));
+                    return;
+                  }
                   const T* g = ctx.grad_out().data();
                   const Index* pi = ic.data();
                   T* pgs = gs.data();

@@ -5,6 +5,10 @@
 // backward puts the output gradient back into the input's row-major layout.
 // concat copies.
 //
+// On a device (Cuda) all of them run there: the views and the contiguous copies through the
+// Tensor's device copies, the backwards of slice and concat through a strided add
+// (backend/cuda/index.cuh).
+//
 //   reshape:   x (any shape) -> s (same number of elements, one extent may be -1)
 //   transpose: x (..., A, ..., B, ...) -> (..., B, ..., A, ...)
 //   permute:   x (d0, ..., dr-1) -> (d[order[0]], ..., d[order[r-1]])
@@ -114,6 +118,14 @@ Var<T, D> slice(const Var<T, D>& x, int axis, index_t begin, index_t end) {
   const index_t outer = s.prod(0, a), n = s[a], inner = s.prod(a + 1, s.rank()), len = end - begin;
   return record("slice", std::move(out), {x}, [outer, n, inner, len, begin](autograd::BackwardContext<T, D>& ctx) {
     // The gradient of x is zero outside the slice: add the output gradient into the window.
+    if constexpr (!Tensor<T, D>::on_host) {
+      detail::require_device_ops<D>();
+      // x's gradient seen as (outer, n, inner); the window is its slice [begin, begin + len) on axis 1
+      const Tensor<T, D> window = ctx.grad_in(0).reshape(Shape{outer, n, inner}).slice(1, begin, begin + len);
+      const Tensor<T, D> g = ctx.grad_out().reshape(Shape{outer, len, inner});
+      detail::DeviceOps<D>::index_add_strided(window.data(), window.strides(), g.data(), g.strides(), g.shape());
+      return;
+    }
     const T* g = ctx.grad_out().data();
     T* gx = ctx.grad_in(0).data();
     for (index_t o = 0; o < outer; ++o) {
@@ -146,20 +158,45 @@ Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
   for (std::size_t k = 0; k < xs.size(); ++k) extents[k] = xs[k].shape()[a];
 
   Tensor<T, D> out = Tensor<T, D>::empty(first.with(a, total));  // (..., sum_k N_k, ...)
-  T* po = out.data();
-  index_t at = 0;  // start of input k along the axis
-  for (std::size_t k = 0; k < xs.size(); ++k) {
-    const index_t block = extents[k] * inner;
-    if (block > 0) {
-      const Tensor<T, D> xc = xs[k].value().contiguous();
-      const T* px = xc.data();
-      for (index_t o = 0; o < outer; ++o)
-        std::memcpy(po + (o * total + at) * inner, px + o * block, static_cast<std::size_t>(block) * sizeof(T));
+  if constexpr (!Tensor<T, D>::on_host) {
+    // input k (any layout) is copied into its window of out on the device
+    index_t at = 0;
+    for (std::size_t k = 0; k < xs.size(); ++k) {
+      out.slice(a, at, at + extents[k]).copy_from(xs[k].value());
+      at += extents[k];
     }
-    at += extents[k];
+  } else {
+    T* po = out.data();
+    index_t at = 0;  // start of input k along the axis
+    for (std::size_t k = 0; k < xs.size(); ++k) {
+      const index_t block = extents[k] * inner;
+      if (block > 0) {
+        const Tensor<T, D> xc = xs[k].value().contiguous();
+        const T* px = xc.data();
+        for (index_t o = 0; o < outer; ++o)
+          std::memcpy(po + (o * total + at) * inner, px + o * block, static_cast<std::size_t>(block) * sizeof(T));
+      }
+      at += extents[k];
+    }
   }
   return record("concat", std::move(out), xs,
                 [extents = std::move(extents), outer, inner, total](autograd::BackwardContext<T, D>& ctx) {
+                  if constexpr (!Tensor<T, D>::on_host) {
+                    detail::require_device_ops<D>();
+                    // the gradient seen as (outer, total, inner); input k's part is its slice on axis 1
+                    const Tensor<T, D> g = ctx.grad_out().reshape(Shape{outer, total, inner});
+                    index_t start = 0;
+                    for (std::size_t k = 0; k < extents.size(); ++k) {
+                      if (ctx.needs_grad(k) && extents[k] * inner > 0) {
+                        const Tensor<T, D> part = g.slice(1, start, start + extents[k]);  // (outer, N_k, inner)
+                        Tensor<T, D>& gx = ctx.grad_in(k);  // contiguous: row-major (outer, N_k, inner)
+                        detail::DeviceOps<D>::index_add_strided(gx.data(), contiguous_strides(part.shape()), part.data(),
+                                                                part.strides(), part.shape());
+                      }
+                      start += extents[k];
+                    }
+                    return;
+                  }
                   const T* g = ctx.grad_out().data();
                   index_t start = 0;
                   for (std::size_t k = 0; k < extents.size(); ++k) {
