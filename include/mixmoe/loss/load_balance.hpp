@@ -55,6 +55,15 @@ Var<T, D> load_balance_loss(const Routing<T, D>& routing) {
   const Tensor<Index, D> ex = routing.expert.contiguous();
   const index_t m = ex.numel();
   Tensor<T, D> f = Tensor<T, D>::zeros({e_count});  // (E) fraction of assignments per expert
+  if constexpr (!Tensor<T, D>::on_host) {
+    // One block per expert counts its assignments. An expert id out of range makes every f NaN, so
+    // the loss is NaN: visible without reading the ids back (the layer's dispatch plan has already
+    // refused such a routing with a message).
+    detail::require_device_ops<D>();
+    detail::DeviceOps<D>::moe_expert_fractions(ex.data(), m, e_count, f.data());
+    const Var<T, D> p = mean(probs, 0);  // (E)
+    return sum(p * Var<T, D>(f)) * static_cast<double>(e_count);
+  }
   for (index_t i = 0; i < m; ++i) {
     const Index e = ex.data()[i];
     MIXMOE_CHECK(e >= 0 && e < e_count, "load_balance_loss", "expert ", e, " of assignment ", i,
@@ -76,6 +85,17 @@ Var<T, D> router_z_loss(const Var<T, D>& logits) {
   MIXMOE_CHECK(n > 0 && e_count > 0, "router_z_loss", "logits ", logits.shape(), " are empty");
   const Tensor<T, D> lv = logits.value().contiguous();  // (N, E)
   Tensor<double, D> z = Tensor<double, D>::empty({n});  // (N) logsumexp per token, in double
+  if constexpr (!Tensor<T, D>::on_host) {
+    // One warp per token for z, one block for the mean of z^2; the backward reads the output
+    // gradient on the device (no item()).
+    detail::require_device_ops<D>();
+    using Ops = detail::DeviceOps<D>;
+    auto out = Tensor<T, D>::empty(Shape{});
+    Ops::moe_z_loss(lv.data(), n, e_count, z.data(), out.data());
+    return record("router_z_loss", std::move(out), {logits}, [lv, z, n, e_count](autograd::BackwardContext<T, D>& ctx) {
+      Ops::moe_z_loss_backward(lv.data(), z.data(), ctx.grad_out().data(), n, e_count, ctx.grad_in(0).data());
+    });
+  }
   {
     const T* pl = lv.data();
     double* pz = z.data();

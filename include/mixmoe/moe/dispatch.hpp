@@ -15,6 +15,13 @@
 // same expert, in assignment order). The plan is a counting sort, computed on one
 // thread, so the order and every sum below are the same whatever the thread count.
 //
+// On a device (Cuda) the plan is computed there (a stable sort of the assignments by
+// (expert, token), backend/cuda/moe.cuh) in the same order as on the CPU; the expert
+// offsets and routed counts come back to the host in one small copy per plan, the one
+// synchronisation of the MoE layer (they size the per-expert GEMMs). dispatch_by_expert,
+// combine_by_expert and the gate gather of moe_forward run as device kernels whose every
+// output is summed by one thread in the plan's order (no atomics): deterministic.
+//
 // Capacity mode (capacity_factor > 0): capacity = ceil(capacity_factor * M / E); an
 // expert keeps its first `capacity` assignments in token order and drops the rest.
 // A dropped assignment reads nothing and adds nothing (its token keeps only what its
@@ -23,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <span>
 #include <string>
@@ -53,6 +61,8 @@ struct DispatchPlan {
   Tensor<Index, D> token_rows;     // (M') sorted rows grouped by token, ascending within a token
   IndexList offsets;               // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
   IndexList routed;                // (E) assignments the router sent to each expert, dropped ones included
+  Tensor<index_t, D> device_offsets;  // (E + 1) offsets in the device's memory (kernels such as the grouped
+                                      // GEMM); set on devices other than Cpu, undefined on Cpu
   index_t num_tokens = 0;          // N
   index_t num_experts = 0;         // E
   index_t num_assignments = 0;     // M
@@ -77,6 +87,65 @@ inline index_t expert_capacity(double capacity_factor, index_t num_assignments, 
   return std::max<index_t>(1, static_cast<index_t>(c));
 }
 
+namespace detail {
+
+/// make_dispatch_plan on a device (token, expert contiguous; the sizes checked by the caller).
+template <Device D>
+DispatchPlan<D> make_dispatch_plan_on_device(const Tensor<Index, D>& tc, const Tensor<Index, D>& ec, index_t n,
+                                             index_t e_count, index_t capacity) {
+  require_device_ops<D>();
+  using Ops = DeviceOps<D>;
+  const index_t m = tc.numel();
+  DispatchPlan<D> plan;
+  plan.num_tokens = n;
+  plan.num_experts = e_count;
+  plan.num_assignments = m;
+  plan.capacity = capacity;
+  auto keys = Tensor<std::int64_t, D>::empty({m});            // (M) sort keys, sorted
+  auto ids = Tensor<Index, D>::empty({m});                    // (M) assignment of each sorted key
+  auto meta = Tensor<std::int64_t, D>::empty({2 + 3 * e_count});  // see MoEOps::moe_plan_count
+  IndexList host(static_cast<std::size_t>(2 + 2 * e_count), 0);   // first bad, routed (E), offsets (E + 1)
+  // The one device->host copy of the plan (offsets and routed, with the range check's result).
+  Ops::moe_plan_count(tc.data(), ec.data(), m, n, e_count, capacity, keys.data(), ids.data(), meta.data(),
+                      host.data());
+  if (host[0] >= 0) {  // the first assignment with an id out of range: the CPU's message (error path only)
+    const index_t i = host[0];
+    const Index t = tc[i].item(), x = ec[i].item();
+    MIXMOE_CHECK(t >= 0 && t < n, "dispatch", "token ", t, " of assignment ", i, " is out of range for ", n, " tokens");
+    MIXMOE_CHECK(x >= 0 && x < e_count, "dispatch", "expert ", x, " of assignment ", i, " is out of range for ",
+                 e_count, " experts");
+  }
+  plan.routed.assign(host.begin() + 1, host.begin() + 1 + e_count);
+  plan.offsets.assign(host.begin() + 1 + e_count, host.begin() + 2 + 2 * e_count);
+  const index_t rows = plan.offsets.back();
+  plan.dropped = m - rows;
+  plan.order = Tensor<Index, D>::empty({rows});
+  plan.sorted_token = Tensor<Index, D>::empty({rows});
+  plan.token_offsets = Tensor<Index, D>::empty({n + 1});
+  plan.token_rows = Tensor<Index, D>::empty({rows});
+  Ops::moe_plan_place(keys.data(), ids.data(), meta.data(), m, n, e_count, rows, plan.order.data(),
+                      plan.sorted_token.data(), plan.token_offsets.data(), plan.token_rows.data());
+  plan.device_offsets = meta.slice(0, 1 + e_count, 2 + 2 * e_count);  // (E + 1), a view of meta
+  return plan;
+}
+
+/// v[index[r]] for a 1-D v and DISTINCT indices (a plan's order), on a device: the backward adds
+/// each gradient into its one source, no two rows share one (no atomics).
+template <Scalar T, Device D>
+Var<T, D> select_distinct_on_device(const Var<T, D>& v, const Tensor<Index, D>& index) {
+  require_device_ops<D>();
+  const Tensor<T, D> vc = v.value().contiguous();
+  const index_t rows = index.numel();
+  Tensor<T, D> out = Tensor<T, D>::empty({rows});
+  DeviceOps<D>::moe_gather_rows(vc.data(), index.data(), rows, index_t{1}, out.data());
+  return record("select_distinct", std::move(out), {v}, [index, rows](autograd::BackwardContext<T, D>& ctx) {
+    DeviceOps<D>::moe_scatter_unique_add(ctx.grad_out().data(), index.data(), rows, index_t{1},
+                                         ctx.grad_in(0).data());
+  });
+}
+
+}  // namespace detail
+
 /// Sorts the assignments (token[m], expert[m]) by expert; see the header comment for the order and capacity.
 template <Device D>
 DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<Index, D>& expert, index_t num_tokens,
@@ -89,6 +158,9 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
   MIXMOE_CHECK(m <= std::numeric_limits<Index>::max() && n < std::numeric_limits<Index>::max(), "dispatch", m,
                " assignments over ", n, " tokens do not fit the 32-bit Index");
   const Tensor<Index, D> tc = token.contiguous(), ec = expert.contiguous();
+  if constexpr (!Tensor<Index, D>::on_host) {
+    return detail::make_dispatch_plan_on_device(tc, ec, n, e_count, capacity);
+  }
   const Index* tok = tc.data();
   const Index* ex = ec.data();
   for (index_t i = 0; i < m; ++i) {
@@ -164,6 +236,19 @@ Var<T, D> dispatch_by_expert(const Var<T, D>& x, const DispatchPlan<D>& plan) {
   MIXMOE_CHECK(x.dim() == 2, "dispatch_by_expert", "x must be (N, C), got ", x.shape());
   MIXMOE_CHECK(x.size(0) == plan.num_tokens, "dispatch_by_expert", "x of shape ", x.shape(), " has ", x.size(0),
                " rows, the plan was made for ", plan.num_tokens, " tokens");
+  if constexpr (!Tensor<T, D>::on_host) {
+    // Row gather; the backward sums each token's rows in token_rows order (the CPU's order), no atomics.
+    detail::require_device_ops<D>();
+    const index_t n = x.size(0), c = x.size(1), rows = plan.num_rows();
+    const Tensor<T, D> xc = x.value().contiguous();
+    Tensor<T, D> out = Tensor<T, D>::empty({rows, c});  // (M', C)
+    detail::DeviceOps<D>::moe_gather_rows(xc.data(), plan.sorted_token.data(), rows, c, out.data());
+    return record("dispatch_by_expert", std::move(out), {x},
+                  [to = plan.token_offsets, tr = plan.token_rows, n, c](autograd::BackwardContext<T, D>& ctx) {
+                    detail::DeviceOps<D>::moe_dispatch_backward(ctx.grad_out().data(), to.data(), tr.data(), n, c,
+                                                                ctx.grad_in(0).data());
+                  });
+  }
   return index_select(x, 0, plan.sorted_token);
 }
 
@@ -184,6 +269,22 @@ Var<T, D> combine_by_expert(const Var<T, D>& y_sorted, const Var<T, D>& gate_sor
   const Tensor<T, D> yv = y_sorted.value().contiguous();     // (M', C)
   const Tensor<T, D> gv = gate_sorted.value().contiguous();  // (M')
   const Tensor<Index, D> st = plan.sorted_token, to = plan.token_offsets, tr = plan.token_rows;
+  if constexpr (!Tensor<T, D>::on_host) {
+    // One block per token adds its rows in token_rows order; the backward: dy per element, dgate one
+    // warp per sorted row (a dot product in double). No atomics.
+    detail::require_device_ops<D>();
+    using Ops = detail::DeviceOps<D>;
+    Tensor<T, D> dout = Tensor<T, D>::empty({n, c});  // (N, C)
+    Ops::moe_combine(yv.data(), gv.data(), to.data(), tr.data(), n, c, dout.data());
+    return record("combine_by_expert", std::move(dout), {y_sorted, gate_sorted},
+                  [yv, gv, st, rows, c](autograd::BackwardContext<T, D>& ctx) {
+                    const T* g = ctx.grad_out().data();  // (N, C)
+                    if (ctx.needs_grad(0))
+                      Ops::moe_combine_backward_y(g, gv.data(), st.data(), rows, c, ctx.grad_in(0).data());
+                    if (ctx.needs_grad(1))
+                      Ops::moe_combine_backward_gate(g, yv.data(), st.data(), rows, c, ctx.grad_in(1).data());
+                  });
+  }
   Tensor<T, D> out = Tensor<T, D>::zeros({n, c});  // (N, C)
   {
     const T* py = yv.data();
@@ -275,7 +376,11 @@ Var<T, D> moe_forward(const Var<T, D>& x, const Routing<T, D>& routing, index_t 
     }
     const Var<T, D> y_sorted =
         blocks.size() == 1 ? blocks.front() : concat(std::span<const Var<T, D>>(blocks.data(), blocks.size()), 0);
-    const Var<T, D> gate_sorted = index_select(routing.gate, 0, plan.order);  // (M')
+    Var<T, D> gate_sorted;  // (M')
+    if constexpr (Tensor<T, D>::on_host)
+      gate_sorted = index_select(routing.gate, 0, plan.order);
+    else  // plan.order holds each assignment at most once: a gather without a range check or atomics
+      gate_sorted = detail::select_distinct_on_device(routing.gate, plan.order);
     out = combine_by_expert(y_sorted, gate_sorted, plan, n);
   }
   if (plan_out) *plan_out = std::move(plan);

@@ -83,6 +83,10 @@ struct ExpertChoiceRouter {
     auto chosen = topk(r.probs, c, 0);                                            // values, indices (c, E)
     r.gate = reshape(transpose(chosen.values, 0, 1), Shape{e * c});               // (M), expert-major
     r.token = chosen.indices.transpose(0, 1).contiguous().reshape(Shape{e * c});  // (M)
+    if constexpr (!Tensor<Index, D>::on_host) {
+      r.expert = detail::repeat_rows<D>(e, c);  // (M): c copies of each expert id, expert-major
+      return r;
+    }
     r.expert = Tensor<Index, D>::empty(Shape{e * c});                             // (M)
     Index* pe = r.expert.data();
     for (index_t j = 0; j < e; ++j) std::fill_n(pe + j * c, c, static_cast<Index>(j));

@@ -130,7 +130,8 @@ struct DCTMap : FixedMatrixMap<T, D> {
   DCTMap() = default;
   DCTMap(index_t d_model, Generator& /*gen*/) {
     MIXMOE_CHECK(d_model > 0, "DCT", "d_model must be positive, got ", d_model);
-    Tensor<T, D> b = Tensor<T, D>::empty({d_model, d_model});  // (C, C)
+    // Built on the host once, then copied to D (construction only).
+    Tensor<T, Cpu> b = Tensor<T, Cpu>::empty({d_model, d_model});  // (C, C)
     const double c = static_cast<double>(d_model);
     for (index_t k = 0; k < d_model; ++k) {
       const double s = std::sqrt((k == 0 ? 1.0 : 2.0) / c);
@@ -138,7 +139,7 @@ struct DCTMap : FixedMatrixMap<T, D> {
         b.data()[k * d_model + n] =
             static_cast<T>(s * std::cos(std::numbers::pi * static_cast<double>((2 * n + 1) * k) / (2.0 * c)));
     }
-    this->matrix = Var<T, D>(std::move(b));
+    this->matrix = Var<T, D>(to_device<D>(b));
   }
   /// h (N, C) -> (N, C)
   Var<T, D> operator()(const Var<T, D>& h) const { return this->apply(h, "DCT"); }

@@ -26,6 +26,40 @@
 
 namespace mixmoe {
 
+namespace detail {
+
+/// splitmix64's finaliser of the id mixed with (seed, copy) (HashRouter::hash); host and device.
+MIXMOE_HD inline std::uint64_t hash_router_hash(std::uint64_t id, std::uint64_t seed, std::uint64_t copy) {
+  std::uint64_t z = id + 0x9e3779b97f4a7c15ULL * (copy + 1) + 0xd1b54a32d192ed03ULL * seed;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/// The k distinct experts (of e) of one token id, copy 0 first, into out[0..k) (HashRouter::experts_of).
+MIXMOE_HD inline void hash_router_experts(Index id, std::uint64_t seed, index_t k, index_t e, Index* out) {
+  const auto ue = static_cast<std::uint64_t>(e);
+  for (index_t j = 0; j < k; ++j) {
+    auto pick = static_cast<Index>(hash_router_hash(static_cast<std::uint64_t>(id), seed, static_cast<std::uint64_t>(j)) % ue);
+    for (bool taken = true; taken;) {  // k <= e: a free expert exists
+      taken = false;
+      for (index_t i = 0; i < j; ++i) taken = taken || out[i] == pick;
+      if (taken) pick = static_cast<Index>((pick + 1) % e);
+    }
+    out[j] = pick;
+  }
+}
+
+/// hash_router_experts as a function object, for a device kernel.
+struct HashRouterExperts {
+  std::uint64_t seed;
+  index_t k;
+  index_t e;
+  MIXMOE_HD void operator()(Index id, Index* out) const { hash_router_experts(id, seed, k, e, out); }
+};
+
+}  // namespace detail
+
 template <Scalar T, Device D = Cpu>
 struct HashRouter {
   using value_type = T;
@@ -46,25 +80,11 @@ struct HashRouter {
 
   /// splitmix64's finaliser of the id mixed with (seed, copy): a fixed, well-spread 64-bit hash.
   [[nodiscard]] static std::uint64_t hash(std::uint64_t id, std::uint64_t seed, std::uint64_t copy) {
-    std::uint64_t z = id + 0x9e3779b97f4a7c15ULL * (copy + 1) + 0xd1b54a32d192ed03ULL * seed;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+    return detail::hash_router_hash(id, seed, copy);
   }
 
   /// The K distinct experts of one token id, copy 0 first, into out[0..K).
-  void experts_of(Index id, Index* out) const {
-    const auto e = static_cast<std::uint64_t>(experts_);
-    for (index_t j = 0; j < k; ++j) {
-      auto pick = static_cast<Index>(hash(static_cast<std::uint64_t>(id), seed, static_cast<std::uint64_t>(j)) % e);
-      for (bool taken = true; taken;) {  // K <= E: a free expert exists
-        taken = false;
-        for (index_t i = 0; i < j; ++i) taken = taken || out[i] == pick;
-        if (taken) pick = static_cast<Index>((pick + 1) % experts_);
-      }
-      out[j] = pick;
-    }
-  }
+  void experts_of(Index id, Index* out) const { detail::hash_router_experts(id, seed, k, experts_, out); }
 
   Routing<T, D> operator()(const Var<T, D>& x, const RouteContext<D>& ctx) const {
     const char* op = "HashRouter";
@@ -77,6 +97,30 @@ struct HashRouter {
     MIXMOE_CHECK(ctx.token_ids->numel() == n, op, "token_ids of shape ", ctx.token_ids->shape(),
                  " must have one id per row of x of shape ", x.shape());
     const Tensor<Index, D> ids = ctx.token_ids->contiguous();  // (N)
+    if constexpr (!Tensor<Index, D>::on_host) {
+      // One thread per row; the kernel checks the ids, and the first bad row comes back (a
+      // synchronisation: the ids are only known on the device, and a bad id must be an error).
+      mixmoe::detail::require_device_ops<D>();
+      Routing<T, D> r;
+      r.token = detail::repeat_rows<D>(n, k);                   // (M)
+      r.expert = Tensor<Index, D>::empty(Shape{n * k});         // (M)
+      Tensor<T, D> probs = Tensor<T, D>::zeros({n, experts_});  // (N, E)
+      const T share = T(1) / static_cast<T>(k);
+      const index_t bad = mixmoe::detail::DeviceOps<D>::moe_hash_route(
+          ids.data(), n, k, experts_, vocab, detail::HashRouterExperts{seed, k, experts_}, r.expert.data(),
+          probs.data(), share);
+      if (bad >= 0) {
+        const Index id = ids[bad].item();
+        MIXMOE_CHECK(false, op, "token id ", id, " at row ", bad, " is out of range [0, ",
+                     vocab == 0 ? std::string("inf") : std::to_string(vocab), ")");
+      }
+      r.gate = Var<T, D>(Tensor<T, D>::full(Shape{n * k}, share));  // (M), constant
+      r.probs = Var<T, D>(std::move(probs));
+      r.logits = Var<T, D>(Tensor<T, D>::zeros({n, experts_}));
+      r.num_experts = experts_;
+      r.num_tokens = n;
+      return r;
+    }
     const Index* pid = ids.data();
     for (index_t i = 0; i < n; ++i)
       MIXMOE_CHECK(pid[i] >= 0 && (vocab == 0 || pid[i] < vocab), op, "token id ", pid[i], " at row ", i,

@@ -337,7 +337,12 @@ struct MixedMoE {
       const index_t m = routing.token.numel();
       const Tensor<Index, D> tc = routing.token.contiguous();
       Tensor<Index, D> at = Tensor<Index, D>::empty({m});
-      for (index_t i = 0; i < m; ++i) at.data()[i] = static_cast<Index>(tc.data()[i] * G + static_cast<index_t>(I));
+      if constexpr (!Tensor<Index, D>::on_host) {
+        detail::require_device_ops<D>();
+        detail::DeviceOps<D>::moe_affine_index(tc.data(), m, G, static_cast<index_t>(I), at.data());
+      } else {
+        for (index_t i = 0; i < m; ++i) at.data()[i] = static_cast<Index>(tc.data()[i] * G + static_cast<index_t>(I));
+      }
       MIXMOE_CHECK(routing.gate.dim() == 1 && routing.gate.size(0) == m, "MixedMoE", "router ", router_name(I),
                    " returned gates ", routing.gate.shape(), " for ", m, " assignments");
       scaled.gate = routing.gate * index_select(weights, 0, at);  // (M)

@@ -166,6 +166,11 @@ void check_router_logits(const Var<T, D>& logits, const Var<T, D>& x, index_t nu
 template <class D>
 Tensor<Index, D> repeat_rows(index_t n, index_t k) {
   Tensor<Index, D> t = Tensor<Index, D>::empty(Shape{n * k});  // (N K)
+  if constexpr (!Tensor<Index, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::moe_iota_div(t.data(), n * k, k);  // element i = i / k
+    return t;
+  }
   Index* p = t.data();
   for (index_t i = 0; i < n; ++i)
     for (index_t j = 0; j < k; ++j) p[i * k + j] = static_cast<Index>(i);

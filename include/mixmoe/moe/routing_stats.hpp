@@ -60,7 +60,8 @@ RoutingStats routing_stats(const Routing<T, D>& routing, const List& kept = {}, 
   s.num_tokens = n;
   s.num_assignments = routing.expert.numel();
   s.tokens_per_expert.assign(static_cast<std::size_t>(e_count), 0);
-  const Tensor<Index, D> ex = routing.expert.contiguous();
+  // Statistics are read on the host: a device routing is copied there (on Cpu, no copy).
+  const Tensor<Index, Cpu> ex = to_device<Cpu>(routing.expert.contiguous());
   for (index_t i = 0; i < s.num_assignments; ++i) {
     const Index e = ex.data()[i];
     MIXMOE_CHECK(e >= 0 && e < e_count, "routing_stats", "expert ", e, " of assignment ", i, " is out of range for ",
@@ -72,7 +73,7 @@ RoutingStats routing_stats(const Routing<T, D>& routing, const List& kept = {}, 
   else
     s.kept_per_expert.assign(kept.begin(), kept.end());
   s.dropped = dropped;
-  const Tensor<T, D> p = probs.value().contiguous();
+  const Tensor<T, Cpu> p = to_device<Cpu>(probs.value().contiguous());
   double h = 0;
   for (index_t t = 0; t < n; ++t)
     for (index_t e = 0; e < e_count; ++e) {

@@ -63,6 +63,14 @@ void copy_linear(const Linear<T, D>& src, Linear<T, D>& dst, int axis, index_t l
   MIXMOE_CHECK(dst.bias.shape() == b.shape(), "upcycle", where, ": ", name, " bias is ", dst.bias.shape(),
                ", the upcycled one is ", b.shape());
   const Tensor<T, D> bc = b.contiguous();
+  if constexpr (!Tensor<T, D>::on_host) {  // construction-time copy: scaled on the host as below, copied back
+    const Tensor<T, Cpu> hb = to_device<Cpu>(bc);
+    Tensor<T, Cpu> scaled = Tensor<T, Cpu>::empty(hb.shape());
+    for (index_t i = 0; i < hb.numel(); ++i)
+      scaled.data()[i] = static_cast<T>(bias_scale * static_cast<double>(hb.data()[i]));
+    dst.bias.value().copy_from(to_device<D>(scaled));
+    return;
+  }
   T* out = dst.bias.value().data();
   for (index_t i = 0; i < bc.numel(); ++i) out[i] = static_cast<T>(bias_scale * static_cast<double>(bc.data()[i]));
 }

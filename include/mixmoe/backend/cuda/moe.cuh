@@ -1,12 +1,732 @@
-// The moe part of DeviceOps<Cuda> (backend/cuda/cuda.cuh): MoE dispatch on the device: tokens sorted by expert, per-expert GEMMs, weighted combine (moe/).
+// The moe part of DeviceOps<Cuda> (backend/cuda/cuda.cuh): the dispatch plan (assignments sorted
+// by expert) computed on the device, the row gather / weighted combine of moe/dispatch.hpp and their
+// backwards, the routers' index kernels, the auxiliary losses' kernels, and a grouped GEMM.
+//
+//   M assignments (token -> expert pairs), N tokens, E experts, C channels, M' kept rows
+//
+//   moe_plan_count     keys = expert * N + token per assignment, radix-sorted (stable: ties keep the
+//                      assignment order) with their assignment ids; per expert its routed count, its
+//                      start in the sorted list and the kept rows' offsets (capacity applied), then ONE
+//                      device->host copy of [first bad assignment, routed (E), offsets (E + 1)]
+//   moe_plan_place     the kept rows (order, sorted_token) and per token its rows (token_offsets,
+//                      token_rows: a second stable sort, by token, of the row numbers)
+//   moe_gather_rows    out[r] = x[index[r]]                   (dispatch_by_expert, gate gather)
+//   moe_dispatch_backward  gx[t] += sum of g over t's rows in token_rows order (no atomics)
+//   moe_scatter_unique_add gx[index[r]] += g[r] for DISTINCT indices (no two threads share an output)
+//   moe_combine        out[t] = sum over t's rows r (token_rows order) of gate[r] y[r]
+//   moe_combine_backward_y / _gate   dy[r] += gate[r] dout[token[r]];  dgate[r] += <y[r], dout[token[r]]>
+//   grouped_gemm       for every expert e: C[rows of e] (+)= A[rows of e] op(B_e), the row offsets in
+//                      device memory (no host synchronisation to launch it)
+//
+// Every output element is owned by one thread (or one warp / block) that adds its terms in a fixed
+// order: the results do not depend on the launch, and the only integer atomic (the first bad
+// assignment, atomicMin) gives the same value whatever the order.
 #pragma once
 
+#include <cub/device/device_radix_sort.cuh>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "mixmoe/backend/cuda/allocator.cuh"
+#include "mixmoe/backend/cuda/blas.cuh"
+#include "mixmoe/backend/cuda/ops.cuh"
 #include "mixmoe/backend/cuda/runtime.cuh"
 #include "mixmoe/backend/cuda/tensor.cuh"
 #include "mixmoe/core/device_fn.hpp"
 
 namespace mixmoe::cuda {
 
-struct MoEOps {};
+namespace moe_detail {
+
+/// Device scratch memory from the caching allocator, returned when the object goes out of scope
+/// (stream-ordered reuse makes that safe while kernels that use it are still queued).
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(std::size_t bytes) : bytes_(bytes > 0 ? bytes : 1) {
+    p_ = CachingDeviceAllocator::instance().allocate(bytes_);
+  }
+  ~DeviceBuffer() { CachingDeviceAllocator::instance().deallocate(p_, bytes_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class U>
+  [[nodiscard]] U* as() const {
+    return static_cast<U*>(p_);
+  }
+
+ private:
+  std::size_t bytes_ = 0;
+  void* p_ = nullptr;
+};
+
+/// The number of low bits that hold every value in [0, max_value].
+inline int bits_for(unsigned long long max_value) {
+  int bits = 1;
+  while (bits < 64 && (1ULL << bits) <= max_value) ++bits;
+  return bits;
+}
+
+inline int to_int_items(index_t n, const char* what) {
+  MIXMOE_CHECK(n >= 0 && n <= 0x7fffffff, what, n, " items do not fit the sort's int count");
+  return static_cast<int>(n);
+}
+
+/// Grid of one 256-thread block per `rows` (capped; the kernels loop over the rest).
+inline unsigned row_blocks(index_t rows) {
+  return static_cast<unsigned>(rows < 1 ? 1 : (rows > 65535LL * 32 ? 65535LL * 32 : rows));
+}
+
+}  // namespace moe_detail
+
+namespace kernels {
+
+inline constexpr int kMoEThreads = 256;
+
+/// Inclusive prefix sum of v over a block of kMoEThreads threads (every thread calls it); *total
+/// gets the block's sum.
+__device__ inline long long moe_block_inclusive_scan(long long v, long long* total) {
+  __shared__ long long warp_total[kMoEThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int o = 1; o < 32; o *= 2) {
+    const long long t = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += t;
+  }
+  __syncthreads();  // warp_total may still be read by a previous call
+  if (lane == 31) warp_total[warp] = v;
+  __syncthreads();
+  long long before = 0, all = 0;
+  for (int w = 0; w < kMoEThreads / 32; ++w) {
+    if (w < warp) before += warp_total[w];
+    all += warp_total[w];
+  }
+  *total = all;
+  return v + before;
+}
+
+/// The first position p in [0, m) with sorted[p] >= key (m when none).
+__device__ inline index_t moe_lower_bound(const unsigned long long* sorted, index_t m, unsigned long long key) {
+  index_t lo = 0, hi = m;
+  while (lo < hi) {
+    const index_t mid = lo + (hi - lo) / 2;
+    if (sorted[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+__device__ inline index_t moe_lower_bound_u32(const unsigned* sorted, index_t m, unsigned key) {
+  index_t lo = 0, hi = m;
+  while (lo < hi) {
+    const index_t mid = lo + (hi - lo) / 2;
+    if (sorted[mid] < key)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// ---- dispatch plan ------------------------------------------------------------------------------
+
+/// keys[i] = expert[i] * n + token[i] (an out-of-range pair gets e * n, after every valid key, and
+/// records its assignment in *first_bad), ids[i] = i.
+template <int = 0>
+__global__ void moe_plan_keys(const Index* token, const Index* expert, index_t m, index_t n, index_t e,
+                              unsigned long long* keys, Index* ids, unsigned long long* first_bad) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < m;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t t = token[i], x = expert[i];
+    const bool ok = t >= 0 && t < n && x >= 0 && x < e;
+    keys[i] = ok ? static_cast<unsigned long long>(x) * static_cast<unsigned long long>(n) +
+                       static_cast<unsigned long long>(t)
+                 : static_cast<unsigned long long>(e) * static_cast<unsigned long long>(n);
+    ids[i] = static_cast<Index>(i);
+    if (!ok) atomicMin(first_bad, static_cast<unsigned long long>(i));
+  }
+}
+
+/// One block of kMoEThreads. meta (2 + 3E): [0] first bad assignment (set before), [1, 1+E) routed,
+/// [1+E, 2+2E) offsets of the kept rows, [2+2E, 2+3E) start of each expert in the sorted keys.
+template <int = 0>
+__global__ void moe_plan_offsets(const unsigned long long* sorted_keys, index_t m, index_t n, index_t e,
+                                 index_t capacity, long long* meta) {
+  long long carry = 0;
+  for (index_t base = 0; base < e; base += kMoEThreads) {
+    const index_t x = base + threadIdx.x;
+    long long kept = 0;
+    if (x < e) {
+      const index_t lo = moe_lower_bound(sorted_keys, m, static_cast<unsigned long long>(x) * n);
+      const index_t hi = moe_lower_bound(sorted_keys, m, static_cast<unsigned long long>(x + 1) * n);
+      const index_t routed = hi - lo;
+      kept = capacity > 0 && routed > capacity ? capacity : routed;
+      meta[1 + x] = routed;
+      meta[2 + 2 * e + x] = lo;
+    }
+    long long total = 0;
+    const long long incl = moe_block_inclusive_scan(kept, &total);
+    if (x < e) meta[1 + e + x] = carry + incl - kept;
+    carry += total;
+  }
+  if (threadIdx.x == 0) meta[1 + 2 * e] = carry;
+}
+
+/// Sorted position p -> kept row r = offsets[x] + (p - start[x]) when its rank in expert x is below
+/// the kept count; tok_keys[r] and row_ids[r] feed the sort by token.
+template <int = 0>
+__global__ void moe_plan_rows(const unsigned long long* sorted_keys, const Index* sorted_ids, const long long* meta,
+                              index_t m, index_t n, index_t e, Index* order, Index* sorted_token, unsigned* tok_keys,
+                              Index* row_ids) {
+  const unsigned long long end = static_cast<unsigned long long>(e) * n;
+  for (index_t p = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; p < m;
+       p += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const unsigned long long key = sorted_keys[p];
+    if (key >= end) continue;  // out of range (refused on the host before this kernel runs)
+    const index_t x = static_cast<index_t>(key / static_cast<unsigned long long>(n));
+    const index_t t = static_cast<index_t>(key % static_cast<unsigned long long>(n));
+    const index_t rank = p - meta[2 + 2 * e + x];
+    const index_t lo = meta[1 + e + x], hi = meta[2 + e + x];
+    if (rank >= hi - lo) continue;  // over capacity: dropped
+    const index_t r = lo + rank;
+    order[r] = sorted_ids[p];
+    sorted_token[r] = static_cast<Index>(t);
+    tok_keys[r] = static_cast<unsigned>(t);
+    row_ids[r] = static_cast<Index>(r);
+  }
+}
+
+/// token_offsets[t] = the first row of token t in the rows sorted by token (t in [0, n]).
+template <int = 0>
+__global__ void moe_token_offsets(const unsigned* sorted_tok, index_t rows, index_t n, Index* token_offsets) {
+  for (index_t t = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; t <= n;
+       t += static_cast<index_t>(gridDim.x) * blockDim.x)
+    token_offsets[t] = static_cast<Index>(moe_lower_bound_u32(sorted_tok, rows, static_cast<unsigned>(t)));
+}
+
+// ---- gathers and the weighted combine -------------------------------------------------------------
+
+/// out[r, :] = x[index[r], :], r < rows, C channels.
+template <class T>
+__global__ void moe_gather_rows(const T* x, const Index* index, index_t rows, index_t c, T* out) {
+  const index_t total = rows * c;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / c, j = i % c;
+    out[i] = x[static_cast<index_t>(index[r]) * c + j];
+  }
+}
+
+/// gx[index[r], :] += g[r, :]: the indices are distinct, so every output has one writer.
+template <class T>
+__global__ void moe_scatter_unique_add(const T* g, const Index* index, index_t rows, index_t c, T* gx) {
+  const index_t total = rows * c;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / c, j = i % c;
+    gx[static_cast<index_t>(index[r]) * c + j] += g[i];
+  }
+}
+
+/// gx[t, j] += g[row, j] over token t's rows in token_rows order (the CPU's order: ascending rows).
+template <class T>
+__global__ void moe_dispatch_backward(const T* g, const Index* token_offsets, const Index* token_rows, index_t n,
+                                      index_t c, T* gx) {
+  const index_t total = n * c;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t t = i / c, j = i % c;
+    T acc = gx[i];
+    for (Index q = token_offsets[t]; q < token_offsets[t + 1]; ++q) acc += g[static_cast<index_t>(token_rows[q]) * c + j];
+    gx[i] = acc;
+  }
+}
+
+/// One block per token (grid-stride over tokens), threads over channels: out[t, j] = sum over t's
+/// rows r, in token_rows order, of gate[r] * y[r, j].
+template <class T>
+__global__ void moe_combine(const T* y, const T* gate, const Index* token_offsets, const Index* token_rows, index_t n,
+                            index_t c, T* out) {
+  for (index_t t = blockIdx.x; t < n; t += gridDim.x) {
+    const Index q0 = token_offsets[t], q1 = token_offsets[t + 1];
+    for (index_t j = threadIdx.x; j < c; j += blockDim.x) {
+      T acc = T(0);
+      for (Index q = q0; q < q1; ++q) {
+        const index_t r = token_rows[q];
+        acc += gate[r] * y[r * c + j];
+      }
+      out[t * c + j] = acc;
+    }
+  }
+}
+
+/// gy[r, j] += gate[r] * g[token[r], j].
+template <class T>
+__global__ void moe_combine_backward_y(const T* g, const T* gate, const Index* sorted_token, index_t rows, index_t c,
+                                       T* gy) {
+  const index_t total = rows * c;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t r = i / c, j = i % c;
+    gy[i] += gate[r] * g[static_cast<index_t>(sorted_token[r]) * c + j];
+  }
+}
+
+/// One warp per sorted row: gg[r] += <y[r], g[token[r]]>, summed in double.
+template <class T>
+__global__ void moe_combine_backward_gate(const T* g, const T* y, const Index* sorted_token, index_t rows, index_t c,
+                                          T* gg) {
+  const index_t warps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
+  const int lane = threadIdx.x % 32;
+  for (index_t r = blockIdx.x * static_cast<index_t>(blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const T* src = g + static_cast<index_t>(sorted_token[r]) * c;
+    const T* yr = y + r * c;
+    double acc = 0;
+    for (index_t j = lane; j < c; j += 32) acc += static_cast<double>(yr[j]) * static_cast<double>(src[j]);
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) gg[r] += static_cast<T>(acc);
+  }
+}
+
+// ---- routers ------------------------------------------------------------------------------------
+
+/// out[i] = i / k: each of total / k rows repeated k times.
+template <int = 0>
+__global__ void moe_iota_div(Index* out, index_t total, index_t k) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    out[i] = static_cast<Index>(i / k);
+}
+
+/// out[i] = in[i] * mul + add.
+template <int = 0>
+__global__ void moe_affine_index(const Index* in, index_t n, index_t mul, index_t add, Index* out) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    out[i] = static_cast<Index>(static_cast<index_t>(in[i]) * mul + add);
+}
+
+/// Hash routing, one thread per row: experts_of(id, expert + i k) and probs[i, expert] = share; an id
+/// outside [0, vocab) (vocab 0: no upper bound) writes nothing and records its row in *first_bad.
+template <class T, class F>
+__global__ void moe_hash_route(const Index* ids, index_t n, index_t k, index_t e, index_t vocab, F experts_of,
+                               Index* expert, T* probs, T share, unsigned long long* first_bad) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const Index id = ids[i];
+    if (id < 0 || (vocab > 0 && id >= vocab)) {
+      atomicMin(first_bad, static_cast<unsigned long long>(i));
+      continue;
+    }
+    Index* out = expert + i * k;
+    experts_of(id, out);
+    for (index_t j = 0; j < k; ++j) probs[i * e + out[j]] = share;
+  }
+}
+
+// ---- auxiliary losses ---------------------------------------------------------------------------
+
+/// One block per expert x: f[x] = (assignments with expert x) / m; NaN when any expert id is out of
+/// range (the loss then shows it without a host synchronisation).
+template <class T>
+__global__ void moe_expert_fractions(const Index* expert, index_t m, index_t e, T* f) {
+  for (index_t x = blockIdx.x; x < e; x += gridDim.x) {
+    double hits = 0, bad = 0;
+    for (index_t i = threadIdx.x; i < m; i += blockDim.x) {
+      const Index v = expert[i];
+      hits += v == x ? 1.0 : 0.0;
+      bad += (v < 0 || v >= e) ? 1.0 : 0.0;
+    }
+    hits = block_sum(hits);  // exact: integers far below 2^53
+    bad = block_sum(bad);
+    if (threadIdx.x == 0) {
+      const T count = static_cast<T>(hits);
+      f[x] = bad > 0 ? static_cast<T>(NAN) : (m > 0 ? count / static_cast<T>(m) : T(0));
+    }
+  }
+}
+
+/// One warp per row of logits (n, e): z[t] = logsumexp(l[t, :]) in double.
+template <class T>
+__global__ void moe_logsumexp_rows(const T* l, index_t n, index_t e, double* z) {
+  const index_t warps = static_cast<index_t>(gridDim.x) * (blockDim.x / 32);
+  const int lane = threadIdx.x % 32;
+  for (index_t t = blockIdx.x * static_cast<index_t>(blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
+    const T* row = l + t * e;
+    double mx = -INFINITY;
+    for (index_t j = lane; j < e; j += 32) mx = fmax(mx, static_cast<double>(row[j]));
+    for (int o = 16; o > 0; o /= 2) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    double s = 0;
+    for (index_t j = lane; j < e; j += 32) s += exp(static_cast<double>(row[j]) - mx);
+    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) z[t] = mx + log(s);
+  }
+}
+
+/// One block: out[0] = mean of z^2 (double sums in a fixed order).
+template <class T>
+__global__ void moe_mean_square(const double* z, index_t n, T* out) {
+  double s = 0;
+  for (index_t t = threadIdx.x; t < n; t += blockDim.x) s += z[t] * z[t];
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[0] = static_cast<T>(s / static_cast<double>(n));
+}
+
+/// gl[t, j] += (2 g / n) z[t] softmax(l)[t, j], g = *grad_out read on the device.
+template <class T>
+__global__ void moe_z_loss_backward(const T* l, const double* z, const T* grad_out, index_t n, index_t e, T* gl) {
+  const double g = static_cast<double>(grad_out[0]) * 2.0 / static_cast<double>(n);
+  const index_t total = n * e;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const double zt = z[i / e];
+    gl[i] += static_cast<T>(g * zt * exp(static_cast<double>(l[i]) - zt));
+  }
+}
+
+// ---- grouped GEMM -------------------------------------------------------------------------------
+
+inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
+
+/// tile_start (E + 1): the first row tile of each expert, ceil(rows_e / kGemmBM) tiles per expert
+/// (rows clamped to [0, m)); one block of kMoEThreads.
+template <int = 0>
+__global__ void moe_gemm_tile_starts(const index_t* offsets, index_t e, index_t m, long long* tile_start) {
+  long long carry = 0;
+  for (index_t base = 0; base < e; base += kMoEThreads) {
+    const index_t x = base + threadIdx.x;
+    long long tiles = 0;
+    if (x < e) {
+      const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
+      const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+      tiles = (hi - lo + kGemmBM - 1) / kGemmBM;
+    }
+    long long total = 0;
+    const long long incl = moe_block_inclusive_scan(tiles, &total);
+    if (x < e) tile_start[x] = carry + incl - tiles;
+    carry += total;
+  }
+  if (threadIdx.x == 0) tile_start[e] = carry;
+}
+
+__device__ inline float moe_to_acc(__nv_bfloat16 v, float) { return __bfloat162float(v); }
+__device__ inline float moe_to_acc(float v, float) { return v; }
+__device__ inline double moe_to_acc(double v, double) { return v; }
+
+/// 256 threads (16 x 16), each computing a 4 x 4 block of a 64 x 64 output tile, 16-deep K steps
+/// through shared memory. blockIdx.x: the column tile; blockIdx.y (grid-stride): the row tile in the
+/// expert-aligned tile list (a tile never mixes two experts' rows, so it reads one B_e).
+template <class TIn, class Acc>
+__global__ void __launch_bounds__(kMoEThreads)
+    grouped_gemm_tiles(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const long long* tile_start,
+                       index_t tile_bound, const TIn* a, index_t lda, const TIn* b, index_t ldb, index_t stride_b,
+                       bool trans_b, Acc* c, index_t ldc, bool accumulate) {
+  __shared__ Acc as[kGemmBK][kGemmBM];  // A tile, k-major
+  __shared__ Acc bs[kGemmBK][kGemmBN];  // B tile
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const index_t col0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
+  const long long total_tiles = tile_start[e];
+  for (index_t t = blockIdx.y; t < tile_bound && t < total_tiles; t += gridDim.y) {
+    // The expert of tile t: the largest x with tile_start[x] <= t (tile_start[0] = 0 <= t).
+    index_t lo = 0, hi = e;
+    while (hi - lo > 1) {
+      const index_t mid = lo + (hi - lo) / 2;
+      if (tile_start[mid] <= t)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    const index_t x = lo;
+    const index_t first = offsets[x] < 0 ? 0 : offsets[x];
+    const index_t row_begin = first + (t - tile_start[x]) * kGemmBM;
+    const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
+    const TIn* bx = b + x * stride_b;
+    Acc acc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = Acc(0);
+    for (index_t k0 = 0; k0 < k; k0 += kGemmBK) {
+      for (int l = 0; l < (kGemmBM * kGemmBK) / kMoEThreads; ++l) {
+        const int idx = threadIdx.x + l * kMoEThreads;
+        const int r = idx / kGemmBK, kk = idx % kGemmBK;
+        const index_t row = row_begin + r, kc = k0 + kk;
+        as[kk][r] = row < row_end && kc < k ? moe_to_acc(a[row * lda + kc], Acc(0)) : Acc(0);
+      }
+      for (int l = 0; l < (kGemmBN * kGemmBK) / kMoEThreads; ++l) {
+        const int idx = threadIdx.x + l * kMoEThreads;
+        const int cc = trans_b ? idx / kGemmBK : idx % kGemmBN;
+        const int kk = trans_b ? idx % kGemmBK : idx / kGemmBN;
+        const index_t col = col0 + cc, kc = k0 + kk;
+        Acc v = Acc(0);
+        if (col < n && kc < k) v = moe_to_acc(trans_b ? bx[col * ldb + kc] : bx[kc * ldb + col], Acc(0));
+        bs[kk][cc] = v;
+      }
+      __syncthreads();
+      for (int kk = 0; kk < kGemmBK; ++kk) {
+        Acc av[4], bv[4];
+        for (int i = 0; i < 4; ++i) av[i] = as[kk][ty + 16 * i];
+        for (int j = 0; j < 4; ++j) bv[j] = bs[kk][tx + 16 * j];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+      }
+      __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i) {
+      const index_t row = row_begin + ty + 16 * i;
+      if (row >= row_end) continue;
+      for (int j = 0; j < 4; ++j) {
+        const index_t col = col0 + tx + 16 * j;
+        if (col >= n) continue;
+        Acc* dst = c + row * ldc + col;
+        *dst = accumulate ? *dst + acc[i][j] : acc[i][j];
+      }
+    }
+  }
+}
+
+}  // namespace kernels
+
+/// For every expert x in [0, e): C[r, :] (+)= A[r, :] op(B_x) for the rows r in
+/// [offsets[x], offsets[x + 1]) (clamped to [0, m)). A (m, k) row-major with leading dimension lda;
+/// B_x = b + x * stride_b, (k, n) with leading dimension ldb, or (n, k) when trans_b; C (m, n), ldc.
+/// offsets (e + 1) is DEVICE memory, non-decreasing: nothing is read back, the grid covers the
+/// ceil(m / 64) + e row tiles an expert-aligned tiling can need. Rows outside every expert's range
+/// are not written. TIn float, double or __nv_bfloat16 (then Acc = float: fp32 accumulation).
+template <class TIn, class Acc>
+void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const TIn* a, index_t lda,
+                  const TIn* b, index_t ldb, index_t stride_b, bool trans_b, Acc* c, index_t ldc,
+                  bool accumulate = false) {
+  static_assert((std::is_same_v<TIn, float> && std::is_same_v<Acc, float>) ||
+                    (std::is_same_v<TIn, double> && std::is_same_v<Acc, double>) ||
+                    (std::is_same_v<TIn, __nv_bfloat16> && std::is_same_v<Acc, float>),
+                "cuda::grouped_gemm: float, double, or bf16 inputs with a float result");
+  MIXMOE_CHECK(m >= 0 && n >= 0 && k >= 0 && e >= 0, "cuda::grouped_gemm", "negative size m ", m, ", n ", n, ", k ", k,
+               ", e ", e);
+  if (m == 0 || n == 0 || e == 0) return;
+  moe_detail::DeviceBuffer tile_start(static_cast<std::size_t>(e + 1) * sizeof(long long));
+  kernels::moe_gemm_tile_starts<<<1, kernels::kMoEThreads, 0, current_stream()>>>(offsets, e, m,
+                                                                                   tile_start.as<long long>());
+  MIXMOE_CUDA_CHECK_LAUNCH("moe_gemm_tile_starts");
+  const index_t tile_bound = (m + kernels::kGemmBM - 1) / kernels::kGemmBM + e;
+  const index_t col_tiles = (n + kernels::kGemmBN - 1) / kernels::kGemmBN;
+  MIXMOE_CHECK(col_tiles <= 0x7fffffff, "cuda::grouped_gemm", "n = ", n, " needs too many column tiles");
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(tile_bound < 65535 ? tile_bound : 65535));
+  kernels::grouped_gemm_tiles<TIn, Acc><<<grid, kernels::kMoEThreads, 0, current_stream()>>>(
+      m, n, k, e, offsets, tile_start.as<long long>(), tile_bound, a, lda, b, ldb, stride_b, trans_b, c, ldc,
+      accumulate);
+  MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_tiles");
+}
+
+/// The moe part of DeviceOps<Cuda> (backend/cuda/cuda.cuh). Every name starts with moe_.
+struct MoEOps {
+  /// Sorts the M assignments by (expert, token, assignment) and sizes the plan. keys_sorted and
+  /// ids_sorted (M) and meta (2 + 3E) are device buffers the caller keeps for moe_plan_place;
+  /// host_meta (2 + 2E) gets [first bad assignment or -1, routed (E), offsets (E + 1)].
+  /// The copy of host_meta is THE one synchronisation of the MoE layer: the expert offsets are host
+  /// values because they size the per-expert GEMMs; the range check of the ids travels with them.
+  static void moe_plan_count(const Index* token, const Index* expert, index_t m, index_t n, index_t e,
+                             index_t capacity, std::int64_t* keys_sorted, Index* ids_sorted, std::int64_t* meta,
+                             index_t* host_meta) {
+    cudaStream_t s = current_stream();
+    auto* meta_ll = reinterpret_cast<long long*>(meta);
+    MIXMOE_CUDA_CHECK(cudaMemsetAsync(meta_ll, 0xff, sizeof(long long), s));  // first bad = -1 (all ones)
+    auto* sorted = reinterpret_cast<unsigned long long*>(keys_sorted);
+    if (m > 0) {
+      moe_detail::DeviceBuffer keys(static_cast<std::size_t>(m) * sizeof(unsigned long long));
+      moe_detail::DeviceBuffer ids(static_cast<std::size_t>(m) * sizeof(Index));
+      kernels::moe_plan_keys<<<blocks_for(m), 256, 0, s>>>(token, expert, m, n, e, keys.as<unsigned long long>(),
+                                                           ids.as<Index>(), reinterpret_cast<unsigned long long*>(meta_ll));
+      MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_keys");
+      const int items = moe_detail::to_int_items(m, "moe_plan_count");
+      const int bits = moe_detail::bits_for(static_cast<unsigned long long>(e) * static_cast<unsigned long long>(n));
+      std::size_t temp_bytes = 0;
+      MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys.as<unsigned long long>(), sorted,
+                                                        ids.as<Index>(), ids_sorted, items, 0, bits, s));
+      moe_detail::DeviceBuffer temp(temp_bytes);
+      MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.as<void>(), temp_bytes, keys.as<unsigned long long>(),
+                                                        sorted, ids.as<Index>(), ids_sorted, items, 0, bits, s));
+    }
+    if (e > 0) {
+      kernels::moe_plan_offsets<<<1, kernels::kMoEThreads, 0, s>>>(sorted, m, n, e, capacity, meta_ll);
+      MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_offsets");
+    }
+    static_assert(sizeof(index_t) == sizeof(long long));
+    mixmoe::detail::DeviceBackend<Cuda>::download(host_meta, meta_ll,
+                                                  static_cast<std::size_t>(2 + 2 * e) * sizeof(long long));
+  }
+
+  /// Writes the plan's rows (after moe_plan_count and the host's range check): order and
+  /// sorted_token (rows), token_offsets (n + 1), token_rows (rows).
+  static void moe_plan_place(const std::int64_t* keys_sorted, const Index* ids_sorted, const std::int64_t* meta,
+                             index_t m, index_t n, index_t e, index_t rows, Index* order, Index* sorted_token,
+                             Index* token_offsets, Index* token_rows) {
+    cudaStream_t s = current_stream();
+    if (rows == 0) {
+      mixmoe::detail::DeviceBackend<Cuda>::fill(token_offsets, n + 1, Index(0));
+      return;
+    }
+    moe_detail::DeviceBuffer tok_keys(static_cast<std::size_t>(rows) * sizeof(unsigned));
+    moe_detail::DeviceBuffer tok_sorted(static_cast<std::size_t>(rows) * sizeof(unsigned));
+    moe_detail::DeviceBuffer row_ids(static_cast<std::size_t>(rows) * sizeof(Index));
+    kernels::moe_plan_rows<<<blocks_for(m), 256, 0, s>>>(reinterpret_cast<const unsigned long long*>(keys_sorted),
+                                                         ids_sorted, reinterpret_cast<const long long*>(meta), m, n, e,
+                                                         order, sorted_token, tok_keys.as<unsigned>(),
+                                                         row_ids.as<Index>());
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_rows");
+    // Rows grouped by token, ascending within a token: a stable sort of the row numbers by token.
+    const int items = moe_detail::to_int_items(rows, "moe_plan_place");
+    const int bits = moe_detail::bits_for(static_cast<unsigned long long>(n));
+    std::size_t temp_bytes = 0;
+    MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, tok_keys.as<unsigned>(),
+                                                      tok_sorted.as<unsigned>(), row_ids.as<Index>(), token_rows,
+                                                      items, 0, bits, s));
+    moe_detail::DeviceBuffer temp(temp_bytes);
+    MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.as<void>(), temp_bytes, tok_keys.as<unsigned>(),
+                                                      tok_sorted.as<unsigned>(), row_ids.as<Index>(), token_rows,
+                                                      items, 0, bits, s));
+    kernels::moe_token_offsets<<<blocks_for(n + 1), 256, 0, s>>>(tok_sorted.as<unsigned>(), rows, n, token_offsets);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_token_offsets");
+  }
+
+  /// out (rows, c) = x[index[r], :].
+  template <class T>
+  static void moe_gather_rows(const T* x, const Index* index, index_t rows, index_t c, T* out) {
+    if (rows * c == 0) return;
+    kernels::moe_gather_rows<<<blocks_for(rows * c), 256, 0, current_stream()>>>(x, index, rows, c, out);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_gather_rows");
+  }
+
+  /// gx[index[r], :] += g[r, :] for DISTINCT indices.
+  template <class T>
+  static void moe_scatter_unique_add(const T* g, const Index* index, index_t rows, index_t c, T* gx) {
+    if (rows * c == 0) return;
+    kernels::moe_scatter_unique_add<<<blocks_for(rows * c), 256, 0, current_stream()>>>(g, index, rows, c, gx);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_scatter_unique_add");
+  }
+
+  /// gx (n, c) += the sum of g's rows of each token (token_offsets / token_rows of a plan).
+  template <class T>
+  static void moe_dispatch_backward(const T* g, const Index* token_offsets, const Index* token_rows, index_t n,
+                                    index_t c, T* gx) {
+    if (n * c == 0) return;
+    kernels::moe_dispatch_backward<<<blocks_for(n * c), 256, 0, current_stream()>>>(g, token_offsets, token_rows, n,
+                                                                                     c, gx);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_dispatch_backward");
+  }
+
+  /// out (n, c) = per token, the gate-weighted sum of its rows of y.
+  template <class T>
+  static void moe_combine(const T* y, const T* gate, const Index* token_offsets, const Index* token_rows, index_t n,
+                          index_t c, T* out) {
+    if (n * c == 0) return;
+    kernels::moe_combine<<<moe_detail::row_blocks(n), kernels::kMoEThreads, 0, current_stream()>>>(
+        y, gate, token_offsets, token_rows, n, c, out);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_combine");
+  }
+
+  template <class T>
+  static void moe_combine_backward_y(const T* g, const T* gate, const Index* sorted_token, index_t rows, index_t c,
+                                     T* gy) {
+    if (rows * c == 0) return;
+    kernels::moe_combine_backward_y<<<blocks_for(rows * c), 256, 0, current_stream()>>>(g, gate, sorted_token, rows,
+                                                                                         c, gy);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_combine_backward_y");
+  }
+
+  template <class T>
+  static void moe_combine_backward_gate(const T* g, const T* y, const Index* sorted_token, index_t rows, index_t c,
+                                        T* gg) {
+    if (rows == 0) return;
+    kernels::moe_combine_backward_gate<<<blocks_for(rows * 32), 256, 0, current_stream()>>>(g, y, sorted_token, rows,
+                                                                                             c, gg);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_combine_backward_gate");
+  }
+
+  /// out (total) = i / k.
+  static void moe_iota_div(Index* out, index_t total, index_t k) {
+    if (total == 0) return;
+    kernels::moe_iota_div<<<blocks_for(total), 256, 0, current_stream()>>>(out, total, k);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_iota_div");
+  }
+
+  /// out (n) = in * mul + add.
+  static void moe_affine_index(const Index* in, index_t n, index_t mul, index_t add, Index* out) {
+    if (n == 0) return;
+    kernels::moe_affine_index<<<blocks_for(n), 256, 0, current_stream()>>>(in, n, mul, add, out);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_affine_index");
+  }
+
+  /// Hash routing of n ids (k experts each through experts_of, probs (n, e) zero-filled before);
+  /// returns the first row whose id is out of range, or -1. Reading that back is a synchronisation:
+  /// the library promises a clear error for a bad token id, and the ids are only known on the device.
+  template <class T, class F>
+  static index_t moe_hash_route(const Index* ids, index_t n, index_t k, index_t e, index_t vocab, F experts_of,
+                                Index* expert, T* probs, T share) {
+    if (n == 0) return -1;
+    moe_detail::DeviceBuffer flag(sizeof(unsigned long long));
+    MIXMOE_CUDA_CHECK(cudaMemsetAsync(flag.as<void>(), 0xff, sizeof(unsigned long long), current_stream()));
+    kernels::moe_hash_route<<<blocks_for(n), 256, 0, current_stream()>>>(ids, n, k, e, vocab, experts_of, expert, probs,
+                                                                         share, flag.as<unsigned long long>());
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_hash_route");
+    long long first_bad = -1;
+    mixmoe::detail::DeviceBackend<Cuda>::download(&first_bad, flag.as<void>(), sizeof(long long));
+    return first_bad;
+  }
+
+  /// f (e) = assignments per expert / m (NaN everywhere when an expert id is out of range).
+  template <class T>
+  static void moe_expert_fractions(const Index* expert, index_t m, index_t e, T* f) {
+    if (e == 0) return;
+    kernels::moe_expert_fractions<<<moe_detail::row_blocks(e), kernels::kMoEThreads, 0, current_stream()>>>(expert, m,
+                                                                                                             e, f);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_expert_fractions");
+  }
+
+  /// z (n) = logsumexp of each row of l (n, e), in double; out[0] = mean of z^2.
+  template <class T>
+  static void moe_z_loss(const T* l, index_t n, index_t e, double* z, T* out) {
+    if (n == 0) return;
+    kernels::moe_logsumexp_rows<<<blocks_for(n * 32), 256, 0, current_stream()>>>(l, n, e, z);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_logsumexp_rows");
+    kernels::moe_mean_square<<<1, kernels::kRowThreads, 0, current_stream()>>>(z, n, out);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_mean_square");
+  }
+
+  /// gl (n, e) += (2 g / n) z softmax(l), g = grad_out[0] (device memory).
+  template <class T>
+  static void moe_z_loss_backward(const T* l, const double* z, const T* grad_out, index_t n, index_t e, T* gl) {
+    if (n * e == 0) return;
+    kernels::moe_z_loss_backward<<<blocks_for(n * e), 256, 0, current_stream()>>>(l, z, grad_out, n, e, gl);
+    MIXMOE_CUDA_CHECK_LAUNCH("moe_z_loss_backward");
+  }
+
+  /// cuda::grouped_gemm for float or double (see there).
+  template <class T>
+  static void moe_grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const T* a,
+                               index_t lda, const T* b, index_t ldb, index_t stride_b, bool trans_b, T* c, index_t ldc,
+                               bool accumulate) {
+    grouped_gemm<T, T>(m, n, k, e, offsets, a, lda, b, ldb, stride_b, trans_b, c, ldc, accumulate);
+  }
+
+  /// The bf16 grouped GEMM on fp32 operands: A (m, k) and B (e * stride_b, contiguous) are rounded to
+  /// bf16 (nearest even) first, the products accumulate in fp32.
+  static void moe_grouped_gemm_bf16(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const float* a,
+                                    index_t a_count, index_t lda, const float* b, index_t b_count, index_t ldb,
+                                    index_t stride_b, bool trans_b, float* c, index_t ldc, bool accumulate) {
+    if (m == 0 || n == 0 || e == 0) return;
+    moe_detail::DeviceBuffer a16(static_cast<std::size_t>(a_count) * sizeof(__nv_bfloat16));
+    moe_detail::DeviceBuffer b16(static_cast<std::size_t>(b_count) * sizeof(__nv_bfloat16));
+    if (a_count > 0) {
+      kernels::to_bf16<><<<blocks_for(a_count), 256, 0, current_stream()>>>(a, a16.as<__nv_bfloat16>(), a_count);
+      MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
+    }
+    if (b_count > 0) {
+      kernels::to_bf16<><<<blocks_for(b_count), 256, 0, current_stream()>>>(b, b16.as<__nv_bfloat16>(), b_count);
+      MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
+    }
+    grouped_gemm<__nv_bfloat16, float>(m, n, k, e, offsets, a16.as<__nv_bfloat16>(), lda, b16.as<__nv_bfloat16>(),
+                                       ldb, stride_b, trans_b, c, ldc, accumulate);
+  }
+};
 
 }  // namespace mixmoe::cuda
