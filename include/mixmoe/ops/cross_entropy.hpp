@@ -10,6 +10,10 @@
 // lse = log sum_j exp x_j. Positions whose target is ignore_index contribute 0;
 // the mean divides by the number of positions that are not ignored (and is 0, not
 // NaN, when all are). The gradient of a row is scale * (softmax(x) - q).
+//
+// On a device (Cuda) a block per row computes the same (backend/cuda/rows.cuh) and the loss
+// stays on the device: the targets are not read back, so a target outside [0, V) that is not
+// ignore_index gives a NaN loss (and NaN gradients for its row) instead of an error.
 #pragma once
 
 #include <Eigen/Core>
@@ -32,6 +36,43 @@ struct CrossEntropyOptions {
   Reduction reduction = Reduction::mean;
 };
 
+namespace detail {
+
+/// cross_entropy on a device (DeviceOps<D>::rows_cross_entropy*): the same loss and gradient as
+/// the host code below, with the targets and the loss kept on the device. The host code checks
+/// every target and throws; reading them here would synchronise, so a target outside [0, V)
+/// (other than ignore_index) gives a NaN loss for its row (and NaN gradients) instead.
+template <class T, class D>
+Var<T, D> cross_entropy_device(const Var<T, D>& logits, const Tensor<Index, D>& targets, const CrossEntropyOptions& opt) {
+  require_device_ops<D>();
+  const index_t v = logits.size(-1);
+  const Tensor<Index, D> tc = targets.contiguous();     // (N)
+  const Tensor<T, D> xc = logits.value().contiguous();  // (N, V)
+  const index_t rows = tc.numel();
+  const double eps = opt.label_smoothing;
+  const bool none = opt.reduction == Reduction::none;
+  auto stats = Tensor<double, D>::empty({rows, 2});  // per row (max, log sum exp(x - max))
+  auto losses = Tensor<double, D>::empty({rows});
+  auto count = Tensor<double, D>::zeros({1});  // positions that are not ignored (mean, sum)
+  Tensor<T, D> out = none ? Tensor<T, D>::empty(logits.shape().without(-1)) : Tensor<T, D>::empty(Shape{});
+  DeviceOps<D>::rows_cross_entropy(xc.data(), tc.data(), stats.data(), losses.data(), none ? out.data() : nullptr,
+                                   rows, v, opt.ignore_index, eps);
+  if (!none)
+    DeviceOps<D>::rows_cross_entropy_reduce(losses.data(), tc.data(), rows, opt.ignore_index,
+                                            opt.reduction == Reduction::mean, out.data(), count.data());
+  auto backward = [xc, tc, stats, count, opt, v, rows](autograd::BackwardContext<T, D>& ctx) {
+    Tensor<T, D> gx = Tensor<T, D>::empty(xc.shape());  // (..., V)
+    const int mode = opt.reduction == Reduction::none ? 0 : opt.reduction == Reduction::sum ? 1 : 2;
+    DeviceOps<D>::rows_cross_entropy_backward(xc.data(), tc.data(), stats.data(), ctx.grad_out().data(),
+                                              count.data(), gx.data(), rows, v, opt.ignore_index,
+                                              opt.label_smoothing, mode);
+    ctx.accumulate(0, std::move(gx));
+  };
+  return record("cross_entropy", std::move(out), {logits}, std::move(backward));
+}
+
+}  // namespace detail
+
 /// Softmax cross-entropy over the last axis of logits; see the header comment.
 template <Scalar T, Device D>
 Var<T, D> cross_entropy(const Var<T, D>& logits, const Tensor<Index, D>& targets, CrossEntropyOptions opt = {}) {
@@ -43,6 +84,7 @@ Var<T, D> cross_entropy(const Var<T, D>& logits, const Tensor<Index, D>& targets
   MIXMOE_CHECK(v > 0, "cross_entropy", "logits of shape ", logits.shape(), " have no classes");
   MIXMOE_CHECK(opt.label_smoothing >= 0.0 && opt.label_smoothing <= 1.0, "cross_entropy", "label_smoothing ",
                opt.label_smoothing, " is outside [0, 1]");
+  if constexpr (!Tensor<T, D>::on_host) return detail::cross_entropy_device(logits, targets, opt);
   const Tensor<Index, D> tc = targets.contiguous();  // (N)
   const Index* pt = tc.data();
   const index_t rows = tc.numel();

@@ -20,6 +20,9 @@
 //   dweight = sum_R(g * xhat), dbias = sum_R(g)
 // The parameter gradients are summed in double over a fixed split of the rows that
 // does not depend on the thread count, so they are the same on every run.
+//
+// On a device (Cuda) a block per row computes the same (backend/cuda/rows.cuh, DeviceOps<D>::rows_norm*);
+// the parameter gradients are summed in double over a fixed split of the rows there too.
 #pragma once
 
 #include <algorithm>
@@ -115,6 +118,7 @@ void backward(const T* g, const T* x, const T* w, const double* mean, const doub
 /// Sums the (blocks, C) partials in block order into a fresh (C) tensor of T.
 template <class T, class D>
 Tensor<T, D> sum_blocks(const Tensor<double, D>& partial, index_t blocks, index_t c) {
+  require_host<D>();
   Tensor<T, D> out = Tensor<T, D>::empty(Shape{c});
   const double* p = partial.data();
   for (index_t j = 0; j < c; ++j) {
@@ -136,21 +140,43 @@ Var<T, D> norm_op(const char* op, const Var<T, D>& x, const Var<T, D>& weight, c
   Tensor<T, D> out = Tensor<T, D>::empty(x.shape());                                                     // (..., C)
   const Tensor<double, D> mean = centre ? Tensor<double, D>::empty(Shape{rows}) : Tensor<double, D>();  // (R)
   const Tensor<double, D> rstd = Tensor<double, D>::empty(Shape{rows});                                  // (R)
-  forward(xc.data(), wc.defined() ? wc.data() : nullptr, bc.defined() ? bc.data() : nullptr, out.data(),
-          centre ? mean.data() : nullptr, rstd.data(), rows, c, eps, centre);
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::rows_norm(xc.data(), wc.defined() ? wc.data() : nullptr, bc.defined() ? bc.data() : nullptr,
+                            out.data(), centre ? mean.data() : nullptr, rstd.data(), rows, c, eps, centre);
+  } else {
+    forward(xc.data(), wc.defined() ? wc.data() : nullptr, bc.defined() ? bc.data() : nullptr, out.data(),
+            centre ? mean.data() : nullptr, rstd.data(), rows, c, eps, centre);
+  }
   auto back = [xc, wc, mean, rstd, rows, c](autograd::BackwardContext<T, D>& ctx) {
     const bool need_x = ctx.needs_grad(0), need_w = ctx.needs_grad(1), need_b = ctx.needs_grad(2);
-    const index_t blocks = std::clamp<index_t>(rows / kMinRowsPerBlock, 1, kMaxBlocks);
-    Tensor<T, D> gx = need_x ? Tensor<T, D>::empty(xc.shape()) : Tensor<T, D>();
-    Tensor<double, D> pw = need_w ? Tensor<double, D>::zeros(Shape{blocks, c}) : Tensor<double, D>();  // (blocks, C)
-    Tensor<double, D> pb = need_b ? Tensor<double, D>::zeros(Shape{blocks, c}) : Tensor<double, D>();  // (blocks, C)
-    if (rows > 0)
-      backward(ctx.grad_out().data(), xc.data(), wc.defined() ? wc.data() : nullptr,
-               mean.defined() ? mean.data() : nullptr, rstd.data(), need_x ? gx.data() : nullptr,
-               need_w ? pw.data() : nullptr, need_b ? pb.data() : nullptr, rows, c, blocks);
-    if (need_x) ctx.accumulate(0, std::move(gx));
-    if (need_w) ctx.accumulate(1, sum_blocks<T>(pw, blocks, c));
-    if (need_b) ctx.accumulate(2, sum_blocks<T>(pb, blocks, c));
+    if constexpr (!Tensor<T, D>::on_host) {
+      const T* g = ctx.grad_out().data();
+      const double* pm = mean.defined() ? mean.data() : nullptr;
+      Tensor<T, D> gx = need_x ? Tensor<T, D>::empty(xc.shape()) : Tensor<T, D>();
+      Tensor<T, D> dw = need_w ? Tensor<T, D>::empty(Shape{c}) : Tensor<T, D>();  // (C)
+      Tensor<T, D> db = need_b ? Tensor<T, D>::empty(Shape{c}) : Tensor<T, D>();  // (C)
+      if (need_x)
+        DeviceOps<D>::rows_norm_backward(g, xc.data(), wc.defined() ? wc.data() : nullptr, pm, rstd.data(), gx.data(),
+                                         rows, c);
+      DeviceOps<D>::rows_norm_param_grads(g, xc.data(), pm, rstd.data(), need_w ? dw.data() : nullptr,
+                                          need_b ? db.data() : nullptr, rows, c);
+      if (need_x) ctx.accumulate(0, std::move(gx));
+      if (need_w) ctx.accumulate(1, std::move(dw));
+      if (need_b) ctx.accumulate(2, std::move(db));
+    } else {
+      const index_t blocks = std::clamp<index_t>(rows / kMinRowsPerBlock, 1, kMaxBlocks);
+      Tensor<T, D> gx = need_x ? Tensor<T, D>::empty(xc.shape()) : Tensor<T, D>();
+      Tensor<double, D> pw = need_w ? Tensor<double, D>::zeros(Shape{blocks, c}) : Tensor<double, D>();  // (blocks, C)
+      Tensor<double, D> pb = need_b ? Tensor<double, D>::zeros(Shape{blocks, c}) : Tensor<double, D>();  // (blocks, C)
+      if (rows > 0)
+        backward(ctx.grad_out().data(), xc.data(), wc.defined() ? wc.data() : nullptr,
+                 mean.defined() ? mean.data() : nullptr, rstd.data(), need_x ? gx.data() : nullptr,
+                 need_w ? pw.data() : nullptr, need_b ? pb.data() : nullptr, rows, c, blocks);
+      if (need_x) ctx.accumulate(0, std::move(gx));
+      if (need_w) ctx.accumulate(1, sum_blocks<T>(pw, blocks, c));
+      if (need_b) ctx.accumulate(2, sum_blocks<T>(pb, blocks, c));
+    }
   };
   return record(op, std::move(out), {x, weight, bias}, std::move(back));
 }

@@ -1,6 +1,9 @@
 // Reductions: sum and mean over all elements or over one axis.
 //
 // An axis reduction views x as (outer, n, inner) around the reduced axis.
+//
+// On a device (Cuda): the full sum in double over a fixed split (its result and gradient stay on
+// the device), an axis sum per output element in T and in the CPU's order (backend/cuda/rows.cuh).
 #pragma once
 
 #include "mixmoe/autograd/var.hpp"
@@ -17,6 +20,11 @@ Tensor<T, D> reduce_axis(const Tensor<T, D>& x, int axis, bool keepdim, T scale_
   const Shape& s = x.shape();
   const index_t outer = s.prod(0, axis), n = s[axis], inner = s.prod(axis + 1, s.rank());
   Tensor<T, D> out = Tensor<T, D>::zeros(keepdim ? s.with(axis, 1) : s.without(axis));
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::rows_reduce_axis(xc.data(), out.data(), outer, n, inner, scale_by);
+    return out;
+  }
   const T* px = xc.data();
   T* po = out.data();
   cpu::parallel_for(outer, std::max<index_t>(1, (1 << 14) / std::max<index_t>(1, n * inner)), [&](index_t lo, index_t hi) {
@@ -38,6 +46,11 @@ Tensor<T, D> expand_axis(const Tensor<T, D>& g, const Shape& xshape, int axis, T
   const index_t outer = xshape.prod(0, axis), n = xshape[axis], inner = xshape.prod(axis + 1, xshape.rank());
   Tensor<T, D> out = Tensor<T, D>::empty(xshape);
   const Tensor<T, D> gc = g.contiguous();
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::rows_expand_axis(gc.data(), out.data(), outer, n, inner, scale_by);
+    return out;
+  }
   const T* pg = gc.data();
   T* po = out.data();
   for (index_t o = 0; o < outer; ++o)
@@ -49,6 +62,17 @@ Tensor<T, D> expand_axis(const Tensor<T, D>& g, const Shape& xshape, int axis, T
 template <class T, class D>
 Var<T, D> reduce_all(const Var<T, D>& x, const char* op, T scale_by) {
   const Tensor<T, D> xc = x.value().contiguous();
+  if constexpr (!Tensor<T, D>::on_host) {
+    // The sum and its backward stay on the device (no item()): the gradient kernel reads g[0].
+    require_device_ops<D>();
+    auto out = Tensor<T, D>::empty(Shape{});
+    DeviceOps<D>::rows_sum_all(xc.data(), xc.numel(), scale_by, out.data());
+    return record(op, std::move(out), {x}, [shape = x.shape(), scale_by](autograd::BackwardContext<T, D>& ctx) {
+      auto gx = Tensor<T, D>::empty(shape);
+      DeviceOps<D>::rows_fill_scaled(gx.data(), gx.numel(), ctx.grad_out().data(), scale_by);
+      ctx.accumulate(0, std::move(gx));
+    });
+  }
   double acc = 0;  // accumulate in double: a float sum of many terms drifts
   for (index_t i = 0, n = xc.numel(); i < n; ++i) acc += xc.data()[i];
   auto out = Tensor<T, D>::scalar(static_cast<T>(acc) * scale_by);

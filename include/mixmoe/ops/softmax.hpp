@@ -18,6 +18,9 @@
 // Both backwards work from the saved output y alone (x is not kept):
 //   softmax:      dx = y * (g - sum_N(g * y))
 //   log_softmax:  dx = g - exp(y) * sum_N(g)
+//
+// On a device (Cuda) the same formulas run as one block per slice (backend/cuda/rows.cuh,
+// DeviceOps<D>::rows_softmax and rows_softmax_backward).
 #pragma once
 
 #include <algorithm>
@@ -162,11 +165,19 @@ Var<T, D> softmax_op(const Var<T, D>& x, int axis, bool log, const char* op) {
   const index_t outer = s.prod(0, a), n = s[a], inner = s.prod(a + 1, s.rank());
   const Tensor<T, D> xc = x.value().contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(s);
-  if (out.numel() > 0) forward(xc.data(), out.data(), outer, n, inner, log);
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::rows_softmax(xc.data(), out.data(), outer, n, inner, log);
+  } else if (out.numel() > 0) {
+    forward(xc.data(), out.data(), outer, n, inner, log);
+  }
   return record(op, std::move(out), {x}, [outer, n, inner, log](autograd::BackwardContext<T, D>& ctx) {
     const Tensor<T, D>& y = ctx.output();
     Tensor<T, D> gx = Tensor<T, D>::empty(y.shape());
-    if (gx.numel() > 0) backward(ctx.grad_out().data(), y.data(), gx.data(), outer, n, inner, log);
+    if constexpr (!Tensor<T, D>::on_host)
+      DeviceOps<D>::rows_softmax_backward(ctx.grad_out().data(), y.data(), gx.data(), outer, n, inner, log);
+    else if (gx.numel() > 0)
+      backward(ctx.grad_out().data(), y.data(), gx.data(), outer, n, inner, log);
     ctx.accumulate(0, std::move(gx));
   });
 }

@@ -8,6 +8,9 @@
 // is visible in the selection rather than silently skipped). The values are
 // differentiable: the backward sends each value's gradient to the position it
 // came from. The indices are plain integers.
+//
+// On a device (Cuda) a k-pass selection in the same order gives the same values and indices,
+// ties and NaN included (backend/cuda/rows.cuh, DeviceOps<D>::rows_topk).
 #pragma once
 
 #include <algorithm>
@@ -27,6 +30,29 @@ struct TopKResult {
   Tensor<Index, D> indices;  // (..., K, ...) positions along the axis
 };
 
+namespace detail {
+
+/// topk on a device (DeviceOps<D>::rows_topk): the same values, indices and order as the host
+/// code below; the backward scatters the values' gradient back on the device.
+template <class T, class D>
+TopKResult<T, D> topk_device(const Var<T, D>& x, index_t k, int a, index_t outer, index_t n, index_t inner) {
+  require_device_ops<D>();
+  const Shape& s = x.shape();
+  const Tensor<T, D> xc = x.value().contiguous();
+  Tensor<T, D> values = Tensor<T, D>::empty(s.with(a, k));  // (..., K, ...)
+  Tensor<Index, D> indices = Tensor<Index, D>::empty(s.with(a, k));
+  DeviceOps<D>::rows_topk(xc.data(), values.data(), indices.data(), outer, n, inner, k);
+  // The backward keeps its own copy: the caller owns `indices` and may rewrite them (expert offsets).
+  auto backward = [picked = indices.clone(), s, outer, n, inner, k](autograd::BackwardContext<T, D>& ctx) {
+    Tensor<T, D> gx = Tensor<T, D>::zeros(s);
+    DeviceOps<D>::rows_topk_backward(ctx.grad_out().data(), picked.data(), gx.data(), outer, n, inner, k);
+    ctx.accumulate(0, std::move(gx));
+  };
+  return {record("topk", std::move(values), {x}, std::move(backward)), std::move(indices)};
+}
+
+}  // namespace detail
+
 /// The k largest entries of x along `axis`, sorted descending (ties: lower index first).
 template <Scalar T, Device D>
 TopKResult<T, D> topk(const Var<T, D>& x, index_t k, int axis = -1) {
@@ -37,6 +63,7 @@ TopKResult<T, D> topk(const Var<T, D>& x, index_t k, int axis = -1) {
   MIXMOE_CHECK(n <= std::numeric_limits<Index>::max(), "topk", "axis ", axis, " of shape ", s,
                " is too long for Index");
   const index_t outer = s.prod(0, a), inner = s.prod(a + 1, s.rank());
+  if constexpr (!Tensor<T, D>::on_host) return detail::topk_device(x, k, a, outer, n, inner);
   const Tensor<T, D> xc = x.value().contiguous();
   Tensor<T, D> values = Tensor<T, D>::empty(s.with(a, k));  // (..., K, ...)
   Tensor<Index, D> indices = Tensor<Index, D>::empty(s.with(a, k));
