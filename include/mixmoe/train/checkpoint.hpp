@@ -19,6 +19,10 @@
 //
 // save_model/load_model also accept a single "*.safetensors" file: the weights, with the
 // configuration in its metadata ("mixmoe.config", "mixmoe.model_type", "mixmoe.extra").
+//
+// A model (and AdamW) on a device is saved through host copies of its tensors (to_device<Cpu>),
+// one tensor at a time, and loaded by reading the file on the host and copying each tensor into
+// the device parameter: the files are the same as a Cpu model's, and either device loads them.
 #pragma once
 
 #include <algorithm>
@@ -286,7 +290,7 @@ concept ConfiguredModule = Module<M> && requires(M& m) {
 template <Module M>
 SafetensorsWriter parameters_writer(M& model) {
   SafetensorsWriter w;
-  for (auto& [name, p] : named_parameters(model)) w.add(name, p.value());
+  for (auto& [name, p] : named_parameters(model)) w.add(name, to_device<Cpu>(p.value()));
   return w;
 }
 
@@ -328,7 +332,8 @@ void load_parameters_from(M& model, const SafetensorsFile& f) {
              name_list(mismatched) + ")";
     fail("checkpoint", f.origin(), " does not match the model: ", msg);
   }
-  for (auto& [name, p] : params) p.value().copy_from(f.get<T>(name));
+  using D = typename M::device_type;
+  for (auto& [name, p] : params) p.value().copy_from(to_device<D>(f.get<T>(name)));
 }
 
 template <Module M>
@@ -562,8 +567,8 @@ void save_training_state(const std::filesystem::path& dir, M& model, AdamW<T, D>
   const auto names = detail::optimizer_parameter_names(model, opt);
   SafetensorsWriter ow;
   for (std::size_t i = 0; i < names.size(); ++i) {
-    if (opt.first_moments()[i].defined()) ow.add("adam.m." + names[i], opt.first_moments()[i]);
-    if (opt.second_moments()[i].defined()) ow.add("adam.v." + names[i], opt.second_moments()[i]);
+    if (opt.first_moments()[i].defined()) ow.add("adam.m." + names[i], to_device<Cpu>(opt.first_moments()[i]));
+    if (opt.second_moments()[i].defined()) ow.add("adam.v." + names[i], to_device<Cpu>(opt.second_moments()[i]));
   }
   ow.set_metadata("format", "mixmoe");
   ow.set_metadata("optimizer", "AdamW");
@@ -668,7 +673,7 @@ TrainState load_training_state(const std::filesystem::path& dir, M& model, AdamW
            {std::pair{"adam.m.", &opt.first_moments()}, std::pair{"adam.v.", &opt.second_moments()}}) {
         const std::string key = prefix + names[i];
         if (f.contains(key)) {
-          (*vec)[i] = f.get<T>(key, s);
+          (*vec)[i] = to_device<D>(f.get<T>(key, s));
           used[key] = true;
         } else {
           (*vec)[i] = Tensor<T, D>();

@@ -22,6 +22,12 @@
 //
 // Progress goes to a Progress line (tokens/s, ETA); every event goes to the MetricsLog when one is
 // given, as JSON lines {"stage", "step", "split", ...}.
+//
+// On a device (a model and AdamW of Var<T, Cuda>) the same loop runs: the batches (host tensors)
+// are copied up by supervised_logits, the optimizer and clipping run as device kernels, and each
+// step reads back three host values (the loss, the cross-entropy, the gradient norm: small
+// synchronising copies that the progress line, the log and StepGuard need); checkpoints are
+// written from host copies of the tensors (train/checkpoint.hpp).
 #pragma once
 
 #include <algorithm>

@@ -4,6 +4,10 @@
 //
 //   AdamW opt(params, {.lr = 3e-4});
 //   loss.backward(); opt.step(); opt.zero_grad();
+//
+// On a device (Var<T, Cuda>) each parameter's update is one fused element kernel
+// (DeviceOps<D>::train_adamw_step / train_sgd_step, backend/cuda/train.cuh) with the same
+// arithmetic in T; the step's bias corrections are computed on the host in double, as here.
 #pragma once
 
 #include <cmath>
@@ -60,8 +64,12 @@ class SGD final : public Optimizer<T, D> {
       const T* g = p.grad().data();
       const index_t n = p.numel();
       const T lr = static_cast<T>(opt_.lr), wd = static_cast<T>(opt_.weight_decay), mu = static_cast<T>(opt_.momentum);
-      if (mu != T(0)) {
-        if (!velocity_[i].defined()) velocity_[i] = Tensor<T, D>::zeros(p.shape());
+      if (mu != T(0) && !velocity_[i].defined()) velocity_[i] = Tensor<T, D>::zeros(p.shape());
+      if constexpr (!Tensor<T, D>::on_host) {
+        detail::require_device_ops<D>();
+        detail::DeviceOps<D>::train_sgd_step(w, g, mu != T(0) ? velocity_[i].data() : static_cast<T*>(nullptr), n, lr,
+                                             wd, mu);
+      } else if (mu != T(0)) {
         T* v = velocity_[i].data();
         for (index_t j = 0; j < n; ++j) {
           v[j] = mu * v[j] + g[j] + wd * w[j];
@@ -122,10 +130,15 @@ class AdamW final : public Optimizer<T, D> {
       const T* g = p.grad().data();
       T* m = m_[i].data();
       T* v = v_[i].data();
-      for (index_t j = 0, n = p.numel(); j < n; ++j) {
-        m[j] = b1 * m[j] + (1 - b1) * g[j];
-        v[j] = b2 * v[j] + (1 - b2) * g[j] * g[j];
-        w[j] = w[j] * decay - step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_bc2 + eps);
+      if constexpr (!Tensor<T, D>::on_host) {
+        detail::require_device_ops<D>();
+        detail::DeviceOps<D>::train_adamw_step(w, g, m, v, p.numel(), b1, b2, eps, step_size, inv_sqrt_bc2, decay);
+      } else {
+        for (index_t j = 0, n = p.numel(); j < n; ++j) {
+          m[j] = b1 * m[j] + (1 - b1) * g[j];
+          v[j] = b2 * v[j] + (1 - b2) * g[j] * g[j];
+          w[j] = w[j] * decay - step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_bc2 + eps);
+        }
       }
     }
   }

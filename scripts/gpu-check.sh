@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU (Debian or Ubuntu with CUDA installed, no network):
+# checks the tools and libraries the build needs (installs nothing), configures a CUDA build for
+# the GPU's architecture, builds every GPU test (test_cuda*) and bench_gpu with all cores, runs
+# `ctest -L gpu`, then bench_gpu, and writes everything into one directory:
+#
+#   scripts/gpu-check.sh [OUT_DIR] [--arch SM] [--build-dir DIR] [--jobs N]
+#
+#   OUT_DIR      where the results go (default build/gpu-check): environment.txt (tools, GPU,
+#                commit), nvidia-smi.txt, configure.log, build.log, ctest.log, bench.txt (the
+#                table), bench.json, summary.txt (each phase's result and seconds)
+#   --arch SM    CMAKE_CUDA_ARCHITECTURES (90 for H100/H200, 80 for A100); default: the first
+#                GPU's compute capability from nvidia-smi, else 90
+#   --build-dir  the CMake build directory (default build/gpu-check-build; reused by a second run)
+#   --jobs N     parallel compile jobs (default: all cores)
+#
+# Time limits keep the whole run within about 9 minutes on 16 cores: the GPU tests 180 s in all
+# (150 s each), the benchmark 200 s. Without a GPU it still configures and builds everything, says
+# that no GPU is present and exits with 77; a missing tool or library exits with 2 before building.
+# Exit status: 0 when the build, every GPU test and the benchmark succeeded, 1 otherwise.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+out=build/gpu-check build=build/gpu-check-build arch="" jobs=$(nproc)
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --arch) arch=${2:?--arch needs a value}; shift 2 ;;
+    --build-dir) build=${2:?--build-dir needs a value}; shift 2 ;;
+    --jobs) jobs=${2:?--jobs needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -*) echo "gpu-check: unknown option $1 (--help)" >&2; exit 2 ;;
+    *) out=$1; shift ;;
+  esac
+done
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+summary=$out/summary.txt
+: > "$summary"
+t_start=$SECONDS
+
+note() { echo "$*" | tee -a "$summary"; }
+phase_start() { phase_t0=$SECONDS; echo; echo "==== $1"; }
+phase_end() { note "$(printf '%-10s %-40s %5d s' "$1" "$2" $((SECONDS - phase_t0)))"; }
+
+# ---- 1. tools and libraries ------------------------------------------------------------------
+phase_start "tools and libraries"
+missing=()
+if ! command -v nvcc > /dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then export PATH=/usr/local/cuda/bin:$PATH; fi
+command -v cmake > /dev/null || missing+=("cmake (Debian package cmake)")
+cxx=${CXX:-$(command -v c++ || command -v g++ || true)}
+[[ -n $cxx ]] || missing+=("a C++20 compiler (Debian package g++)")
+command -v nvcc > /dev/null || missing+=("nvcc (the CUDA toolkit; not on PATH nor in /usr/local/cuda/bin)")
+# have_header FILE: under the usual include directories (multiarch too) or $CPATH.
+have_header() {
+  local d
+  for d in /usr/include /usr/local/include /usr/include/*-linux-gnu ${CPATH//:/ }; do
+    [[ -e $d/$1 ]] && return 0
+  done
+  return 1
+}
+# have_lib NAME: libNAME.so known to the dynamic linker or in a usual library directory.
+have_lib() {
+  ldconfig -p 2> /dev/null | grep -q "lib$1\.so" && return 0
+  compgen -G "/usr/lib/*/lib$1.so*" > /dev/null || compgen -G "/usr/lib/lib$1.so*" > /dev/null ||
+    compgen -G "/usr/local/lib/lib$1.so*" > /dev/null
+}
+have_header eigen3/Eigen/Core || missing+=("Eigen 3.4 (Debian package libeigen3-dev)")
+{ have_header fftw3.h && have_lib fftw3 && have_lib fftw3f; } || missing+=("FFTW 3, float and double (libfftw3-dev)")
+{ have_header sentencepiece_processor.h && have_lib sentencepiece && have_lib sentencepiece_train; } ||
+  missing+=("SentencePiece (libsentencepiece-dev)")
+have_header nlohmann/json.hpp || missing+=("nlohmann JSON (nlohmann-json3-dev)")
+have_header catch2/catch.hpp || missing+=("Catch2 v2, for the tests (catch2 2.x)")
+blas=ON
+if ! { { have_header cblas.h || have_header openblas-pthread/cblas.h || have_header openblas/cblas.h; } && have_lib openblas; }; then
+  blas=OFF
+  note "note: OpenBLAS not found (libopenblas-dev): the CPU GEMM uses Eigen's (-DMIXMOE_USE_BLAS=OFF)"
+fi
+if [[ ${#missing[@]} -gt 0 ]]; then
+  note "gpu-check: missing (nothing is installed by this script):"
+  for m in "${missing[@]}"; do note "  - $m"; done
+  exit 2
+fi
+
+gpus=0
+if command -v nvidia-smi > /dev/null && nvidia-smi > "$out/nvidia-smi.txt" 2>&1; then
+  gpus=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.max.sm,power.limit \
+    --format=csv >> "$out/nvidia-smi.txt" 2>&1 || true
+else
+  echo "nvidia-smi missing or failing: no usable GPU driver" >> "$out/nvidia-smi.txt"
+fi
+if [[ -z $arch ]]; then
+  cap=$( ( [[ $gpus -gt 0 ]] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -1) || true)
+  if [[ $cap =~ ^([0-9]+)\.([0-9]+) ]]; then
+    arch=${BASH_REMATCH[1]}${BASH_REMATCH[2]}
+  else
+    arch=90
+    note "note: no compute capability from nvidia-smi: building for sm_90 (pass --arch to change)"
+  fi
+fi
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse HEAD 2> /dev/null || echo unknown)"
+  echo "uncommitted changes: $(git status --short 2> /dev/null | wc -l)"
+  echo "host: $(uname -srm), $(nproc) cores"
+  echo "cmake: $(cmake --version | head -1)"
+  echo "c++: $cxx: $("$cxx" --version | head -1)"
+  echo "nvcc: $(nvcc --version | tail -2 | tr '\n' ' ')"
+  echo "gpus: $gpus; CMAKE_CUDA_ARCHITECTURES=$arch; MIXMOE_USE_BLAS=$blas; jobs $jobs"
+} > "$out/environment.txt"
+cat "$out/environment.txt"
+phase_end deps "ok ($gpus GPU(s), sm_$arch)"
+
+# ---- 2. configure and build ------------------------------------------------------------------
+phase_start "configure ($build)"
+if ! cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMIXMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
+  -DMIXMOE_BUILD_TESTS=ON -DMIXMOE_BUILD_BENCHMARKS=ON -DMIXMOE_BUILD_EXAMPLES=OFF -DMIXMOE_USE_BLAS=$blas \
+  > "$out/configure.log" 2>&1; then
+  tail -30 "$out/configure.log"
+  phase_end configure "FAILED (configure.log)"
+  exit 1
+fi
+phase_end configure ok
+
+phase_start "build the GPU tests and bench_gpu ($jobs jobs)"
+targets=()
+for f in tests/cuda/test_cuda*.cu; do targets+=("$(basename "$f" .cu)"); done
+targets+=(bench_gpu)
+echo "targets: ${targets[*]}"
+if ! cmake --build "$build" --parallel "$jobs" --target "${targets[@]}" > "$out/build.log" 2>&1; then
+  grep -E "error|Error" "$out/build.log" | head -40
+  phase_end build "FAILED (build.log)"
+  exit 1
+fi
+phase_end build "ok: ${targets[*]}"
+
+# ---- 3. GPU tests ----------------------------------------------------------------------------
+phase_start "ctest -L gpu"
+( cd "$build" && timeout 180 ctest -L gpu --output-on-failure --timeout 150 ) > "$out/ctest.log" 2>&1
+ctest_rc=$?
+tail -25 "$out/ctest.log"
+if [[ $ctest_rc -eq 124 ]]; then
+  phase_end ctest "FAILED: over 180 s (ctest.log)"
+else
+  phase_end ctest "$( [[ $ctest_rc -eq 0 ]] && echo ok || echo "FAILED (ctest.log)" ): $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1)"
+fi
+
+# ---- 4. benchmark ----------------------------------------------------------------------------
+phase_start "bench_gpu"
+timeout 200 "$build/benchmarks/bench_gpu" --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+case $bench_rc in
+  0) phase_end bench "ok (bench.txt, bench.json)" ;;
+  77) phase_end bench "skipped: no GPU" ;;
+  124) phase_end bench "FAILED: over 200 s (bench.json has the parts done)" ;;
+  *) phase_end bench "FAILED, exit $bench_rc (bench.txt)" ;;
+esac
+
+echo
+note "$(printf '%-10s %-40s %5d s' total "" $((SECONDS - t_start)))"
+note "results in $out"
+if [[ $gpus -eq 0 ]]; then
+  note "gpu-check: NO GPU present: everything was built, nothing ran on a GPU (the GPU tests report skipped)"
+  exit 77
+fi
+[[ $ctest_rc -eq 0 && $bench_rc -eq 0 ]] && exit 0
+exit 1
