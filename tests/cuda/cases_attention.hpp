@@ -11,6 +11,10 @@
 // Names say the sizes, so a failure on the device points at the configuration.
 #pragma once
 
+#include <sstream>
+#include <string>
+#include <vector>
+
 #include <mixmoe/ops/attention.hpp>
 #include <mixmoe/ops/fft.hpp>
 #include <mixmoe/ops/rope.hpp>
@@ -30,8 +34,13 @@ struct AttentionCase {
 inline std::string attention_name(const AttentionCase& c) {
   std::string s = "attention B" + std::to_string(c.b) + " Tq" + std::to_string(c.tq) + " Tk" + std::to_string(c.tk) +
                   " Hq" + std::to_string(c.hq) + " Hkv" + std::to_string(c.hkv) + " Dh" + std::to_string(c.dh);
-  if (c.scale != 0) s += " scale" + std::to_string(c.scale);
-  if (c.spread != 1.0) s += " spread" + std::to_string(c.spread);
+  const auto num = [](double x) {
+    std::ostringstream os;
+    os << x;
+    return os.str();
+  };
+  if (c.scale != 0) s += " scale " + num(c.scale);
+  if (c.spread != 1.0) s += " spread " + num(c.spread);
   if (c.layout == 1) s += " permuted-q cache-kv";
   if (c.layout == 2) s += " strided-channels-kv";
   if (!c.grads[0] || !c.grads[1] || !c.grads[2])
@@ -154,6 +163,9 @@ void fft_cases(Results& r) {
   const std::string t = type_name<T>();
   // cuFFT and FFTW use different factorisations: float rounding of O(log N) operations
   const double tl = tol<T>(2e-5, 1e-11);
+  // the gradient of a magnitude divides by it: a small bin amplifies float rounding (seen up to 4e-6
+  // between float and double on the CPU)
+  const double tm = tol<T>(5e-5, 1e-11);
   std::uint64_t seed = 3000;
   for (index_t n : {1, 7, 8, 33, 64, 192, 257, 1000}) {
     const std::string ns = " N" + std::to_string(n);
@@ -169,7 +181,7 @@ void fft_cases(Results& r) {
       Var<T, D> m = rfft_magnitude(x);
       backward_random(m, ++seed);
       put(r, t + " rfft_magnitude (3," + ns + ") eps 0 m", m, tl);
-      put(r, t + " rfft_magnitude (3," + ns + ") eps 0 dx", x.grad(), tl);
+      put(r, t + " rfft_magnitude (3," + ns + ") eps 0 dx", x.grad(), tm);
     }
     {
       // (2, 3, N) seen through a transpose of a (2, N, 3) buffer: the last axis is strided
@@ -177,7 +189,7 @@ void fft_cases(Results& r) {
       Var<T, D> m = rfft_magnitude(x, 1e-3);
       backward_random(m, ++seed);
       put(r, t + " rfft_magnitude strided (2, 3," + ns + ") eps 1e-3 m", m, tl);
-      put(r, t + " rfft_magnitude strided (2, 3," + ns + ") eps 1e-3 dx", x.grad(), tl);
+      put(r, t + " rfft_magnitude strided (2, 3," + ns + ") eps 1e-3 dx", x.grad(), tm);
     }
   }
   // many rows in one batched plan
@@ -191,7 +203,7 @@ void fft_cases(Results& r) {
     Var<T, D> m = rfft_magnitude(x2);
     backward_random(m, ++seed);
     put(r, t + " rfft_magnitude (1030, N64) m", m, tl);
-    put(r, t + " rfft_magnitude (1030, N64) dx", x2.grad(), tl);
+    put(r, t + " rfft_magnitude (1030, N64) dx", x2.grad(), tm);
   }
 }
 

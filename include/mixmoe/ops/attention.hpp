@@ -12,6 +12,10 @@
 // Only the log-sum-exp of each row is kept, never the (Tq, Tk) probabilities: the
 // backward recomputes P = exp(S - lse) block by block, so a thread holds the scores
 // of one row block of one head at a time.
+//
+// On a device (Cuda) the same op is fused kernels (backend/cuda/attention.cuh): the forward
+// streams key tiles with an online softmax and writes O and the log-sum-exp once; the backward
+// recomputes P from the log-sum-exp, dQ per query row and dK/dV per key (no atomics).
 #pragma once
 
 #include <Eigen/Core>

@@ -1,4 +1,4 @@
-// Real FFT along the last axis (FFTW), with gradients.
+// Real FFT along the last axis (FFTW; cuFFT on a device, backend/cuda/attention.cuh), with gradients.
 //
 //   N  samples on the last (transform) axis
 //   F  frequency bins, N/2 + 1 (DC, the interior bins, and the Nyquist bin when N is even)

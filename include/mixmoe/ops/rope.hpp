@@ -8,6 +8,8 @@
 // A KV-cache decoder step passes the number of cached tokens as position_offset,
 // so a token gets the same rotation whether it is processed alone or in a sequence.
 // A rotation is orthogonal, so the backward is the inverse rotation of the gradient.
+// On a device (Cuda) a kernel computes the cos/sin table by the same formula (angles in double,
+// rounded to T), and another rotates the pairs (backend/cuda/attention.cuh).
 #pragma once
 
 #include <algorithm>

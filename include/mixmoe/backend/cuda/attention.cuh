@@ -66,8 +66,8 @@ struct Problem {
   T scale;
 };
 
-__device__ inline float dexp(float x) { return expf(x); }
-__device__ inline double dexp(double x) { return exp(x); }
+__device__ inline float dexp(float x) { return ::expf(x); }
+__device__ inline double dexp(double x) { return ::exp(x); }
 __device__ inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 
 /// Butterfly sums and maxima: every lane ends with the same value.
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
         const index_t d = lane + 32 * c;
         if (d < dh) orow[d] = static_cast<T>(static_cast<double>(acc[c]) / l);
       }
-      if (lane == 0) lse[(bb * pr.hq + h) * pr.tq + i] = static_cast<T>(static_cast<double>(m) + log(l));
+      if (lane == 0) lse[(bb * pr.hq + h) * pr.tq + i] = static_cast<T>(static_cast<double>(m) + ::log(l));
     }
   }
 }
@@ -389,10 +389,10 @@ __global__ void rope_angles(T* cosv, T* sinv, index_t t, index_t half, index_t d
   for (index_t e = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t p = e / half, i = e % half;
-    const double inv_freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dh));
+    const double inv_freq = ::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dh));
     const double a = static_cast<double>(offset + p) * inv_freq;
-    cosv[e] = static_cast<T>(cos(a));
-    sinv[e] = static_cast<T>(sin(a));
+    cosv[e] = static_cast<T>(::cos(a));
+    sinv[e] = static_cast<T>(::sin(a));
   }
 }
 
