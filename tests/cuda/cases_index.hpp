@@ -30,7 +30,8 @@ template <class D>
 mixmoe::Tensor<mixmoe::Index, D> rand_index(const mixmoe::Shape& shape, index_t lo, index_t hi, std::uint64_t seed) {
   mixmoe::Generator gen(seed);
   std::vector<mixmoe::Index> v(static_cast<std::size_t>(shape.numel()));
-  for (auto& e : v) e = static_cast<mixmoe::Index>(lo + static_cast<index_t>(gen.below(static_cast<std::uint64_t>(hi - lo))));
+  for (auto& e : v)
+    e = static_cast<mixmoe::Index>(lo + static_cast<index_t>(gen.below(static_cast<std::uint64_t>(hi - lo))));
   return mixmoe::Tensor<mixmoe::Index, D>::from(v, shape);
 }
 
@@ -68,12 +69,12 @@ void index_select_cases(Results& r) {
     index_t m;  // index length
   };
   // widths (inner) 1, 7, 33, 257, 1001; many repeats (m > extent); a single row
-  const Case cases[] = {{{5, 7}, 0, 12}, {{6, 33}, 1, 50}, {{2, 9, 257}, 1, 20}, {{1, 1}, 0, 3},
+  const Case cases[] = {{{5, 7}, 0, 12},   {{6, 33}, 1, 50},   {{2, 9, 257}, 1, 20}, {{1, 1}, 0, 3},
                         {{3, 1001}, 0, 7}, {{4, 3, 5}, -1, 9}, {{2, 3, 4}, 0, 0}};
   std::uint64_t seed = 1000;
   for (const Case& c : cases) {
-    const std::string name = t + " index_select " + c.x.to_string() + " axis " + std::to_string(c.axis) + " m " +
-                             std::to_string(c.m);
+    const std::string name =
+        t + " index_select " + c.x.to_string() + " axis " + std::to_string(c.axis) + " m " + std::to_string(c.m);
     auto x = leaf<T, D>(c.x, ++seed);
     const index_t extent = c.x[c.x.axis(c.axis, "case")];
     const auto idx = rand_index<D>({c.m}, 0, extent, ++seed);
@@ -105,14 +106,14 @@ void gather_cases(Results& r) {
     Shape index;
   };
   const Case cases[] = {
-      {{6, 7}, 1, {6, 10}},           // index longer than x along the axis
-      {{9, 5}, 0, {12, 3}},           // smaller off the axis
-      {{4, 8, 3}, 1, {4, 5, 2}},      // 3-D, middle axis
-      {{3, 4, 33}, -1, {2, 4, 40}},   // last axis, width 33
-      {{257}, 0, {1500}},             // 1-D, every element picked about 6 times
-      {{2, 1001}, 1, {2, 1003}},      // wide
-      {{5, 1}, 0, {7, 1}},            // width 1
-      {{3, 4}, 1, {3, 0}},            // empty index
+      {{6, 7}, 1, {6, 10}},          // index longer than x along the axis
+      {{9, 5}, 0, {12, 3}},          // smaller off the axis
+      {{4, 8, 3}, 1, {4, 5, 2}},     // 3-D, middle axis
+      {{3, 4, 33}, -1, {2, 4, 40}},  // last axis, width 33
+      {{257}, 0, {1500}},            // 1-D, every element picked about 6 times
+      {{2, 1001}, 1, {2, 1003}},     // wide
+      {{5, 1}, 0, {7, 1}},           // width 1
+      {{3, 4}, 1, {3, 0}},           // empty index
   };
   std::uint64_t seed = 2000;
   for (const Case& c : cases) {
@@ -129,7 +130,7 @@ void gather_cases(Results& r) {
   // strided x (a permuted leaf) and a strided index (a transposed index tensor)
   {
     auto x = leaf<T, D>({5, 3, 4}, 2100);
-    Var<T, D> xp = permute(x, {2, 0, 1});  // (4, 5, 3)
+    Var<T, D> xp = permute(x, {2, 0, 1});                                   // (4, 5, 3)
     const auto idx = rand_index<D>({3, 5, 4}, 0, 5, 2101).transpose(0, 2);  // (4, 5, 3), non-contiguous
     Var<T, D> y = gather(xp, 1, idx);
     backward_random(y, 2102);
@@ -149,13 +150,13 @@ void scatter_add_cases(Results& r) {
     Shape index, src;
   };
   const Case cases[] = {
-      {{5, 7}, 0, {8, 7}, {9, 7}},            // src larger than index: its last row is unused (gradient 0)
-      {{4, 6}, 1, {3, 10}, {4, 12}},          // index shorter off the axis: x's last row untouched
+      {{5, 7}, 0, {8, 7}, {9, 7}},    // src larger than index: its last row is unused (gradient 0)
+      {{4, 6}, 1, {3, 10}, {4, 12}},  // index shorter off the axis: x's last row untouched
       {{3, 5, 33}, 1, {3, 9, 20}, {3, 9, 33}},
-      {{7}, 0, {1000}, {1001}},               // 1-D, every element hit about 143 times
+      {{7}, 0, {1000}, {1001}},  // 1-D, every element hit about 143 times
       {{2, 257}, -1, {2, 300}, {2, 300}},
-      {{6, 1}, 0, {4, 1}, {4, 1}},            // width 1
-      {{3, 4}, 0, {0, 4}, {2, 4}},            // empty index: out = x, dsrc = 0
+      {{6, 1}, 0, {4, 1}, {4, 1}},  // width 1
+      {{3, 4}, 0, {0, 4}, {2, 4}},  // empty index: out = x, dsrc = 0
   };
   std::uint64_t seed = 3000;
   for (const Case& c : cases) {
@@ -194,13 +195,12 @@ void embedding_cases(Results& r) {
     Shape ids;
   };
   const Case cases[] = {
-      {11, 7, {3, 4}},     // repeats
-      {50, 1, {70001}},    // width 1, 70001 tokens: each weight row gets about 1400 gradient rows
-      {20, 1000, {2, 3}},  // wide rows
-      {300, 257, {33}},
-      {5, 33, {}},         // rank-0 ids
-      {6, 4, {0, 5}},      // no tokens: output (0, 5, 4), gradient zero
-      {4, 3, {2, 2, 2}},   // rank-3 ids
+      {11, 7, {3, 4}},                  // repeats
+      {50, 1, {70001}},                 // width 1, 70001 tokens: each weight row gets about 1400 gradient rows
+      {20, 1000, {2, 3}},               // wide rows
+      {300, 257, {33}},   {5, 33, {}},  // rank-0 ids
+      {6, 4, {0, 5}},                   // no tokens: output (0, 5, 4), gradient zero
+      {4, 3, {2, 2, 2}},                // rank-3 ids
   };
   std::uint64_t seed = 4000;
   for (const Case& c : cases) {
@@ -235,17 +235,23 @@ void range_error_cases(Results& r) {
   const std::string t = type_name<T>();
   auto x = leaf<T, D>({4, 3}, 5000);
   error_case(r, t + " index_select error message",
-             "[index_select] index 5 at position (1) is out of range for axis 0 of extent 4 (x of shape (4, 3))",
-             [&] { (void)index_select(x, 0, indices<D>({0, 5, 1, 7}, {4})); });
+             "[index_select] index 5 at position (1) is out of range for axis 0 of extent 4 (x of shape (4, 3))", [&] {
+               (void)index_select(x, 0, indices<D>({0, 5, 1, 7}, {4}));
+             });
   error_case(r, t + " index_select negative index error message",
              "[index_select] index -1 at position (1) is out of range for axis -1 of extent 3 (x of shape (4, 3))",
-             [&] { (void)index_select(x, -1, indices<D>({0, -1}, {2})); });
+             [&] {
+               (void)index_select(x, -1, indices<D>({0, -1}, {2}));
+             });
   error_case(r, t + " gather error message",
-             "[gather] index 3 at position (1, 1) is out of range for axis 1 of extent 3 (x of shape (4, 3))",
-             [&] { (void)gather(x, 1, indices<D>({0, 1, 2, 3}, {2, 2})); });
+             "[gather] index 3 at position (1, 1) is out of range for axis 1 of extent 3 (x of shape (4, 3))", [&] {
+               (void)gather(x, 1, indices<D>({0, 1, 2, 3}, {2, 2}));
+             });
   error_case(r, t + " scatter_add error message",
              "[scatter_add] index 4 at position (0, 1) is out of range for axis 0 of extent 4 (x of shape (4, 3))",
-             [&] { (void)scatter_add(x, 0, indices<D>({0, 4}, {1, 2}), leaf<T, D>({4, 3}, 5001)); });
+             [&] {
+               (void)scatter_add(x, 0, indices<D>({0, 4}, {1, 2}), leaf<T, D>({4, 3}, 5001));
+             });
   // 100000 ids (many blocks), three bad ones: the first in row-major order is named
   {
     Tensor<Index, Cpu> host = rand_index<Cpu>({1000, 100}, 0, 10, 5002);
@@ -300,7 +306,7 @@ void shape_cases(Results& r) {
     int axis;
     index_t begin, end;
   };
-  const SliceCase slices[] = {{{4, 10, 3}, 1, 2, 7}, {{9, 7}, 0, 3, 9},   {{5, 257}, -1, 256, 257},
+  const SliceCase slices[] = {{{4, 10, 3}, 1, 2, 7},   {{9, 7}, 0, 3, 9}, {{5, 257}, -1, 256, 257},
                               {{3, 1001}, 1, 0, 1001}, {{4, 6}, 1, 3, 3}, {{2, 33, 2}, 1, 32, 33}};
   std::uint64_t seed = 6100;
   for (const SliceCase& c : slices) {
@@ -431,7 +437,8 @@ void dropout_cases(Results& r) {
     flag(r, name + " same generator state gives the same mask", same == ys);
     // two independent masks differ at a fraction 2 p q of the positions
     const double fd = static_cast<double>(differ) / nn, pd = 2 * c.p * q;
-    flag(r, name + " the advanced generator gives another mask", std::fabs(fd - pd) <= 5 * std::sqrt(pd * (1 - pd) / nn),
+    flag(r, name + " the advanced generator gives another mask",
+         std::fabs(fd - pd) <= 5 * std::sqrt(pd * (1 - pd) / nn),
          "differ at " + std::to_string(fd) + ", expected " + std::to_string(pd));
   }
 }

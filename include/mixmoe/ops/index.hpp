@@ -151,7 +151,8 @@ Var<T, D> index_select(const Var<T, D>& x, int axis, const Tensor<Index, D>& ind
   const index_t outer = s.prod(0, a), n = s[a], inner = s.prod(a + 1, s.rank()), m = ic.numel();
   const Tensor<T, D> xc = x.value().contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(s.with(a, m));  // (..., M, ...)
-  if constexpr (!Tensor<T, D>::on_host)  // check_index_range required the device's ops
+  // (check_index_range required the device's ops)
+  if constexpr (!Tensor<T, D>::on_host)
     detail::DeviceOps<D>::index_select_rows(xc.data(), outer, n, inner, ic.data(), m, out.data());
   else
     detail::select_rows(xc.data(), outer, n, inner, ic.data(), m, out.data());

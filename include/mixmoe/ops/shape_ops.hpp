@@ -190,8 +190,8 @@ Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
                       if (ctx.needs_grad(k) && extents[k] * inner > 0) {
                         const Tensor<T, D> part = g.slice(1, start, start + extents[k]);  // (outer, N_k, inner)
                         Tensor<T, D>& gx = ctx.grad_in(k);  // contiguous: row-major (outer, N_k, inner)
-                        detail::DeviceOps<D>::index_add_strided(gx.data(), contiguous_strides(part.shape()), part.data(),
-                                                                part.strides(), part.shape());
+                        detail::DeviceOps<D>::index_add_strided(gx.data(), contiguous_strides(part.shape()),
+                                                                part.data(), part.strides(), part.shape());
                       }
                       start += extents[k];
                     }

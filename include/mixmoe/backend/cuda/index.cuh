@@ -155,7 +155,7 @@ struct IndexOps {
     const index_t total = outer * m * inner;
     if (total == 0) return;
     kernels::index_select_rows_backward<<<blocks_for(total), 256, 0, current_stream()>>>(g, n, inner, index, m, gx,
-                                                                                          total);
+                                                                                         total);
     MIXMOE_CUDA_CHECK_LAUNCH("index_select_rows_backward");
   }
 
@@ -167,7 +167,8 @@ struct IndexOps {
     const index_t n = ishape.numel();
     if (n == 0) return;
     kernels::index_gather_axis<<<blocks_for(n), 256, 0, current_stream()>>>(
-        out, view_desc(ishape, out_strides), x, index_off_axis_view(ishape, x_strides, axis), x_strides[axis], index, n);
+        out, view_desc(ishape, out_strides), x, index_off_axis_view(ishape, x_strides, axis), x_strides[axis], index,
+        n);
     MIXMOE_CUDA_CHECK_LAUNCH("index_gather_axis");
   }
 
@@ -179,8 +180,8 @@ struct IndexOps {
     const index_t n = ishape.numel();
     if (n == 0) return;
     kernels::index_scatter_add_axis<<<blocks_for(n), 256, 0, current_stream()>>>(
-        dst, index_off_axis_view(ishape, dst_strides, axis), dst_strides[axis], src, view_desc(ishape, src_strides), index,
-        n);
+        dst, index_off_axis_view(ishape, dst_strides, axis), dst_strides[axis], src, view_desc(ishape, src_strides),
+        index, n);
     MIXMOE_CUDA_CHECK_LAUNCH("index_scatter_add_axis");
   }
 
