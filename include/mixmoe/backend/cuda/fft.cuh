@@ -76,7 +76,7 @@ template <class T>
 __global__ void magnitude(const T* spec, T* m, index_t n, T eps) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    m[i] = sqrt(spec[2 * i] * spec[2 * i] + spec[2 * i + 1] * spec[2 * i + 1] + eps);
+    m[i] = ::sqrt(spec[2 * i] * spec[2 * i] + spec[2 * i + 1] * spec[2 * i + 1] + eps);
 }
 
 /// z (R, F, 2) = the spectrum the c2r adjoint needs for upstream g (R, F) of the magnitude:

@@ -84,9 +84,9 @@ __global__ void softmax_rows(const T* x, T* y, index_t c) {
   for (index_t j = threadIdx.x; j < c; j += blockDim.x) m = fmax(m, static_cast<double>(xr[j]));
   m = block_max(m);
   double s = 0;
-  for (index_t j = threadIdx.x; j < c; j += blockDim.x) s += exp(static_cast<double>(xr[j]) - m);
+  for (index_t j = threadIdx.x; j < c; j += blockDim.x) s += ::exp(static_cast<double>(xr[j]) - m);
   s = block_sum(s);
-  for (index_t j = threadIdx.x; j < c; j += blockDim.x) yr[j] = static_cast<T>(exp(static_cast<double>(xr[j]) - m) / s);
+  for (index_t j = threadIdx.x; j < c; j += blockDim.x) yr[j] = static_cast<T>(::exp(static_cast<double>(xr[j]) - m) / s);
 }
 
 template <class T>
@@ -105,7 +105,7 @@ __global__ void rms_norm_rows(const T* x, const T* w, T* y, double* rstd, index_
   double ss = 0;
   for (index_t j = threadIdx.x; j < c; j += blockDim.x) ss += static_cast<double>(x[o + j]) * static_cast<double>(x[o + j]);
   ss = block_sum(ss);
-  const double rs = 1.0 / sqrt(ss / static_cast<double>(c) + eps);
+  const double rs = 1.0 / ::sqrt(ss / static_cast<double>(c) + eps);
   if (threadIdx.x == 0) rstd[blockIdx.x] = rs;
   for (index_t j = threadIdx.x; j < c; j += blockDim.x) {
     const double v = static_cast<double>(x[o + j]) * rs;
@@ -138,7 +138,7 @@ __global__ void silu_fwd(const T* x, T* y, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const double v = static_cast<double>(x[i]);
-    y[i] = static_cast<T>(v / (1.0 + exp(-v)));
+    y[i] = static_cast<T>(v / (1.0 + ::exp(-v)));
   }
 }
 
@@ -146,7 +146,7 @@ template <class T>
 __global__ void silu_bwd(const T* g, const T* x, T* dx, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const double v = static_cast<double>(x[i]), s = 1.0 / (1.0 + exp(-v));
+    const double v = static_cast<double>(x[i]), s = 1.0 / (1.0 + ::exp(-v));
     dx[i] = static_cast<T>(static_cast<double>(g[i]) * s * (1.0 + v * (1.0 - s)));
   }
 }
