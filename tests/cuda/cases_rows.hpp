@@ -47,14 +47,14 @@ void rows_softmax_cases(Results& r) {
     Shape shape;
     int axis;
   };
-  const Case cases[] = {{{5, 1}, -1},    {{4, 7}, -1},     {{3, 33}, -1},    {{2, 257}, -1}, {{3, 1000}, -1},
-                        {{2, 4099}, -1}, {{70000, 3}, -1}, {{6, 5, 4}, 0},   {{3, 300, 5}, 1}, {{4, 3, 9}, 1},
-                        {{2, 3, 1}, 2}};
+  const Case cases[] = {{{5, 1}, -1},     {{4, 7}, -1},    {{3, 33}, -1},    {{2, 257}, -1},
+                        {{3, 1000}, -1},  {{2, 4099}, -1}, {{70000, 3}, -1}, {{6, 5, 4}, 0},
+                        {{3, 300, 5}, 1}, {{4, 3, 9}, 1},  {{2, 3, 1}, 2}};
   std::uint64_t seed = 1000;
   for (const auto& c : cases) {
     for (int log = 0; log < 2; ++log) {
-      const std::string name = t + (log ? " log_softmax " : " softmax ") + c.shape.to_string() + " axis " +
-                               std::to_string(c.axis);
+      const std::string name =
+          t + (log ? " log_softmax " : " softmax ") + c.shape.to_string() + " axis " + std::to_string(c.axis);
       auto x = leaf<T, D>(c.shape, ++seed, 3.0);
       Var<T, D> y = log ? log_softmax(x, c.axis) : softmax(x, c.axis);
       backward_random(y, ++seed);
@@ -78,7 +78,8 @@ void rows_softmax_cases(Results& r) {
     for (std::size_t i = 0; i < v.size(); ++i)
       if (i % 3 == 1) v[i] = -std::numeric_limits<double>::infinity();
     if (axis == 0)
-      for (index_t j = 0; j < 300; ++j) v[static_cast<std::size_t>(2 * 300 + j)] = -std::numeric_limits<double>::infinity();
+      for (index_t j = 0; j < 300; ++j)
+        v[static_cast<std::size_t>(2 * 300 + j)] = -std::numeric_limits<double>::infinity();
     for (int log = 0; log < 2; ++log) {
       Var<T, D> x(tensor_of<T, D>(v, shape), true);
       Var<T, D> y = log ? log_softmax(x, axis == 0 ? -1 : 1) : softmax(x, axis == 0 ? -1 : 1);
@@ -108,8 +109,8 @@ void rows_norm_cases(Results& r) {
         Var<T, D> b = params >= 2 ? leaf<T, D>({c}, ++seed) : Var<T, D>();
         Var<T, D> y = centre ? layer_norm(x, w, b, 1e-5) : rms_norm(x, w, 1e-6);
         backward_random(y, ++seed);
-        const std::string name = t + (centre ? " layer_norm " : " rms_norm ") + s.to_string() + " params " +
-                                 std::to_string(params);
+        const std::string name =
+            t + (centre ? " layer_norm " : " rms_norm ") + s.to_string() + " params " + std::to_string(params);
         put(r, name + " y", y, tl);
         put(r, name + " dx", x.grad(), tl);
         if (params >= 1) put(r, name + " dw", w.grad(), tl);
@@ -147,7 +148,8 @@ mixmoe::Tensor<mixmoe::Index, D> targets_of(const mixmoe::Shape& shape, index_t 
   mixmoe::Generator gen(seed);
   std::vector<mixmoe::Index> t(static_cast<std::size_t>(shape.numel()));
   for (std::size_t i = 0; i < t.size(); ++i) {
-    t[i] = static_cast<mixmoe::Index>(std::min<double>(static_cast<double>(v - 1), gen.uniform(0.0, static_cast<double>(v))));
+    t[i] = static_cast<mixmoe::Index>(
+        std::min<double>(static_cast<double>(v - 1), gen.uniform(0.0, static_cast<double>(v))));
     if (ignore_every > 0 && i % static_cast<std::size_t>(ignore_every) == static_cast<std::size_t>(ignore_every - 1))
       t[i] = ignore;
   }
@@ -160,14 +162,14 @@ void rows_cross_entropy_cases(Results& r) {
   const std::string t = type_name<T>();
   const double tl = tol<T>(1e-5, 1e-11);
   struct Case {
-    Shape shape;          // logits (..., V)
+    Shape shape;           // logits (..., V)
     index_t ignore_every;  // every ignore_every-th target ignored (0: none)
     Index ignore;
     double smoothing;
   };
-  const Case cases[] = {{{5, 1}, 0, -100, 0.0},       {{6, 7}, 3, -100, 0.0},    {{4, 33}, 0, -100, 0.1},
-                        {{3, 257}, 2, -100, 0.2},     {{2, 3, 1000}, 4, -100, 0.0}, {{3, 5003}, 0, -100, 0.1},
-                        {{9, 50}, 2, 3, 0.05},        {{70000, 2}, 5, -100, 0.1}, {{4, 9}, 1, -1, 0.1}};
+  const Case cases[] = {{{5, 1}, 0, -100, 0.0},   {{6, 7}, 3, -100, 0.0},       {{4, 33}, 0, -100, 0.1},
+                        {{3, 257}, 2, -100, 0.2}, {{2, 3, 1000}, 4, -100, 0.0}, {{3, 5003}, 0, -100, 0.1},
+                        {{9, 50}, 2, 3, 0.05},    {{70000, 2}, 5, -100, 0.1},   {{4, 9}, 1, -1, 0.1}};
   const Reduction reductions[] = {Reduction::mean, Reduction::sum, Reduction::none};
   const char* rnames[] = {"mean", "sum", "none"};
   std::uint64_t seed = 3000;
@@ -257,10 +259,14 @@ mixmoe::Tensor<T, D> tied_values(const mixmoe::Shape& shape, std::uint64_t seed,
     const double u = gen.uniform(0.0, 1.0);
     e = std::floor(gen.uniform(-4.0, 5.0)) * 0.5;
     if (!specials) continue;
-    if (u < 0.03) e = std::numeric_limits<double>::quiet_NaN();
-    else if (u < 0.05) e = std::numeric_limits<double>::infinity();
-    else if (u < 0.07) e = -std::numeric_limits<double>::infinity();
-    else if (u < 0.10) e = -0.0;
+    if (u < 0.03)
+      e = std::numeric_limits<double>::quiet_NaN();
+    else if (u < 0.05)
+      e = std::numeric_limits<double>::infinity();
+    else if (u < 0.07)
+      e = -std::numeric_limits<double>::infinity();
+    else if (u < 0.10)
+      e = -0.0;
   }
   return tensor_of<T, D>(v, shape);
 }
@@ -276,17 +282,17 @@ void rows_topk_cases(Results& r) {
     bool specials;
   };
   // n <= 128: a thread per line; longer lines: a block per line
-  const Case cases[] = {{{50, 1}, 1, -1, false},    {{40, 7}, 3, -1, true},     {{30, 33}, 5, -1, true},
-                        {{10, 64}, 64, -1, true},   {{20, 128}, 7, -1, true},   {{3, 20, 5}, 4, 1, true},
-                        {{6, 257}, 10, -1, true},   {{4, 1000}, 20, -1, true},  {{3, 200}, 200, -1, true},
-                        {{300, 8}, 40, 0, true},    {{2, 129, 3}, 129, 1, true}, {{300000, 2}, 1, -1, true}};
+  const Case cases[] = {{{50, 1}, 1, -1, false},  {{40, 7}, 3, -1, true},      {{30, 33}, 5, -1, true},
+                        {{10, 64}, 64, -1, true}, {{20, 128}, 7, -1, true},    {{3, 20, 5}, 4, 1, true},
+                        {{6, 257}, 10, -1, true}, {{4, 1000}, 20, -1, true},   {{3, 200}, 200, -1, true},
+                        {{300, 8}, 40, 0, true},  {{2, 129, 3}, 129, 1, true}, {{300000, 2}, 1, -1, true}};
   std::uint64_t seed = 5000;
   for (const auto& c : cases) {
     Var<T, D> x(tied_values<T, D>(c.shape, ++seed, c.specials), true);
     TopKResult<T, D> res = topk(x, c.k, c.axis);
     backward_random(res.values, ++seed);
-    const std::string name = t + " topk " + c.shape.to_string() + " k " + std::to_string(c.k) + " axis " +
-                             std::to_string(c.axis);
+    const std::string name =
+        t + " topk " + c.shape.to_string() + " k " + std::to_string(c.k) + " axis " + std::to_string(c.axis);
     // selection and scatter copy values: exact
     put(r, name + " values", res.values, 0.0);
     put(r, name + " indices", res.indices, 0.0);

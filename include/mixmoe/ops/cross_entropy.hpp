@@ -43,7 +43,8 @@ namespace detail {
 /// every target and throws; reading them here would synchronise, so a target outside [0, V)
 /// (other than ignore_index) gives a NaN loss for its row (and NaN gradients) instead.
 template <class T, class D>
-Var<T, D> cross_entropy_device(const Var<T, D>& logits, const Tensor<Index, D>& targets, const CrossEntropyOptions& opt) {
+Var<T, D> cross_entropy_device(const Var<T, D>& logits, const Tensor<Index, D>& targets,
+                               const CrossEntropyOptions& opt) {
   require_device_ops<D>();
   const index_t v = logits.size(-1);
   const Tensor<Index, D> tc = targets.contiguous();     // (N)
@@ -55,17 +56,16 @@ Var<T, D> cross_entropy_device(const Var<T, D>& logits, const Tensor<Index, D>& 
   auto losses = Tensor<double, D>::empty({rows});
   auto count = Tensor<double, D>::zeros({1});  // positions that are not ignored (mean, sum)
   Tensor<T, D> out = none ? Tensor<T, D>::empty(logits.shape().without(-1)) : Tensor<T, D>::empty(Shape{});
-  DeviceOps<D>::rows_cross_entropy(xc.data(), tc.data(), stats.data(), losses.data(), none ? out.data() : nullptr,
-                                   rows, v, opt.ignore_index, eps);
+  DeviceOps<D>::rows_cross_entropy(xc.data(), tc.data(), stats.data(), losses.data(), none ? out.data() : nullptr, rows,
+                                   v, opt.ignore_index, eps);
   if (!none)
     DeviceOps<D>::rows_cross_entropy_reduce(losses.data(), tc.data(), rows, opt.ignore_index,
                                             opt.reduction == Reduction::mean, out.data(), count.data());
   auto backward = [xc, tc, stats, count, opt, v, rows](autograd::BackwardContext<T, D>& ctx) {
     Tensor<T, D> gx = Tensor<T, D>::empty(xc.shape());  // (..., V)
     const int mode = opt.reduction == Reduction::none ? 0 : opt.reduction == Reduction::sum ? 1 : 2;
-    DeviceOps<D>::rows_cross_entropy_backward(xc.data(), tc.data(), stats.data(), ctx.grad_out().data(),
-                                              count.data(), gx.data(), rows, v, opt.ignore_index,
-                                              opt.label_smoothing, mode);
+    DeviceOps<D>::rows_cross_entropy_backward(xc.data(), tc.data(), stats.data(), ctx.grad_out().data(), count.data(),
+                                              gx.data(), rows, v, opt.ignore_index, opt.label_smoothing, mode);
     ctx.accumulate(0, std::move(gx));
   };
   return record("cross_entropy", std::move(out), {logits}, std::move(backward));

@@ -70,9 +70,7 @@ inline constexpr index_t kMaxTopkThreadBlocks = 1024;
 /// Longest line the one-thread-per-line top-k kernel takes; longer lines get a block each.
 inline constexpr index_t kTopkThreadMax = 128;
 
-inline unsigned row_blocks(index_t rows) {
-  return static_cast<unsigned>(rows < kMaxRowBlocks ? rows : kMaxRowBlocks);
-}
+inline unsigned row_blocks(index_t rows) { return static_cast<unsigned>(rows < kMaxRowBlocks ? rows : kMaxRowBlocks); }
 
 // ---- softmax -------------------------------------------------------------------------------
 
@@ -81,7 +79,7 @@ __global__ void softmax_lines(const T* x, T* y, index_t lines, index_t n, index_
   for (index_t line = blockIdx.x; line < lines; line += gridDim.x) {
     const index_t base = (line / inner) * n * inner + line % inner;
     double m = -INFINITY;
-    for (index_t j = threadIdx.x; j < n; j += blockDim.x) m = fmax(m, static_cast<double>(x[base + j * inner]));
+    for (index_t j = threadIdx.x; j < n; j += blockDim.x) m = ::fmax(m, static_cast<double>(x[base + j * inner]));
     const T mt = static_cast<T>(block_max(m));
     double s = 0;
     for (index_t j = threadIdx.x; j < n; j += blockDim.x)
@@ -226,7 +224,7 @@ __global__ void cross_entropy_rows(const T* x, const Index* targets, double* sta
   for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * v;
     double m = -INFINITY;
-    for (index_t j = threadIdx.x; j < v; j += blockDim.x) m = fmax(m, static_cast<double>(xr[j]));
+    for (index_t j = threadIdx.x; j < v; j += blockDim.x) m = ::fmax(m, static_cast<double>(xr[j]));
     const T mx = static_cast<T>(block_max(m));
     double s = 0, shifted = 0;  // sum exp(x - max) (each term in T, as on the CPU), sum (x - max)
     for (index_t j = threadIdx.x; j < v; j += blockDim.x) {
@@ -364,7 +362,7 @@ __global__ void expand_lines(const T* g, T* out, index_t outer, index_t n, index
 /// numbers and pv > qv, or the values tie (equal, or both NaN) and pi < qi. A strict total order.
 template <class T>
 __device__ inline bool topk_before(T pv, Index pi, T qv, Index qi) {
-  const bool pn = isnan(pv), qn = isnan(qv);
+  const bool pn = pv != pv, qn = qv != qv;  // NaN
   if (pn != qn) return pn;
   if (!pn && pv != qv) return pv > qv;
   return pi < qi;
@@ -481,8 +479,9 @@ struct RowOps {
   static void rows_softmax_backward(const T* g, const T* y, T* gx, index_t outer, index_t n, index_t inner, bool log) {
     const index_t lines = outer * inner;
     if (lines == 0 || n == 0) return;
-    rows_kernels::softmax_lines_backward<<<rows_kernels::row_blocks(lines), rows_kernels::kRowThreads, 0,
-                                           current_stream()>>>(g, y, gx, lines, n, inner, log);
+    rows_kernels::
+        softmax_lines_backward<<<rows_kernels::row_blocks(lines), rows_kernels::kRowThreads, 0, current_stream()>>>(
+            g, y, gx, lines, n, inner, log);
     MIXMOE_CUDA_CHECK_LAUNCH("rows_softmax_backward");
   }
 
@@ -499,8 +498,9 @@ struct RowOps {
   static void rows_norm_backward(const T* g, const T* x, const T* w, const double* mean, const double* rstd, T* gx,
                                  index_t rows, index_t c) {
     if (rows == 0 || c == 0) return;
-    rows_kernels::norm_rows_backward<<<rows_kernels::row_blocks(rows), rows_kernels::kRowThreads, 0,
-                                       current_stream()>>>(g, x, w, mean, rstd, gx, rows, c);
+    rows_kernels::
+        norm_rows_backward<<<rows_kernels::row_blocks(rows), rows_kernels::kRowThreads, 0, current_stream()>>>(
+            g, x, w, mean, rstd, gx, rows, c);
     MIXMOE_CUDA_CHECK_LAUNCH("rows_norm_backward");
   }
 
@@ -531,8 +531,9 @@ struct RowOps {
   static void rows_cross_entropy(const T* x, const Index* targets, double* stats, double* losses, T* out_rows,
                                  index_t rows, index_t v, Index ignore, double eps) {
     if (rows == 0 || v == 0) return;
-    rows_kernels::cross_entropy_rows<<<rows_kernels::row_blocks(rows), rows_kernels::kRowThreads, 0,
-                                       current_stream()>>>(x, targets, stats, losses, out_rows, rows, v, ignore, eps);
+    rows_kernels::
+        cross_entropy_rows<<<rows_kernels::row_blocks(rows), rows_kernels::kRowThreads, 0, current_stream()>>>(
+            x, targets, stats, losses, out_rows, rows, v, ignore, eps);
     MIXMOE_CUDA_CHECK_LAUNCH("rows_cross_entropy");
   }
 
@@ -541,18 +542,18 @@ struct RowOps {
   static void rows_cross_entropy_reduce(const double* losses, const Index* targets, index_t rows, Index ignore,
                                         bool mean, T* out, double* count) {
     rows_kernels::cross_entropy_reduce<<<1, rows_kernels::kRowThreads, 0, current_stream()>>>(losses, targets, rows,
-                                                                                               ignore, mean, out, count);
+                                                                                              ignore, mean, out, count);
     MIXMOE_CUDA_CHECK_LAUNCH("rows_cross_entropy_reduce");
   }
 
   template <class T>
   static void rows_cross_entropy_backward(const T* x, const Index* targets, const double* stats, const T* g,
-                                          const double* count, T* gx, index_t rows, index_t v, Index ignore,
-                                          double eps, int mode) {
+                                          const double* count, T* gx, index_t rows, index_t v, Index ignore, double eps,
+                                          int mode) {
     if (rows == 0 || v == 0) return;
-    rows_kernels::cross_entropy_backward_rows<<<rows_kernels::row_blocks(rows), rows_kernels::kRowThreads, 0,
-                                                current_stream()>>>(x, targets, stats, g, count, gx, rows, v, ignore,
-                                                                    eps, mode);
+    rows_kernels::
+        cross_entropy_backward_rows<<<rows_kernels::row_blocks(rows), rows_kernels::kRowThreads, 0, current_stream()>>>(
+            x, targets, stats, g, count, gx, rows, v, ignore, eps, mode);
     MIXMOE_CUDA_CHECK_LAUNCH("rows_cross_entropy_backward");
   }
 
@@ -599,11 +600,13 @@ struct RowOps {
     if (lines == 0 || k == 0) return;
     if (n <= rows_kernels::kTopkThreadMax) {
       const index_t b = (lines + 255) / 256;
-      const unsigned blocks = static_cast<unsigned>(b < rows_kernels::kMaxTopkThreadBlocks ? b : rows_kernels::kMaxTopkThreadBlocks);
+      const unsigned blocks =
+          static_cast<unsigned>(b < rows_kernels::kMaxTopkThreadBlocks ? b : rows_kernels::kMaxTopkThreadBlocks);
       rows_kernels::topk_lines_thread<<<blocks, 256, 0, current_stream()>>>(x, values, indices, lines, n, inner, k);
     } else {
-      rows_kernels::topk_lines_block<<<rows_kernels::row_blocks(lines), rows_kernels::kRowThreads, 0,
-                                       current_stream()>>>(x, values, indices, lines, n, inner, k);
+      rows_kernels::
+          topk_lines_block<<<rows_kernels::row_blocks(lines), rows_kernels::kRowThreads, 0, current_stream()>>>(
+              x, values, indices, lines, n, inner, k);
     }
     MIXMOE_CUDA_CHECK_LAUNCH("rows_topk");
   }
