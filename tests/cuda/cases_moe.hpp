@@ -373,9 +373,9 @@ void grouped_gemm_cases(Results& r) {
     index_t k, n;
   };
   const std::vector<Case> cases = {
-      {{0, 70, 1, 0, 130}, 33, 65},    // empty experts, rows not a multiple of the 64-row tile
-      {{64, 64}, 16, 64},              // exact tiles
-      {{5, 0, 0}, 1, 1},               // K = 1, N = 1, empty experts at the end
+      {{0, 70, 1, 0, 130}, 33, 65},            // empty experts, rows not a multiple of the 64-row tile
+      {{64, 64}, 16, 64},                      // exact tiles
+      {{5, 0, 0}, 1, 1},                       // K = 1, N = 1, empty experts at the end
       {{3, 200, 17, 64, 1, 90, 300}, 100, 7},  // many tiles, K past several 16-deep steps
   };
   std::uint64_t seed = 900;
@@ -408,8 +408,8 @@ void grouped_gemm_cases(Results& r) {
   // offsets from a dispatch plan (DispatchPlan::device_offsets on a device): stacked expert weights
   {
     const Assignments a = token_major(150, 2, 6, 950);
-    const DispatchPlan<D> plan = make_dispatch_plan(moe_cases::indices<D>(a.token), moe_cases::indices<D>(a.expert),
-                                                    150, 6, 0.0);
+    const DispatchPlan<D> plan =
+        make_dispatch_plan(moe_cases::indices<D>(a.token), moe_cases::indices<D>(a.expert), 150, 6, 0.0);
     Tensor<index_t, D> offsets;
     if constexpr (Tensor<Index, D>::on_host)
       offsets = Tensor<index_t, D>::from(std::vector<index_t>(plan.offsets.begin(), plan.offsets.end()), Shape{7});

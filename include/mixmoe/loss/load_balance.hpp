@@ -61,17 +61,16 @@ Var<T, D> load_balance_loss(const Routing<T, D>& routing) {
     // refused such a routing with a message).
     detail::require_device_ops<D>();
     detail::DeviceOps<D>::moe_expert_fractions(ex.data(), m, e_count, f.data());
-    const Var<T, D> p = mean(probs, 0);  // (E)
-    return sum(p * Var<T, D>(f)) * static_cast<double>(e_count);
+  } else {
+    for (index_t i = 0; i < m; ++i) {
+      const Index e = ex.data()[i];
+      MIXMOE_CHECK(e >= 0 && e < e_count, "load_balance_loss", "expert ", e, " of assignment ", i,
+                   " is out of range for ", e_count, " experts");
+      f.data()[e] += T(1);
+    }
+    if (m > 0)
+      for (index_t e = 0; e < e_count; ++e) f.data()[e] /= static_cast<T>(m);
   }
-  for (index_t i = 0; i < m; ++i) {
-    const Index e = ex.data()[i];
-    MIXMOE_CHECK(e >= 0 && e < e_count, "load_balance_loss", "expert ", e, " of assignment ", i,
-                 " is out of range for ", e_count, " experts");
-    f.data()[e] += T(1);
-  }
-  if (m > 0)
-    for (index_t e = 0; e < e_count; ++e) f.data()[e] /= static_cast<T>(m);
   const Var<T, D> p = mean(probs, 0);  // (E)
   return sum(p * Var<T, D>(f)) * static_cast<double>(e_count);
 }

@@ -61,13 +61,14 @@ struct DispatchPlan {
   Tensor<Index, D> token_rows;     // (M') sorted rows grouped by token, ascending within a token
   IndexList offsets;               // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
   IndexList routed;                // (E) assignments the router sent to each expert, dropped ones included
-  Tensor<index_t, D> device_offsets;  // (E + 1) offsets in the device's memory (kernels such as the grouped
-                                      // GEMM); set on devices other than Cpu, undefined on Cpu
-  index_t num_tokens = 0;          // N
-  index_t num_experts = 0;         // E
-  index_t num_assignments = 0;     // M
-  index_t capacity = 0;            // rows an expert may keep; 0 = dropless
-  index_t dropped = 0;             // M - M'
+  // (E + 1) the offsets in the device's memory, for kernels such as the grouped GEMM; set on
+  // devices other than Cpu, undefined on Cpu.
+  Tensor<index_t, D> device_offsets;
+  index_t num_tokens = 0;       // N
+  index_t num_experts = 0;      // E
+  index_t num_assignments = 0;  // M
+  index_t capacity = 0;         // rows an expert may keep; 0 = dropless
+  index_t dropped = 0;          // M - M'
 
   /// M', the rows of x_sorted.
   [[nodiscard]] index_t num_rows() const { return offsets.empty() ? 0 : offsets.back(); }
@@ -101,13 +102,12 @@ DispatchPlan<D> make_dispatch_plan_on_device(const Tensor<Index, D>& tc, const T
   plan.num_experts = e_count;
   plan.num_assignments = m;
   plan.capacity = capacity;
-  auto keys = Tensor<std::int64_t, D>::empty({m});            // (M) sort keys, sorted
-  auto ids = Tensor<Index, D>::empty({m});                    // (M) assignment of each sorted key
+  auto keys = Tensor<std::int64_t, D>::empty({m});                // (M) sort keys, sorted
+  auto ids = Tensor<Index, D>::empty({m});                        // (M) assignment of each sorted key
   auto meta = Tensor<std::int64_t, D>::empty({2 + 3 * e_count});  // see MoEOps::moe_plan_count
   IndexList host(static_cast<std::size_t>(2 + 2 * e_count), 0);   // first bad, routed (E), offsets (E + 1)
   // The one device->host copy of the plan (offsets and routed, with the range check's result).
-  Ops::moe_plan_count(tc.data(), ec.data(), m, n, e_count, capacity, keys.data(), ids.data(), meta.data(),
-                      host.data());
+  Ops::moe_plan_count(tc.data(), ec.data(), m, n, e_count, capacity, keys.data(), ids.data(), meta.data(), host.data());
   if (host[0] >= 0) {  // the first assignment with an id out of range: the CPU's message (error path only)
     const index_t i = host[0];
     const Index t = tc[i].item(), x = ec[i].item();
@@ -139,8 +139,7 @@ Var<T, D> select_distinct_on_device(const Var<T, D>& v, const Tensor<Index, D>& 
   Tensor<T, D> out = Tensor<T, D>::empty({rows});
   DeviceOps<D>::moe_gather_rows(vc.data(), index.data(), rows, index_t{1}, out.data());
   return record("select_distinct", std::move(out), {v}, [index, rows](autograd::BackwardContext<T, D>& ctx) {
-    DeviceOps<D>::moe_scatter_unique_add(ctx.grad_out().data(), index.data(), rows, index_t{1},
-                                         ctx.grad_in(0).data());
+    DeviceOps<D>::moe_scatter_unique_add(ctx.grad_out().data(), index.data(), rows, index_t{1}, ctx.grad_in(0).data());
   });
 }
 

@@ -87,7 +87,7 @@ struct ExpertChoiceRouter {
       r.expert = detail::repeat_rows<D>(e, c);  // (M): c copies of each expert id, expert-major
       return r;
     }
-    r.expert = Tensor<Index, D>::empty(Shape{e * c});                             // (M)
+    r.expert = Tensor<Index, D>::empty(Shape{e * c});  // (M)
     Index* pe = r.expert.data();
     for (index_t j = 0; j < e; ++j) std::fill_n(pe + j * c, c, static_cast<Index>(j));
     return r;

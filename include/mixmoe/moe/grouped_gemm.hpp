@@ -43,8 +43,8 @@ void check_grouped(const Tensor<T, D>& a, const Tensor<T, D>& b, const Tensor<in
                " and ", b.shape());
   MIXMOE_CHECK((trans_b ? b.size(2) : b.size(1)) == a.size(1), op, "a ", a.shape(), " and b ", b.shape(),
                trans_b ? " (transposed)" : "", " differ in K");
-  MIXMOE_CHECK(offsets.dim() == 1 && offsets.size(0) == b.size(0) + 1, op, "offsets must be (E + 1) = (",
-               b.size(0) + 1, "), got ", offsets.shape());
+  MIXMOE_CHECK(offsets.dim() == 1 && offsets.size(0) == b.size(0) + 1, op, "offsets must be (E + 1) = (", b.size(0) + 1,
+               "), got ", offsets.shape());
 }
 
 /// The host path: per expert, cpu::gemm on its rows (offsets read and checked on the host).
@@ -52,12 +52,12 @@ template <class T>
 void grouped_matmul_host(const T* a, index_t m, index_t k, const T* b, index_t e, index_t n, bool trans_b,
                          const index_t* off, T* c, const char* op) {
   for (index_t x = 0; x < e; ++x) {
-    MIXMOE_CHECK(off[x] >= 0 && off[x] <= off[x + 1] && off[x + 1] <= m, op, "offsets[", x, "..", x + 1, "] = ",
-                 off[x], "..", off[x + 1], " are not a range of the ", m, " rows");
+    MIXMOE_CHECK(off[x] >= 0 && off[x] <= off[x + 1] && off[x + 1] <= m, op, "offsets[", x, "..", x + 1, "] = ", off[x],
+                 "..", off[x + 1], " are not a range of the ", m, " rows");
     const index_t rows = off[x + 1] - off[x];
     if (rows == 0 || n == 0 || k == 0) continue;  // k == 0: the rows stay 0
-    cpu::gemm(false, trans_b, rows, n, k, T(1), a + off[x] * k, k, b + x * k * n, trans_b ? k : n, T(0),
-              c + off[x] * n, n);
+    cpu::gemm(false, trans_b, rows, n, k, T(1), a + off[x] * k, k, b + x * k * n, trans_b ? k : n, T(0), c + off[x] * n,
+              n);
   }
 }
 

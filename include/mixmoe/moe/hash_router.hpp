@@ -40,7 +40,8 @@ MIXMOE_HD inline std::uint64_t hash_router_hash(std::uint64_t id, std::uint64_t 
 MIXMOE_HD inline void hash_router_experts(Index id, std::uint64_t seed, index_t k, index_t e, Index* out) {
   const auto ue = static_cast<std::uint64_t>(e);
   for (index_t j = 0; j < k; ++j) {
-    auto pick = static_cast<Index>(hash_router_hash(static_cast<std::uint64_t>(id), seed, static_cast<std::uint64_t>(j)) % ue);
+    auto pick =
+        static_cast<Index>(hash_router_hash(static_cast<std::uint64_t>(id), seed, static_cast<std::uint64_t>(j)) % ue);
     for (bool taken = true; taken;) {  // k <= e: a free expert exists
       taken = false;
       for (index_t i = 0; i < j; ++i) taken = taken || out[i] == pick;
@@ -106,9 +107,9 @@ struct HashRouter {
       r.expert = Tensor<Index, D>::empty(Shape{n * k});         // (M)
       Tensor<T, D> probs = Tensor<T, D>::zeros({n, experts_});  // (N, E)
       const T share = T(1) / static_cast<T>(k);
-      const index_t bad = mixmoe::detail::DeviceOps<D>::moe_hash_route(
-          ids.data(), n, k, experts_, vocab, detail::HashRouterExperts{seed, k, experts_}, r.expert.data(),
-          probs.data(), share);
+      const index_t bad = mixmoe::detail::DeviceOps<D>::moe_hash_route(ids.data(), n, k, experts_, vocab,
+                                                                       detail::HashRouterExperts{seed, k, experts_},
+                                                                       r.expert.data(), probs.data(), share);
       if (bad >= 0) {
         const Index id = ids[bad].item();
         MIXMOE_CHECK(false, op, "token id ", id, " at row ", bad, " is out of range [0, ",

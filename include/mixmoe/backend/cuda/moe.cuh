@@ -23,8 +23,8 @@
 // assignment, atomicMin) gives the same value whatever the order.
 #pragma once
 
-#include <cub/device/device_radix_sort.cuh>
 #include <cuda_bf16.h>
+#include <cub/device/device_radix_sort.cuh>
 
 #include <cstdint>
 #include <type_traits>
@@ -238,7 +238,8 @@ __global__ void moe_dispatch_backward(const T* g, const Index* token_offsets, co
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t t = i / c, j = i % c;
     T acc = gx[i];
-    for (Index q = token_offsets[t]; q < token_offsets[t + 1]; ++q) acc += g[static_cast<index_t>(token_rows[q]) * c + j];
+    for (Index q = token_offsets[t]; q < token_offsets[t + 1]; ++q)
+      acc += g[static_cast<index_t>(token_rows[q]) * c + j];
     gx[i] = acc;
   }
 }
@@ -355,12 +356,12 @@ __global__ void moe_logsumexp_rows(const T* l, index_t n, index_t e, double* z) 
   for (index_t t = blockIdx.x * static_cast<index_t>(blockDim.x / 32) + threadIdx.x / 32; t < n; t += warps) {
     const T* row = l + t * e;
     double mx = -INFINITY;
-    for (index_t j = lane; j < e; j += 32) mx = fmax(mx, static_cast<double>(row[j]));
-    for (int o = 16; o > 0; o /= 2) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    for (index_t j = lane; j < e; j += 32) mx = ::fmax(mx, static_cast<double>(row[j]));
+    for (int o = 16; o > 0; o /= 2) mx = ::fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     double s = 0;
-    for (index_t j = lane; j < e; j += 32) s += exp(static_cast<double>(row[j]) - mx);
+    for (index_t j = lane; j < e; j += 32) s += ::exp(static_cast<double>(row[j]) - mx);
     for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) z[t] = mx + log(s);
+    if (lane == 0) z[t] = mx + ::log(s);
   }
 }
 
@@ -381,7 +382,7 @@ __global__ void moe_z_loss_backward(const T* l, const double* z, const T* grad_o
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const double zt = z[i / e];
-    gl[i] += static_cast<T>(g * zt * exp(static_cast<double>(l[i]) - zt));
+    gl[i] += static_cast<T>(g * zt * ::exp(static_cast<double>(l[i]) - zt));
   }
 }
 
@@ -505,15 +506,15 @@ void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* off
   if (m == 0 || n == 0 || e == 0) return;
   moe_detail::DeviceBuffer tile_start(static_cast<std::size_t>(e + 1) * sizeof(long long));
   kernels::moe_gemm_tile_starts<<<1, kernels::kMoEThreads, 0, current_stream()>>>(offsets, e, m,
-                                                                                   tile_start.as<long long>());
+                                                                                  tile_start.as<long long>());
   MIXMOE_CUDA_CHECK_LAUNCH("moe_gemm_tile_starts");
   const index_t tile_bound = (m + kernels::kGemmBM - 1) / kernels::kGemmBM + e;
   const index_t col_tiles = (n + kernels::kGemmBN - 1) / kernels::kGemmBN;
   MIXMOE_CHECK(col_tiles <= 0x7fffffff, "cuda::grouped_gemm", "n = ", n, " needs too many column tiles");
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(tile_bound < 65535 ? tile_bound : 65535));
-  kernels::grouped_gemm_tiles<TIn, Acc><<<grid, kernels::kMoEThreads, 0, current_stream()>>>(
-      m, n, k, e, offsets, tile_start.as<long long>(), tile_bound, a, lda, b, ldb, stride_b, trans_b, c, ldc,
-      accumulate);
+  kernels::grouped_gemm_tiles<TIn, Acc>
+      <<<grid, kernels::kMoEThreads, 0, current_stream()>>>(m, n, k, e, offsets, tile_start.as<long long>(), tile_bound,
+                                                            a, lda, b, ldb, stride_b, trans_b, c, ldc, accumulate);
   MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_tiles");
 }
 
@@ -524,9 +525,8 @@ struct MoEOps {
   /// host_meta (2 + 2E) gets [first bad assignment or -1, routed (E), offsets (E + 1)].
   /// The copy of host_meta is THE one synchronisation of the MoE layer: the expert offsets are host
   /// values because they size the per-expert GEMMs; the range check of the ids travels with them.
-  static void moe_plan_count(const Index* token, const Index* expert, index_t m, index_t n, index_t e,
-                             index_t capacity, std::int64_t* keys_sorted, Index* ids_sorted, std::int64_t* meta,
-                             index_t* host_meta) {
+  static void moe_plan_count(const Index* token, const Index* expert, index_t m, index_t n, index_t e, index_t capacity,
+                             std::int64_t* keys_sorted, Index* ids_sorted, std::int64_t* meta, index_t* host_meta) {
     cudaStream_t s = current_stream();
     auto* meta_ll = reinterpret_cast<long long*>(meta);
     MIXMOE_CUDA_CHECK(cudaMemsetAsync(meta_ll, 0xff, sizeof(long long), s));  // first bad = -1 (all ones)
@@ -535,7 +535,8 @@ struct MoEOps {
       moe_detail::DeviceBuffer keys(static_cast<std::size_t>(m) * sizeof(unsigned long long));
       moe_detail::DeviceBuffer ids(static_cast<std::size_t>(m) * sizeof(Index));
       kernels::moe_plan_keys<<<blocks_for(m), 256, 0, s>>>(token, expert, m, n, e, keys.as<unsigned long long>(),
-                                                           ids.as<Index>(), reinterpret_cast<unsigned long long*>(meta_ll));
+                                                           ids.as<Index>(),
+                                                           reinterpret_cast<unsigned long long*>(meta_ll));
       MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_keys");
       const int items = moe_detail::to_int_items(m, "moe_plan_count");
       const int bits = moe_detail::bits_for(static_cast<unsigned long long>(e) * static_cast<unsigned long long>(n));
@@ -568,22 +569,21 @@ struct MoEOps {
     moe_detail::DeviceBuffer tok_keys(static_cast<std::size_t>(rows) * sizeof(unsigned));
     moe_detail::DeviceBuffer tok_sorted(static_cast<std::size_t>(rows) * sizeof(unsigned));
     moe_detail::DeviceBuffer row_ids(static_cast<std::size_t>(rows) * sizeof(Index));
-    kernels::moe_plan_rows<<<blocks_for(m), 256, 0, s>>>(reinterpret_cast<const unsigned long long*>(keys_sorted),
-                                                         ids_sorted, reinterpret_cast<const long long*>(meta), m, n, e,
-                                                         order, sorted_token, tok_keys.as<unsigned>(),
-                                                         row_ids.as<Index>());
+    kernels::moe_plan_rows<<<blocks_for(m), 256, 0, s>>>(
+        reinterpret_cast<const unsigned long long*>(keys_sorted), ids_sorted, reinterpret_cast<const long long*>(meta),
+        m, n, e, order, sorted_token, tok_keys.as<unsigned>(), row_ids.as<Index>());
     MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_rows");
     // Rows grouped by token, ascending within a token: a stable sort of the row numbers by token.
     const int items = moe_detail::to_int_items(rows, "moe_plan_place");
     const int bits = moe_detail::bits_for(static_cast<unsigned long long>(n));
     std::size_t temp_bytes = 0;
     MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, tok_keys.as<unsigned>(),
-                                                      tok_sorted.as<unsigned>(), row_ids.as<Index>(), token_rows,
-                                                      items, 0, bits, s));
+                                                      tok_sorted.as<unsigned>(), row_ids.as<Index>(), token_rows, items,
+                                                      0, bits, s));
     moe_detail::DeviceBuffer temp(temp_bytes);
     MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.as<void>(), temp_bytes, tok_keys.as<unsigned>(),
-                                                      tok_sorted.as<unsigned>(), row_ids.as<Index>(), token_rows,
-                                                      items, 0, bits, s));
+                                                      tok_sorted.as<unsigned>(), row_ids.as<Index>(), token_rows, items,
+                                                      0, bits, s));
     kernels::moe_token_offsets<<<blocks_for(n + 1), 256, 0, s>>>(tok_sorted.as<unsigned>(), rows, n, token_offsets);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_token_offsets");
   }
@@ -609,8 +609,8 @@ struct MoEOps {
   static void moe_dispatch_backward(const T* g, const Index* token_offsets, const Index* token_rows, index_t n,
                                     index_t c, T* gx) {
     if (n * c == 0) return;
-    kernels::moe_dispatch_backward<<<blocks_for(n * c), 256, 0, current_stream()>>>(g, token_offsets, token_rows, n,
-                                                                                     c, gx);
+    kernels::moe_dispatch_backward<<<blocks_for(n * c), 256, 0, current_stream()>>>(g, token_offsets, token_rows, n, c,
+                                                                                    gx);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_dispatch_backward");
   }
 
@@ -628,8 +628,8 @@ struct MoEOps {
   static void moe_combine_backward_y(const T* g, const T* gate, const Index* sorted_token, index_t rows, index_t c,
                                      T* gy) {
     if (rows * c == 0) return;
-    kernels::moe_combine_backward_y<<<blocks_for(rows * c), 256, 0, current_stream()>>>(g, gate, sorted_token, rows,
-                                                                                         c, gy);
+    kernels::moe_combine_backward_y<<<blocks_for(rows * c), 256, 0, current_stream()>>>(g, gate, sorted_token, rows, c,
+                                                                                        gy);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_combine_backward_y");
   }
 
@@ -637,8 +637,8 @@ struct MoEOps {
   static void moe_combine_backward_gate(const T* g, const T* y, const Index* sorted_token, index_t rows, index_t c,
                                         T* gg) {
     if (rows == 0) return;
-    kernels::moe_combine_backward_gate<<<blocks_for(rows * 32), 256, 0, current_stream()>>>(g, y, sorted_token, rows,
-                                                                                             c, gg);
+    kernels::moe_combine_backward_gate<<<blocks_for(rows * 32), 256, 0, current_stream()>>>(g, y, sorted_token, rows, c,
+                                                                                            gg);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_combine_backward_gate");
   }
 
@@ -678,7 +678,7 @@ struct MoEOps {
   static void moe_expert_fractions(const Index* expert, index_t m, index_t e, T* f) {
     if (e == 0) return;
     kernels::moe_expert_fractions<<<moe_detail::row_blocks(e), kernels::kMoEThreads, 0, current_stream()>>>(expert, m,
-                                                                                                             e, f);
+                                                                                                            e, f);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_expert_fractions");
   }
 
@@ -724,8 +724,8 @@ struct MoEOps {
       kernels::to_bf16<><<<blocks_for(b_count), 256, 0, current_stream()>>>(b, b16.as<__nv_bfloat16>(), b_count);
       MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
     }
-    grouped_gemm<__nv_bfloat16, float>(m, n, k, e, offsets, a16.as<__nv_bfloat16>(), lda, b16.as<__nv_bfloat16>(),
-                                       ldb, stride_b, trans_b, c, ldc, accumulate);
+    grouped_gemm<__nv_bfloat16, float>(m, n, k, e, offsets, a16.as<__nv_bfloat16>(), lda, b16.as<__nv_bfloat16>(), ldb,
+                                       stride_b, trans_b, c, ldc, accumulate);
   }
 };
 
