@@ -61,14 +61,14 @@ struct DispatchPlan {
   Tensor<Index, D> token_rows;     // (M') sorted rows grouped by token, ascending within a token
   IndexList offsets;               // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
   IndexList routed;                // (E) assignments the router sent to each expert, dropped ones included
+  index_t num_tokens = 0;          // N
+  index_t num_experts = 0;         // E
+  index_t num_assignments = 0;     // M
+  index_t capacity = 0;            // rows an expert may keep; 0 = dropless
+  index_t dropped = 0;             // M - M'
   // (E + 1) the offsets in the device's memory, for kernels such as the grouped GEMM; set on
   // devices other than Cpu, undefined on Cpu.
   Tensor<index_t, D> device_offsets;
-  index_t num_tokens = 0;       // N
-  index_t num_experts = 0;      // E
-  index_t num_assignments = 0;  // M
-  index_t capacity = 0;         // rows an expert may keep; 0 = dropless
-  index_t dropped = 0;          // M - M'
 
   /// M', the rows of x_sorted.
   [[nodiscard]] index_t num_rows() const { return offsets.empty() ? 0 : offsets.back(); }

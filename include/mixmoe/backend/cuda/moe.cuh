@@ -423,8 +423,8 @@ __global__ void __launch_bounds__(kMoEThreads)
     grouped_gemm_tiles(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const long long* tile_start,
                        index_t tile_bound, const TIn* a, index_t lda, const TIn* b, index_t ldb, index_t stride_b,
                        bool trans_b, Acc* c, index_t ldc, bool accumulate) {
-  __shared__ Acc as[kGemmBK][kGemmBM];  // A tile, k-major
-  __shared__ Acc bs[kGemmBK][kGemmBN];  // B tile
+  __shared__ Acc as[kGemmBK][kGemmBM + 1];  // A tile, k-major (padded: its stores spread over the banks)
+  __shared__ Acc bs[kGemmBK][kGemmBN];      // B tile
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const index_t col0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
   const long long total_tiles = tile_start[e];
