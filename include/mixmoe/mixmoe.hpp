@@ -3,6 +3,7 @@
 
 #include "mixmoe/core/allocator.hpp"
 #include "mixmoe/core/device.hpp"
+#include "mixmoe/core/device_fn.hpp"
 #include "mixmoe/core/error.hpp"
 #include "mixmoe/core/random.hpp"
 #include "mixmoe/core/shape.hpp"
@@ -39,6 +40,7 @@
 #include "mixmoe/moe/expert_choice_router.hpp"
 #include "mixmoe/moe/expert_group.hpp"
 #include "mixmoe/moe/fourier_features.hpp"
+#include "mixmoe/moe/grouped_gemm.hpp"
 #include "mixmoe/moe/hash_router.hpp"
 #include "mixmoe/moe/mixed_moe.hpp"
 #include "mixmoe/moe/moe_layer.hpp"
