@@ -48,6 +48,9 @@
 #include "bench_common.hpp"
 
 using namespace mixmoe;
+// The backend's namespace by a name of its own: <cub/...> (included by the MoE kernels) declares a
+// global namespace `cuda` (libcu++), which makes a plain `cuda::` ambiguous after `using namespace mixmoe`.
+namespace mcuda = mixmoe::cuda;
 using json = nlohmann::ordered_json;
 
 namespace {
@@ -106,9 +109,9 @@ bool wants(const Args& a, const char* part) {
 /// Median milliseconds per call of f: `warmup` calls, then `reps` timed groups of `inner` calls
 /// each (inner chosen so a group lasts about a millisecond, at most 50 calls).
 double time_ms(const std::function<void()>& f, int reps, int warmup = 2, bool adaptive = true) {
-  cudaStream_t s = cuda::current_stream();
+  cudaStream_t s = mcuda::current_stream();
   for (int i = 0; i < warmup; ++i) f();
-  cuda::synchronize();
+  mcuda::synchronize();
   cudaEvent_t a, b;
   MIXMOE_CUDA_CHECK(cudaEventCreate(&a));
   MIXMOE_CUDA_CHECK(cudaEventCreate(&b));
@@ -135,7 +138,7 @@ double time_ms(const std::function<void()>& f, int reps, int warmup = 2, bool ad
 
 /// TF32 tensor cores on or off for the library's cuBLAS handle of this thread.
 void set_library_tf32(bool on) {
-  MIXMOE_CUBLAS_CHECK(cublasSetMathMode(cuda::cublas_handle(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  MIXMOE_CUBLAS_CHECK(cublasSetMathMode(mcuda::cublas_handle(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
 }
 
 /// A cuBLAS handle of the benchmark's own (the raw baseline), on the library's stream.
@@ -143,7 +146,7 @@ struct RawCublas {
   cublasHandle_t h = nullptr;
   RawCublas() {
     MIXMOE_CUBLAS_CHECK(cublasCreate(&h));
-    MIXMOE_CUBLAS_CHECK(cublasSetStream(h, cuda::current_stream()));
+    MIXMOE_CUBLAS_CHECK(cublasSetStream(h, mcuda::current_stream()));
   }
   ~RawCublas() { (void)cublasDestroy(h); }
   RawCublas(const RawCublas&) = delete;
@@ -208,7 +211,7 @@ json bench_gemm(const Args& a, GemmBest& best) {
               "lib tf32", "Var tf32", "raw tf32", "lib bf16", "raw bf16");
   for (const Size& s : sizes) {
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
-    const auto A = cuda::randn<float>({s.m, s.k}, 11), B = cuda::randn<float>({s.k, s.n}, 12);
+    const auto A = mcuda::randn<float>({s.m, s.k}, 11), B = mcuda::randn<float>({s.k, s.n}, 12);
     auto C = Tensor<float, Cuda>::empty({s.m, s.n});
     const Var<float, Cuda> va(A), vb(B);
     json row = {{"m", s.m}, {"k", s.k}, {"n", s.n}, {"shape", s.what}};
@@ -216,7 +219,7 @@ json bench_gemm(const Args& a, GemmBest& best) {
     for (int tf = 0; tf < 2; ++tf) {
       set_library_tf32(tf == 1);
       raw.math(tf == 1);
-      const double lib = time_ms([&] { (void)cuda::matmul(A, B); }, a.reps);
+      const double lib = time_ms([&] { (void)mcuda::matmul(A, B); }, a.reps);
       const double var = time_ms([&] { (void)matmul(va, vb); }, a.reps);
       const double rw = time_ms([&] { raw.sgemm(s.m, s.n, s.k, A.data(), B.data(), C.data()); }, a.reps);
       const char* p = tf ? "tf32" : "fp32";
@@ -229,8 +232,8 @@ json bench_gemm(const Args& a, GemmBest& best) {
     best.fp32 = std::max(best.fp32, r[2]);
     best.tf32 = std::max(best.tf32, r[5]);
     {
-      const cuda::Bf16Buffer a16(A), b16(B);
-      const double lib = time_ms([&] { (void)cuda::matmul_bf16(a16, b16); }, a.reps);
+      const mcuda::Bf16Buffer a16(A), b16(B);
+      const double lib = time_ms([&] { (void)mcuda::matmul_bf16(a16, b16); }, a.reps);
       const double rw = time_ms([&] { raw.bf16gemm(s.m, s.n, s.k, a16.data(), b16.data(), C.data()); }, a.reps);
       row["lib_bf16_tflops"] = r[6] = tflops(flops, lib);
       row["raw_bf16_tflops"] = r[7] = tflops(flops, rw);
@@ -271,7 +274,7 @@ json bench_moe(const Args& a) {
   cfg.d_ff = f;
   cfg.moe.expert_hidden = f / k;  // the same active FLOPs as the dense FFN
   Generator gen(3);
-  const auto x = cuda::randn<float>({n, c}, 21), gy = cuda::randn<float>({n, c}, 22);
+  const auto x = mcuda::randn<float>({n, c}, 21), gy = mcuda::randn<float>({n, c}, 22);
   // forward 3 GEMMs + backward 6, each 2 N C F
   const double flops = 9.0 * 2.0 * static_cast<double>(n) * static_cast<double>(c) * static_cast<double>(f);
 
@@ -287,20 +290,20 @@ json bench_moe(const Args& a) {
 
   // The raw chain: forward H1 = X W1^T, H2 = X W2^T, Y = H W3^T; backward dH = dY W3, dW3 = dY^T H,
   // dX = dH1 W1 + dH2 W2, dW1 = dH1^T X, dW2 = dH2^T X.
-  auto w1 = cuda::randn<float>({f, c}, 31), w2 = cuda::randn<float>({f, c}, 32), w3 = cuda::randn<float>({c, f}, 33);
+  auto w1 = mcuda::randn<float>({f, c}, 31), w2 = mcuda::randn<float>({f, c}, 32), w3 = mcuda::randn<float>({c, f}, 33);
   auto h1 = Tensor<float, Cuda>::empty({n, f}), h2 = Tensor<float, Cuda>::empty({n, f}), y = Tensor<float, Cuda>::empty({n, c});
   auto dh = Tensor<float, Cuda>::empty({n, f}), dx = Tensor<float, Cuda>::empty({n, c});
   auto dw1 = Tensor<float, Cuda>::empty({f, c}), dw3 = Tensor<float, Cuda>::empty({c, f});
   auto chain = [&] {
-    cuda::gemm<float>(false, true, n, f, c, 1.f, x.data(), c, w1.data(), c, 0.f, h1.data(), f);
-    cuda::gemm<float>(false, true, n, f, c, 1.f, x.data(), c, w2.data(), c, 0.f, h2.data(), f);
-    cuda::gemm<float>(false, true, n, c, f, 1.f, h1.data(), f, w3.data(), f, 0.f, y.data(), c);
-    cuda::gemm<float>(false, false, n, f, c, 1.f, gy.data(), c, w3.data(), f, 0.f, dh.data(), f);
-    cuda::gemm<float>(true, false, c, f, n, 1.f, gy.data(), c, h1.data(), f, 0.f, dw3.data(), f);
-    cuda::gemm<float>(false, false, n, c, f, 1.f, dh.data(), f, w1.data(), c, 0.f, dx.data(), c);
-    cuda::gemm<float>(false, false, n, c, f, 1.f, h2.data(), f, w2.data(), c, 1.f, dx.data(), c);
-    cuda::gemm<float>(true, false, f, c, n, 1.f, dh.data(), f, x.data(), c, 0.f, dw1.data(), c);
-    cuda::gemm<float>(true, false, f, c, n, 1.f, h2.data(), f, x.data(), c, 0.f, dw1.data(), c);
+    mcuda::gemm<float>(false, true, n, f, c, 1.f, x.data(), c, w1.data(), c, 0.f, h1.data(), f);
+    mcuda::gemm<float>(false, true, n, f, c, 1.f, x.data(), c, w2.data(), c, 0.f, h2.data(), f);
+    mcuda::gemm<float>(false, true, n, c, f, 1.f, h1.data(), f, w3.data(), f, 0.f, y.data(), c);
+    mcuda::gemm<float>(false, false, n, f, c, 1.f, gy.data(), c, w3.data(), f, 0.f, dh.data(), f);
+    mcuda::gemm<float>(true, false, c, f, n, 1.f, gy.data(), c, h1.data(), f, 0.f, dw3.data(), f);
+    mcuda::gemm<float>(false, false, n, c, f, 1.f, dh.data(), f, w1.data(), c, 0.f, dx.data(), c);
+    mcuda::gemm<float>(false, false, n, c, f, 1.f, h2.data(), f, w2.data(), c, 1.f, dx.data(), c);
+    mcuda::gemm<float>(true, false, f, c, n, 1.f, dh.data(), f, x.data(), c, 0.f, dw1.data(), c);
+    mcuda::gemm<float>(true, false, f, c, n, 1.f, h2.data(), f, x.data(), c, 0.f, dw1.data(), c);
   };
 
   json out = {{"tokens", n}, {"d_model", c}, {"d_ff", f}, {"experts", experts}, {"top_k", k},
@@ -350,11 +353,13 @@ struct LmShape {
   index_t batch, seq;
 };
 
+/// Builds the model once and times its training step with FP32 GEMMs, then with TF32; one row each.
 template <class Model>
-json bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, const LmShape& sh, double unused_params,
-                    const GemmBest& best, bool tf32) {
+void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, const LmShape& sh, double unused_params,
+                    const GemmBest& best, json& rows) {
   Model model(cfg);
-  const double active_params = static_cast<double>(count_parameters(model)) - unused_params;
+  const double total_params = static_cast<double>(count_parameters(model));
+  const double active_params = total_params - unused_params;
   const auto params = parameters(model);
   AdamW<float, Cuda> opt(params, {.lr = 3e-4});
   const bool moe = count_moe_layers(model) > 0;
@@ -374,34 +379,45 @@ json bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, con
     release_routing_graphs(model);
     last_loss = loss.item();
   };
-  const double ms = time_ms(step, a.quick ? 3 : 5, 2, false);
   const double tokens = static_cast<double>(sh.batch * sh.seq);
   const double attn = 12.0 * static_cast<double>(cfg.layers) * static_cast<double>(cfg.d_model) *
                       static_cast<double>(sh.seq) * tokens;
   const double model_flops = 6.0 * active_params * tokens + attn;
-  const double achieved = tflops(model_flops, ms);
-  const double peak = tf32 ? a.peak_tf32 : a.peak_fp32;
-  const double best_raw = tf32 ? best.tf32 : best.fp32;
-  std::printf("%-6s %-10s %9.1fM %9.1fM %10.1f %12.0f %9.1f %9.1f%% %11s\n", tf32 ? "tf32" : "fp32", name,
-              static_cast<double>(count_parameters(model)) / 1e6, active_params / 1e6, ms, tokens / (ms * 1e-3),
-              achieved, 100 * achieved / peak,
-              best_raw > 0 ? (std::to_string(static_cast<int>(std::lround(100 * achieved / best_raw))) + "%").c_str() : "n/a");
-  std::fflush(stdout);
-  return {{"model", name},
-          {"gemm", tf32 ? "tf32" : "fp32"},
-          {"params", count_parameters(model)},
-          {"active_params", active_params},
-          {"batch", sh.batch},
-          {"seq", sh.seq},
-          {"step_ms", ms},
-          {"tokens_per_s", tokens / (ms * 1e-3)},
-          {"model_tflop_per_step", model_flops / 1e12},
-          {"achieved_tflops", achieved},
-          {"peak_tflops", peak},
-          {"mfu_vs_peak", achieved / peak},
-          {"mfu_vs_bf16_peak", achieved / a.peak_bf16},
-          {"mfu_vs_best_raw_cublas", best_raw > 0 ? json(achieved / best_raw) : json(nullptr)},
-          {"final_loss", last_loss}};
+  for (int tf = 0; tf < 2; ++tf) {
+    const char* mode = tf ? "tf32" : "fp32";
+    try {
+      set_library_tf32(tf == 1);
+      const double ms = time_ms(step, a.quick ? 3 : 5, 2, false);
+      const double achieved = tflops(model_flops, ms);
+      const double peak = tf ? a.peak_tf32 : a.peak_fp32;
+      const double best_raw = tf ? best.tf32 : best.fp32;
+      const std::string vs_raw =
+          best_raw > 0 ? std::to_string(static_cast<int>(std::lround(100 * achieved / best_raw))) + "%" : "n/a";
+      std::printf("%-6s %-10s %9.1fM %9.1fM %10.1f %12.0f %9.1f %9.1f%% %11s\n", mode, name, total_params / 1e6,
+                  active_params / 1e6, ms, tokens / (ms * 1e-3), achieved, 100 * achieved / peak, vs_raw.c_str());
+      std::fflush(stdout);
+      rows.push_back({{"model", name},
+                      {"gemm", mode},
+                      {"params", total_params},
+                      {"active_params", active_params},
+                      {"batch", sh.batch},
+                      {"seq", sh.seq},
+                      {"step_ms", ms},
+                      {"tokens_per_s", tokens / (ms * 1e-3)},
+                      {"model_tflop_per_step", model_flops / 1e12},
+                      {"achieved_tflops", achieved},
+                      {"peak_tflops", peak},
+                      {"mfu_vs_peak", achieved / peak},
+                      {"mfu_vs_bf16_peak", achieved / a.peak_bf16},
+                      {"mfu_vs_best_raw_cublas", best_raw > 0 ? json(achieved / best_raw) : json(nullptr)},
+                      {"final_loss", last_loss}});
+    } catch (const std::exception& e) {
+      std::printf("%-6s %-10s FAILED: %s\n", mode, name, e.what());
+      ++g_row_failures;
+      rows.push_back({{"model", name}, {"gemm", mode}, {"error", e.what()}});
+    }
+  }
+  set_library_tf32(false);
 }
 
 json bench_lm(const Args& a, const GemmBest& best) {
@@ -417,36 +433,35 @@ json bench_lm(const Args& a, const GemmBest& best) {
               "layers, vocab %ld; MFU = (6 P tokens + 12 L d T tokens) / time / peak\n",
               static_cast<long>(sh.batch), static_cast<long>(sh.seq), static_cast<long>(cfg.d_model),
               static_cast<long>(cfg.layers), static_cast<long>(cfg.vocab));
+  std::printf("MFU peak: against the datasheet peak of the row's GEMMs (fp32 %.0f, tf32 %.0f); MFU cuBLAS: against the "
+              "best raw cuBLAS rate of (a) in that precision\n",
+              a.peak_fp32, a.peak_tf32);
   std::printf("%-6s %-10s %10s %10s %10s %12s %9s %10s %11s\n", "gemm", "model", "params", "active", "step ms",
               "tokens/s", "TFLOP/s", "MFU peak", "MFU cuBLAS");
   json rows = json::array();
-  for (int tf = 0; tf < 2; ++tf) {
-    set_library_tf32(tf == 1);
-    try {
-      // Dense: every parameter is used by every token (the tied embedding once, as the output head).
-      rows.push_back(bench_lm_model<DenseLMC>(a, "dense", cfg, sh, 0.0, best, tf == 1));
-    } catch (const std::exception& e) {
-      std::printf("dense LM FAILED: %s\n", e.what());
-      ++g_row_failures;
-      rows.push_back({{"model", "dense"}, {"gemm", tf ? "tf32" : "fp32"}, {"error", e.what()}});
-    }
-    try {
-      // Mix-MoE: 4 + 4 experts of hidden d_ff / 2, a shared top-2 router: a token uses 2 experts,
-      // the same FLOPs as the dense FFN; the 6 experts it does not use are not counted.
-      ModelConfig m = cfg;
-      m.moe.experts_per_group = {4, 4};
-      m.moe.expert_hidden = cfg.d_ff / 2;
-      m.moe.top_k = 2;
-      m.moe.mix = GroupMix::shared_router;
-      const double unused = static_cast<double>(cfg.layers) * 6 * 3 * c * static_cast<double>(m.moe.expert_hidden);
-      rows.push_back(bench_lm_model<MixLMC>(a, "mix-moe", m, sh, unused, best, tf == 1));
-    } catch (const std::exception& e) {
-      std::printf("mix-moe LM FAILED: %s\n", e.what());
-      ++g_row_failures;
-      rows.push_back({{"model", "mix-moe"}, {"gemm", tf ? "tf32" : "fp32"}, {"error", e.what()}});
-    }
+  try {
+    // Dense: every parameter is used by every token (the tied embedding once, as the output head).
+    bench_lm_model<DenseLMC>(a, "dense", cfg, sh, 0.0, best, rows);
+  } catch (const std::exception& e) {
+    std::printf("dense LM FAILED: %s\n", e.what());
+    ++g_row_failures;
+    rows.push_back({{"model", "dense"}, {"error", e.what()}});
   }
-  set_library_tf32(false);
+  try {
+    // Mix-MoE: 4 + 4 experts of hidden d_ff / 2 and a shared top-2 router: a token uses 2 experts,
+    // the FLOPs of the dense FFN; the 6 experts it does not use are not counted.
+    ModelConfig m = cfg;
+    m.moe.experts_per_group = {4, 4};
+    m.moe.expert_hidden = cfg.d_ff / 2;
+    m.moe.top_k = 2;
+    m.moe.mix = GroupMix::shared_router;
+    const double unused = static_cast<double>(cfg.layers) * 6 * 3 * c * static_cast<double>(m.moe.expert_hidden);
+    bench_lm_model<MixLMC>(a, "mix-moe", m, sh, unused, best, rows);
+  } catch (const std::exception& e) {
+    std::printf("mix-moe LM FAILED: %s\n", e.what());
+    ++g_row_failures;
+    rows.push_back({{"model", "mix-moe"}, {"error", e.what()}});
+  }
   return {{"vocab", cfg.vocab}, {"d_model", cfg.d_model}, {"layers", cfg.layers}, {"heads", cfg.heads},
           {"d_ff", cfg.d_ff}, {"batch", sh.batch}, {"seq", sh.seq}, {"rows", rows}};
 }
@@ -455,13 +470,13 @@ json bench_lm(const Args& a, const GemmBest& best) {
 
 int main(int argc, char** argv) {
   const Args a = parse(argc, argv);
-  if (cuda::device_count() == 0) {
+  if (mcuda::device_count() == 0) {
     std::printf("bench_gpu: no CUDA device found (or no driver); nothing was measured\n");
     return 77;
   }
   const double t0 = bench::now_s();
   std::printf("bench_gpu on %s; peaks (dense TFLOP/s): bf16 %.0f, tf32 %.0f, fp32 %.0f%s\n",
-              cuda::device_description().c_str(), a.peak_bf16, a.peak_tf32, a.peak_fp32, a.quick ? "; --quick" : "");
+              mcuda::device_description().c_str(), a.peak_bf16, a.peak_tf32, a.peak_fp32, a.quick ? "; --quick" : "");
   json out = {{"device", device_json()},
               {"peaks_tflops", {{"bf16", a.peak_bf16}, {"tf32", a.peak_tf32}, {"fp32", a.peak_fp32}}},
               {"reps", a.reps},
