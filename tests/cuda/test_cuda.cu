@@ -82,7 +82,7 @@ void test_copies() {
 }
 
 void test_allocator() {
-  auto& a = cuda::CachingDeviceAllocator::instance();
+  auto& a = mixmoe::cuda::CachingDeviceAllocator::instance();
   { auto t = Tensor<float, Cuda>::empty({1000, 3}); }
   const AllocatorStats s0 = a.stats();
   { auto t = Tensor<float, Cuda>::empty({1000, 3}); }
@@ -94,10 +94,10 @@ void test_allocator() {
 }
 
 void test_random() {
-  const auto a = cuda::randn<float>({1 << 20}, 42).to_vector();
-  const auto b = cuda::randn<float>({1 << 20}, 42).to_vector();
+  const auto a = mixmoe::cuda::randn<float>({1 << 20}, 42).to_vector();
+  const auto b = mixmoe::cuda::randn<float>({1 << 20}, 42).to_vector();
   expect(a == b, "device randn is deterministic for a seed");
-  const auto tail = cuda::randn<float>({1000}, 42, 5).to_vector();
+  const auto tail = mixmoe::cuda::randn<float>({1000}, 42, 5).to_vector();
   expect(std::vector<float>(a.begin() + 5, a.begin() + 1005) == tail, "a draw at offset 5 continues the stream");
   double m = 0, s = 0;
   for (float v : a) m += v;
@@ -105,7 +105,7 @@ void test_random() {
   for (float v : a) s += (v - m) * (v - m);
   s = std::sqrt(s / static_cast<double>(a.size()));
   expect(std::fabs(m) < 0.005 && std::fabs(s - 1.0) < 0.005, "randn has mean 0 and standard deviation 1 (2^20 draws)");
-  const auto u = cuda::uniform<float>({1 << 20}, 3, 0, -2.0, 3.0).to_vector();
+  const auto u = mixmoe::cuda::uniform<float>({1 << 20}, 3, 0, -2.0, 3.0).to_vector();
   double lo = 1e9, hi = -1e9, um = 0;
   for (float v : u) {
     lo = std::fmin(lo, v);
@@ -123,7 +123,7 @@ void test_gemm() {
     const bool ta = t & 1, tb = t & 2;
     const Vec a = random_vec(static_cast<std::size_t>(m * k), gen), b = random_vec(static_cast<std::size_t>(k * n), gen);
     const auto da = dev(a, ta ? Shape{k, m} : Shape{m, k}), db = dev(b, tb ? Shape{n, k} : Shape{k, n});
-    expect_close(cuda::matmul(da, db, ta, tb).to_vector(), mixmoe_cuda_test::cpu_matmul(a, b, m, n, k, ta, tb), 1e-5,
+    expect_close(mixmoe::cuda::matmul(da, db, ta, tb).to_vector(), mixmoe_cuda_test::cpu_matmul(a, b, m, n, k, ta, tb), 1e-5,
                  std::string("fp32 GEMM, op(A) ") + (ta ? "A^T" : "A") + ", op(B) " + (tb ? "B^T" : "B"));
   }
   // Batched: each product against its own CPU GEMM.
@@ -131,7 +131,7 @@ void test_gemm() {
   const Vec a = random_vec(static_cast<std::size_t>(batch * m * k), gen), b = random_vec(static_cast<std::size_t>(batch * k * n), gen);
   const auto da = dev(a, {batch, m, k}), db = dev(b, {batch, k, n});
   auto dc = Tensor<float, Cuda>::empty({batch, m, n});
-  cuda::gemm_strided_batched<float>(false, false, m, n, k, 1.0f, da.data(), k, m * k, db.data(), n, k * n, 0.0f, dc.data(),
+  mixmoe::cuda::gemm_strided_batched<float>(false, false, m, n, k, 1.0f, da.data(), k, m * k, db.data(), n, k * n, 0.0f, dc.data(),
                                     n, m * n, batch);
   const auto c = dc.to_vector();
   for (std::int64_t i = 0; i < batch; ++i) {
@@ -141,12 +141,12 @@ void test_gemm() {
   }
   // bf16 operands: within bf16's rounding (8 bits of mantissa) of the fp32 product.
   const Vec a2 = random_vec(static_cast<std::size_t>(m * k), gen), b2 = random_vec(static_cast<std::size_t>(k * n), gen);
-  const cuda::Bf16Buffer ba(dev(a2, {m, k})), bb(dev(b2, {k, n}));
-  expect_close(cuda::matmul_bf16(ba, bb).to_vector(), mixmoe_cuda_test::cpu_matmul(a2, b2, m, n, k, false, false), 2e-2,
+  const mixmoe::cuda::Bf16Buffer ba(dev(a2, {m, k})), bb(dev(b2, {k, n}));
+  expect_close(mixmoe::cuda::matmul_bf16(ba, bb).to_vector(), mixmoe_cuda_test::cpu_matmul(a2, b2, m, n, k, false, false), 2e-2,
                "bf16 GEMM with fp32 accumulation");
   // ...and exact up to fp32 accumulation order against the CPU product of the bf16-rounded operands.
   const auto ra = ba.to_float().to_vector(), rb = bb.to_float().to_vector();
-  expect_close(cuda::matmul_bf16(ba, bb).to_vector(), mixmoe_cuda_test::cpu_matmul(ra, rb, m, n, k, false, false), 1e-5,
+  expect_close(mixmoe::cuda::matmul_bf16(ba, bb).to_vector(), mixmoe_cuda_test::cpu_matmul(ra, rb, m, n, k, false, false), 1e-5,
                "bf16 GEMM equals the fp32 GEMM of the rounded operands");
 }
 
@@ -160,36 +160,36 @@ void test_ops() {
     const std::string c = " (C = " + std::to_string(cols) + ")";
 
     const auto sm = mixmoe_cuda_test::cpu_softmax(x, g, rows, cols);
-    const auto y = cuda::softmax_last(dx);
+    const auto y = mixmoe::cuda::softmax_last(dx);
     expect_close(y.to_vector(), sm.y, 1e-6, "softmax forward" + c);
-    expect_close(cuda::softmax_last_backward(dg, y).to_vector(), sm.dx, 1e-6, "softmax backward" + c);
+    expect_close(mixmoe::cuda::softmax_last_backward(dg, y).to_vector(), sm.dx, 1e-6, "softmax backward" + c);
 
     const auto rn = mixmoe_cuda_test::cpu_rms_norm(x, w, g, rows, cols, 1e-6);
-    const auto [ry, rstd] = cuda::rms_norm(dx, dw, 1e-6);
+    const auto [ry, rstd] = mixmoe::cuda::rms_norm(dx, dw, 1e-6);
     expect_close(ry.to_vector(), rn.y, 1e-6, "rms_norm forward" + c);
-    const auto [rdx, rdw] = cuda::rms_norm_backward(dg, dx, dw, rstd);
+    const auto [rdx, rdw] = mixmoe::cuda::rms_norm_backward(dg, dx, dw, rstd);
     expect_close(rdx.to_vector(), rn.dx, 1e-5, "rms_norm backward dx" + c);
     expect_close(rdw.to_vector(), rn.dw, 1e-5, "rms_norm backward dweight" + c);
 
     const auto si = mixmoe_cuda_test::cpu_silu(x, g, rows, cols);
-    expect_close(cuda::silu(dx).to_vector(), si.y, 1e-6, "silu forward" + c);
-    expect_close(cuda::silu_backward(dg, dx).to_vector(), si.dx, 1e-6, "silu backward" + c);
+    expect_close(mixmoe::cuda::silu(dx).to_vector(), si.y, 1e-6, "silu forward" + c);
+    expect_close(mixmoe::cuda::silu_backward(dg, dx).to_vector(), si.dx, 1e-6, "silu backward" + c);
 
     const auto mr = mixmoe_cuda_test::cpu_mul_row(x, w, g, rows, cols);
-    expect_close(cuda::mul(dx, dw).to_vector(), mr.y, 1e-6, "mul by a broadcast row" + c);
-    expect_close(cuda::mul(dg, dw).to_vector(), mr.dx, 1e-6, "mul backward, the full operand" + c);
-    expect_close(cuda::sum_rows(dg, dx).to_vector(), mr.dw, 1e-5, "mul backward, the broadcast row" + c);
+    expect_close(mixmoe::cuda::mul(dx, dw).to_vector(), mr.y, 1e-6, "mul by a broadcast row" + c);
+    expect_close(mixmoe::cuda::mul(dg, dw).to_vector(), mr.dx, 1e-6, "mul backward, the full operand" + c);
+    expect_close(mixmoe::cuda::sum_rows(dg, dx).to_vector(), mr.dw, 1e-5, "mul backward, the broadcast row" + c);
     Vec sum_ref(sz);
     for (std::size_t i = 0; i < sz; ++i) sum_ref[i] = x[i] + w[i % static_cast<std::size_t>(cols)];
-    expect_close(cuda::add(dx, dw).to_vector(), sum_ref, 1e-7, "add a broadcast row" + c);
+    expect_close(mixmoe::cuda::add(dx, dw).to_vector(), sum_ref, 1e-7, "add a broadcast row" + c);
 
     for (const double eps : {0.0, 1e-6}) {
       const std::int64_t f = cols / 2 + 1;
       const Vec gf = random_vec(static_cast<std::size_t>(rows * f), gen);
       const auto fm = mixmoe_cuda_test::cpu_rfft_magnitude(x, gf, rows, cols, eps);
-      const auto [mag, spec] = cuda::rfft_magnitude(dx, eps);
+      const auto [mag, spec] = mixmoe::cuda::rfft_magnitude(dx, eps);
       expect_close(mag.to_vector(), fm.y, 1e-5, "rfft magnitude forward" + c);
-      expect_close(cuda::rfft_magnitude_backward(dev(gf, {rows, f}), spec, mag, dx.shape()).to_vector(), fm.dx, 1e-5,
+      expect_close(mixmoe::cuda::rfft_magnitude_backward(dev(gf, {rows, f}), spec, mag, dx.shape()).to_vector(), fm.dx, 1e-5,
                    "rfft magnitude backward" + c);
     }
   }
@@ -229,22 +229,22 @@ void test_autograd() {
 void test_errors() {
   bool threw = false;
   try {
-    (void)cuda::matmul(Tensor<float, Cuda>::zeros({2, 3}), Tensor<float, Cuda>::zeros({4, 5}));
+    (void)mixmoe::cuda::matmul(Tensor<float, Cuda>::zeros({2, 3}), Tensor<float, Cuda>::zeros({4, 5}));
   } catch (const Error& e) {
     threw = std::string(e.what()).find("inner extents") != std::string::npos;
   }
-  expect(threw, "a shape mismatch in cuda::matmul is an Error naming the extents");
+  expect(threw, "a shape mismatch in mixmoe::cuda::matmul is an Error naming the extents");
 }
 
 }  // namespace
 
 int main() {
-  const int devices = cuda::device_count();
+  const int devices = mixmoe::cuda::device_count();
   if (devices == 0) {
     std::printf("test_cuda: SKIPPED: no CUDA device found (or no driver); no GPU test ran\n");
     return 77;
   }
-  std::printf("test_cuda: on %s\n", cuda::device_description().c_str());
+  std::printf("test_cuda: on %s\n", mixmoe::cuda::device_description().c_str());
   const std::pair<const char*, std::function<void()>> tests[] = {
       {"host<->device copies and views", test_copies}, {"caching allocator", test_allocator},
       {"device random numbers", test_random},          {"cuBLAS GEMM", test_gemm},
@@ -254,7 +254,7 @@ int main() {
     std::printf("%s\n", name);
     try {
       fn();
-      cuda::synchronize();
+      mixmoe::cuda::synchronize();
     } catch (const std::exception& e) {
       ++failures;
       std::printf("  FAILED: threw %s\n", e.what());
