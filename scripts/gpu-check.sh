@@ -4,7 +4,7 @@
 # the GPU's architecture, builds every GPU test (test_cuda*) and bench_gpu with all cores, runs
 # `ctest -L gpu`, then bench_gpu, and writes everything into one directory:
 #
-#   scripts/gpu-check.sh [OUT_DIR] [--arch SM] [--build-dir DIR] [--jobs N]
+#   scripts/gpu-check.sh [OUT_DIR] [--arch SM] [--build-dir DIR] [--jobs N] [--deps DIR]
 #
 #   OUT_DIR      where the results go (default build/gpu-check): environment.txt (tools, GPU,
 #                commit), nvidia-smi.txt, configure.log, build.log, ctest.log, bench.txt (the
@@ -13,6 +13,9 @@
 #                GPU's compute capability from nvidia-smi, else 90
 #   --build-dir  the CMake build directory (default build/gpu-check-build; reused by a second run)
 #   --jobs N     parallel compile jobs (default: all cores)
+#   --deps DIR   libraries unpacked by scripts/gpu-bundle.sh on another Debian machine (DIR/root/usr),
+#                for a GPU machine without them: put on CMAKE_PREFIX_PATH, the include checks and
+#                LD_LIBRARY_PATH (linking and running)
 #
 # Time limits keep the whole run within about 9 minutes on 16 cores: the GPU tests 180 s in all
 # (150 s each), the benchmark 200 s. A target that fails to compile does not stop the others: they
@@ -23,13 +26,14 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-out=build/gpu-check build=build/gpu-check-build arch="" jobs=$(nproc)
+out=build/gpu-check build=build/gpu-check-build arch="" jobs=$(nproc) deps=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --arch) arch=${2:?--arch needs a value}; shift 2 ;;
     --build-dir) build=${2:?--build-dir needs a value}; shift 2 ;;
     --jobs) jobs=${2:?--jobs needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --deps) deps=${2:?--deps needs a value}; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     -*) echo "gpu-check: unknown option $1 (--help)" >&2; exit 2 ;;
     *) out=$1; shift ;;
   esac
@@ -47,6 +51,17 @@ phase_end() { note "$(printf '%-10s %-40s %5d s' "$1" "$2" $((SECONDS - phase_t0
 # ---- 1. tools and libraries ------------------------------------------------------------------
 phase_start "tools and libraries"
 missing=()
+dep_dirs=()  # include and library roots of --deps
+if [[ -n $deps ]]; then
+  [[ -d $deps/root/usr ]] || { note "gpu-check: --deps $deps has no root/usr (made by scripts/gpu-bundle.sh?)"; exit 2; }
+  dep_root=$(cd "$deps/root/usr" && pwd)
+  dep_dirs=("$dep_root")
+  export CMAKE_PREFIX_PATH=$dep_root${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
+  for l in "$dep_root"/lib/*-linux-gnu "$dep_root/lib"; do
+    [[ -d $l ]] && export LD_LIBRARY_PATH=$l${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  done
+  note "using the libraries of $dep_root"
+fi
 if ! command -v nvcc > /dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then export PATH=/usr/local/cuda/bin:$PATH; fi
 command -v cmake > /dev/null || missing+=("cmake (Debian package cmake)")
 cxx=${CXX:-$(command -v c++ || command -v g++ || true)}
@@ -55,7 +70,8 @@ command -v nvcc > /dev/null || missing+=("nvcc (the CUDA toolkit; not on PATH no
 # have_header FILE: under the usual include directories (multiarch too) or $CPATH.
 have_header() {
   local d
-  for d in /usr/include /usr/local/include /usr/include/*-linux-gnu $(tr : " " <<< "${CPATH:-}"); do
+  for d in /usr/include /usr/local/include /usr/include/*-linux-gnu $(tr : " " <<< "${CPATH:-}") \
+    ${dep_dirs[@]/%//include}; do
     [[ -e $d/$1 ]] && return 0
   done
   return 1
@@ -63,6 +79,10 @@ have_header() {
 # have_lib NAME: libNAME.so known to the dynamic linker or in a usual library directory.
 have_lib() {
   ldconfig -p 2> /dev/null | grep -q "lib$1\.so" && return 0
+  local d
+  for d in "${dep_dirs[@]}"; do
+    compgen -G "$d/lib/*-linux-gnu/lib$1.so*" > /dev/null || compgen -G "$d/lib/lib$1.so*" > /dev/null && return 0
+  done
   compgen -G "/usr/lib/*/lib$1.so*" > /dev/null || compgen -G "/usr/lib/lib$1.so*" > /dev/null ||
     compgen -G "/usr/local/lib/lib$1.so*" > /dev/null
 }
@@ -108,7 +128,7 @@ fi
   echo "cmake: $(cmake --version | head -1)"
   echo "c++: $cxx: $("$cxx" --version | head -1)"
   echo "nvcc: $(nvcc --version | tail -2 | tr '\n' ' ')"
-  echo "gpus: $gpus; CMAKE_CUDA_ARCHITECTURES=$arch; MIXMOE_USE_BLAS=$blas; jobs $jobs"
+  echo "gpus: $gpus; CMAKE_CUDA_ARCHITECTURES=$arch; MIXMOE_USE_BLAS=$blas; jobs $jobs; deps ${deps:-system}"
 } > "$out/environment.txt"
 cat "$out/environment.txt"
 phase_end deps "ok ($gpus GPU(s), sm_$arch)"
