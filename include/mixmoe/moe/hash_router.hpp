@@ -98,45 +98,33 @@ struct HashRouter {
     MIXMOE_CHECK(ctx.token_ids->numel() == n, op, "token_ids of shape ", ctx.token_ids->shape(),
                  " must have one id per row of x of shape ", x.shape());
     const Tensor<Index, D> ids = ctx.token_ids->contiguous();  // (N)
-    if constexpr (!Tensor<Index, D>::on_host) {
-      // One thread per row; the kernel checks the ids, and the first bad row comes back (a
-      // synchronisation: the ids are only known on the device, and a bad id must be an error).
-      mixmoe::detail::require_device_ops<D>();
-      Routing<T, D> r;
-      r.token = detail::repeat_rows<D>(n, k);                   // (M)
-      r.expert = Tensor<Index, D>::empty(Shape{n * k});         // (M)
-      Tensor<T, D> probs = Tensor<T, D>::zeros({n, experts_});  // (N, E)
-      const T share = T(1) / static_cast<T>(k);
-      const index_t bad = mixmoe::detail::DeviceOps<D>::moe_hash_route(ids.data(), n, k, experts_, vocab,
-                                                                       detail::HashRouterExperts{seed, k, experts_},
-                                                                       r.expert.data(), probs.data(), share);
-      if (bad >= 0) {
-        const Index id = ids[bad].item();
-        MIXMOE_CHECK(false, op, "token id ", id, " at row ", bad, " is out of range [0, ",
-                     vocab == 0 ? std::string("inf") : std::to_string(vocab), ")");
-      }
-      r.gate = Var<T, D>(Tensor<T, D>::full(Shape{n * k}, share));  // (M), constant
-      r.probs = Var<T, D>(std::move(probs));
-      r.logits = Var<T, D>(Tensor<T, D>::zeros({n, experts_}));
-      r.num_experts = experts_;
-      r.num_tokens = n;
-      return r;
-    }
-    const Index* pid = ids.data();
-    for (index_t i = 0; i < n; ++i)
-      MIXMOE_CHECK(pid[i] >= 0 && (vocab == 0 || pid[i] < vocab), op, "token id ", pid[i], " at row ", i,
-                   " is out of range [0, ", vocab == 0 ? std::string("inf") : std::to_string(vocab), ")");
-
+    const auto out_of_range = [&](index_t row, Index id) {
+      MIXMOE_CHECK(false, op, "token id ", id, " at row ", row, " is out of range [0, ",
+                   vocab == 0 ? std::string("inf") : std::to_string(vocab), ")");
+    };
     Routing<T, D> r;
     r.token = detail::repeat_rows<D>(n, k);                   // (M)
     r.expert = Tensor<Index, D>::empty(Shape{n * k});         // (M)
     Tensor<T, D> probs = Tensor<T, D>::zeros({n, experts_});  // (N, E)
     const T share = T(1) / static_cast<T>(k);
-    Index* pe = r.expert.data();
-    T* pp = probs.data();
-    for (index_t i = 0; i < n; ++i) {
-      experts_of(pid[i], pe + i * k);
-      for (index_t j = 0; j < k; ++j) pp[i * experts_ + pe[i * k + j]] = share;
+    if constexpr (!Tensor<Index, D>::on_host) {
+      // One thread per row; the kernel checks the ids, and the first bad row comes back (a
+      // synchronisation: the ids are only known on the device, and a bad id must be an error).
+      mixmoe::detail::require_device_ops<D>();
+      const index_t bad = mixmoe::detail::DeviceOps<D>::moe_hash_route(ids.data(), n, k, experts_, vocab,
+                                                                       detail::HashRouterExperts{seed, k, experts_},
+                                                                       r.expert.data(), probs.data(), share);
+      if (bad >= 0) out_of_range(bad, ids[bad].item());
+    } else {
+      const Index* pid = ids.data();
+      for (index_t i = 0; i < n; ++i)
+        if (pid[i] < 0 || (vocab != 0 && pid[i] >= vocab)) out_of_range(i, pid[i]);
+      Index* pe = r.expert.data();
+      T* pp = probs.data();
+      for (index_t i = 0; i < n; ++i) {
+        experts_of(pid[i], pe + i * k);
+        for (index_t j = 0; j < k; ++j) pp[i * experts_ + pe[i * k + j]] = share;
+      }
     }
     r.gate = Var<T, D>(Tensor<T, D>::full(Shape{n * k}, share));  // (M), constant
     r.probs = Var<T, D>(std::move(probs));

@@ -105,19 +105,8 @@ __device__ inline long long moe_block_inclusive_scan(long long v, long long* tot
 }
 
 /// The first position p in [0, m) with sorted[p] >= key (m when none).
-__device__ inline index_t moe_lower_bound(const unsigned long long* sorted, index_t m, unsigned long long key) {
-  index_t lo = 0, hi = m;
-  while (lo < hi) {
-    const index_t mid = lo + (hi - lo) / 2;
-    if (sorted[mid] < key)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
-__device__ inline index_t moe_lower_bound_u32(const unsigned* sorted, index_t m, unsigned key) {
+template <class K>
+__device__ inline index_t moe_lower_bound(const K* sorted, index_t m, K key) {
   index_t lo = 0, hi = m;
   while (lo < hi) {
     const index_t mid = lo + (hi - lo) / 2;
@@ -202,7 +191,7 @@ template <int = 0>
 __global__ void moe_token_offsets(const unsigned* sorted_tok, index_t rows, index_t n, Index* token_offsets) {
   for (index_t t = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; t <= n;
        t += static_cast<index_t>(gridDim.x) * blockDim.x)
-    token_offsets[t] = static_cast<Index>(moe_lower_bound_u32(sorted_tok, rows, static_cast<unsigned>(t)));
+    token_offsets[t] = static_cast<Index>(moe_lower_bound(sorted_tok, rows, static_cast<unsigned>(t)));
 }
 
 // ---- gathers and the weighted combine -------------------------------------------------------------
