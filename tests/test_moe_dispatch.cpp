@@ -38,10 +38,10 @@ TEST_CASE("dispatch plan: rows sorted by expert, token order within an expert", 
   auto r = make_routing<double>(token, expert, std::vector<double>(10, 1.0), 5, 3);
   const auto plan = make_dispatch_plan(r);
   REQUIRE(plan.num_rows() == 10);
-  REQUIRE(plan.dropped == 0);
+  REQUIRE(plan.dropped() == 0);
   REQUIRE(plan.capacity == 0);
-  REQUIRE(list(plan.offsets) == std::vector<index_t>{0, 4, 7, 10});
-  REQUIRE(list(plan.routed) == std::vector<index_t>{4, 3, 3});
+  REQUIRE(list(plan.offsets()) == std::vector<index_t>{0, 4, 7, 10});
+  REQUIRE(list(plan.routed()) == std::vector<index_t>{4, 3, 3});
   // expert 0: assignments 1 (t0), 2 (t1), 6 (t3), 9 (t4); expert 1: 3, 5, 8; expert 2: 0, 4, 7
   REQUIRE(ints(plan.order) == std::vector<Index>{1, 2, 6, 9, 3, 5, 8, 0, 4, 7});
   REQUIRE(ints(plan.sorted_token) == std::vector<Index>{0, 1, 3, 4, 1, 2, 4, 0, 2, 3});
@@ -56,7 +56,7 @@ TEST_CASE("dispatch plan: assignments in any order come out in token order per e
   const std::vector<int> expert{1, 1, 0, 1, 1, 0};
   auto r = make_routing<double>(token, expert, std::vector<double>(6, 1.0), 4, 2);
   const auto plan = make_dispatch_plan(r);
-  REQUIRE(list(plan.offsets) == std::vector<index_t>{0, 2, 6});
+  REQUIRE(list(plan.offsets()) == std::vector<index_t>{0, 2, 6});
   REQUIRE(ints(plan.sorted_token) == std::vector<Index>{0, 0, 1, 2, 2, 3});
   REQUIRE(ints(plan.order) == std::vector<Index>{2, 5, 1, 3, 4, 0});  // ties in assignment order
 }
@@ -68,16 +68,16 @@ TEST_CASE("dispatch plan: capacity keeps each expert's first tokens and counts t
   // capacity = ceil(0.6 * 10 / 3) = 2
   const auto plan = make_dispatch_plan(r, 0.6);
   REQUIRE(plan.capacity == 2);
-  REQUIRE(list(plan.offsets) == std::vector<index_t>{0, 2, 4, 6});
-  REQUIRE(plan.dropped == 4);
-  REQUIRE(list(plan.routed) == std::vector<index_t>{4, 3, 3});  // the router's choice, drops included
+  REQUIRE(list(plan.offsets()) == std::vector<index_t>{0, 2, 4, 6});
+  REQUIRE(plan.dropped() == 4);
+  REQUIRE(list(plan.routed()) == std::vector<index_t>{4, 3, 3});  // the router's choice, drops included
   REQUIRE(ints(plan.sorted_token) == std::vector<Index>{0, 1, 1, 2, 0, 2});
   REQUIRE(ints(plan.order) == std::vector<Index>{1, 2, 3, 5, 0, 4});
   // exact products do not round up; a large factor keeps everything
   REQUIRE(expert_capacity(1.25, 8, 2) == 5);
   REQUIRE(expert_capacity(1.0, 12, 4) == 3);
   REQUIRE(expert_capacity(0.01, 12, 4) == 1);
-  REQUIRE(make_dispatch_plan(r, 10.0).dropped == 0);
+  REQUIRE(make_dispatch_plan(r, 10.0).dropped() == 0);
 }
 
 TEST_CASE("dispatch plan errors name the bad value", "[moe][dispatch][errors]") {
@@ -131,7 +131,7 @@ TEST_CASE("gradcheck: combine_by_expert w.r.t. rows and gates", "[moe][dispatch]
   for (const auto& cs : cases) {
     auto r = make_routing<double>(cs.token, cs.expert, std::vector<double>(cs.token.size(), 1.0), cs.n, cs.e);
     const auto plan = make_dispatch_plan(r, cs.capacity_factor);
-    INFO("rows " << plan.num_rows() << " dropped " << plan.dropped);
+    INFO("rows " << plan.num_rows() << " dropped " << plan.dropped());
     const auto n = cs.n;
     MIXMOE_REQUIRE_GRADCHECK([&plan, n](const std::vector<Vd>& in) { return combine_by_expert(in[0], in[1], plan, n); },
                              {rand_var({plan.num_rows(), cs.c}, 1), rand_var({plan.num_rows()}, 2)});
@@ -154,7 +154,7 @@ TEST_CASE("moe_forward equals a per-token loop over the experts", "[moe][dispatc
   SECTION("dropless") {
     DispatchPlan<Cpu> plan;
     auto out = moe_forward(x, r, e, 0.0, expert, &plan);
-    REQUIRE(plan.dropped == 0);
+    REQUIRE(plan.dropped() == 0);
     const auto ref = naive_moe(x.value(), r, std::vector<bool>(static_cast<std::size_t>(n * 2), true), expert);
     REQUIRE(max_abs_diff(out.value(), ref) < 1e-12);
   }
@@ -162,7 +162,7 @@ TEST_CASE("moe_forward equals a per-token loop over the experts", "[moe][dispatc
     DispatchPlan<Cpu> plan;
     auto out = moe_forward(x, r, e, 0.5, expert, &plan);  // capacity ceil(0.5 * 18 / 4) = 3
     REQUIRE(plan.capacity == 3);
-    REQUIRE(plan.dropped > 0);
+    REQUIRE(plan.dropped() > 0);
     // kept: an expert's first `capacity` assignments in token order (here the assignment order)
     std::vector<bool> kept(static_cast<std::size_t>(n * 2));
     std::vector<index_t> seen(static_cast<std::size_t>(e), 0);
@@ -172,7 +172,7 @@ TEST_CASE("moe_forward equals a per-token loop over the experts", "[moe][dispatc
       kept[static_cast<std::size_t>(m)] = seen[ex]++ < 3;
       dropped += kept[static_cast<std::size_t>(m)] ? 0 : 1;
     }
-    REQUIRE(plan.dropped == dropped);
+    REQUIRE(plan.dropped() == dropped);
     const auto ref = naive_moe(x.value(), r, kept, expert);
     REQUIRE(max_abs_diff(out.value(), ref) < 1e-12);
   }

@@ -172,7 +172,7 @@ TEST_CASE("gradcheck: MixedMoE w.r.t. x and every parameter, all modes, dropless
       MIXMOE_REQUIRE_GRADCHECK([&](const std::vector<Vd>& in) { return layer(in[0]); }, inputs);
       index_t dropped = 0;
       for (const auto& rec : layer.routing_records()) {
-        dropped += rec.dropped;
+        dropped += rec.dropped();
         REQUIRE(rec.capacity == (cf > 0 ? 2 : 0));
       }
       if (cf > 0)
@@ -192,8 +192,8 @@ TEST_CASE("MixedMoE records the last forward's routing", "[moe][layer]") {
   REQUIRE(recs[0].name == "router.lm");
   REQUIRE(recs[1].name == "router.mt");
   REQUIRE(recs[0].routing.probs.shape() == Shape{5, 2});
-  REQUIRE(recs[0].routed[0] + recs[0].routed[1] == 5);
-  REQUIRE(recs[0].kept == recs[0].routed);
+  REQUIRE(recs[0].routed()[0] + recs[0].routed()[1] == 5);
+  REQUIRE(recs[0].kept() == recs[0].routed());
   layer(rand_var({3, 4}, 2));
   REQUIRE(layer.routing_records()[1].routing.probs.shape() == Shape{3, 2});
   layer.clear_routing_records();
@@ -392,7 +392,7 @@ TEST_CASE("routing statistics of a model's layers", "[moe][stats]") {
   REQUIRE(stats[1].router == "router.mt");
   REQUIRE(stats[0].num_tokens == 6);
   REQUIRE(stats[0].capacity == 2);
-  REQUIRE(stats[0].dropped == layer.routing_records()[0].dropped);
+  REQUIRE(stats[0].dropped == layer.routing_records()[0].dropped());
   index_t kept = 0;
   for (auto v : stats[0].kept_per_expert) kept += v;
   REQUIRE(kept + stats[0].dropped == 6);

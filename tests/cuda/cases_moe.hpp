@@ -91,13 +91,13 @@ void put_plan(Results& r, const std::string& name, const mixmoe::DispatchPlan<D>
   put(r, name + " sorted_token", plan.sorted_token, 0);
   put(r, name + " token_offsets", plan.token_offsets, 0);
   put(r, name + " token_rows", plan.token_rows, 0);
-  put(r, name + " offsets", host_list(plan.offsets), 0);
-  put(r, name + " routed", host_list(plan.routed), 0);
-  put(r, name + " dropped/capacity", host_list(std::vector<index_t>{plan.dropped, plan.capacity, plan.num_rows()}), 0);
+  put(r, name + " offsets", host_list(plan.offsets()), 0);
+  put(r, name + " routed", host_list(plan.routed()), 0);
+  put(r, name + " dropped/capacity", host_list(std::vector<index_t>{plan.dropped(), plan.capacity, plan.num_rows()}), 0);
   if constexpr (!mixmoe::Tensor<Index, D>::on_host)  // the device's copy of the offsets equals the host's
     put(r, name + " device offsets", plan.device_offsets, 0);
   else
-    put(r, name + " device offsets", host_list(plan.offsets), 0);
+    put(r, name + " device offsets", host_list(plan.offsets()), 0);
 }
 
 /// The dispatch plan over several routings: random (with a token sent twice to one expert),
@@ -191,7 +191,7 @@ void dispatch_cases(Results& r) {
         put(r, name + " moe_forward out", out, tl);
         put(r, name + " moe_forward dx", x.grad(), tl);
         put(r, name + " moe_forward dgate", routing.gate.grad(), tl);
-        put(r, name + " moe_forward offsets", host_list(used.offsets), 0);
+        put(r, name + " moe_forward offsets", host_list(used.offsets()), 0);
       }
     }
   }
@@ -289,8 +289,8 @@ void layer_case(Results& r, const std::string& name, Layer& layer, index_t n, in
   for (auto& [pname, p] : named_parameters(layer)) put(r, name + " d" + pname, p.grad(), tl);
   visit_moe_layers(layer, [&](const auto& moe) {
     for (const auto& rec : moe.routing_records()) {
-      put(r, name + " " + rec.name + " routed", host_list(rec.routed), 0);
-      put(r, name + " " + rec.name + " kept", host_list(rec.kept), 0);
+      put(r, name + " " + rec.name + " routed", host_list(rec.routed()), 0);
+      put(r, name + " " + rec.name + " kept", host_list(rec.kept()), 0);
       put(r, name + " " + rec.name + " expert", rec.routing.expert, 0);
       const RoutingStats st = routing_stats(rec);
       put(r, name + " " + rec.name + " stats", host_list(std::vector<index_t>{st.dropped, st.num_assignments}), 0);
@@ -412,7 +412,7 @@ void grouped_gemm_cases(Results& r) {
         make_dispatch_plan(moe_cases::indices<D>(a.token), moe_cases::indices<D>(a.expert), 150, 6, 0.0);
     Tensor<index_t, D> offsets;
     if constexpr (Tensor<Index, D>::on_host)
-      offsets = Tensor<index_t, D>::from(std::vector<index_t>(plan.offsets.begin(), plan.offsets.end()), Shape{7});
+      offsets = Tensor<index_t, D>::from(std::vector<index_t>(plan.offsets().begin(), plan.offsets().end()), Shape{7});
     else
       offsets = plan.device_offsets;
     const Tensor<T, D> xs = randn<T, D>({plan.num_rows(), 40}, 951);

@@ -4,7 +4,7 @@
 //    "rope_theta": 10000.0, "norm_eps": 1e-06, "init_std": 0.02, "tie_embeddings": true,
 //    "attn_bias": false, "qk_norm": false, "seed": 0,
 //    "moe": {"experts_per_group": [8], "expert_hidden": 0, "top_k": 2, "capacity_factor": 0.0,
-//            "mix": "group_gate", "fixed_mix": []}}
+//            "mix": "group_gate", "fixed_mix": [], "expert_execution": "auto"}}
 //
 // Reading: a missing field keeps its default (files from older versions load); an unknown
 // field or a value of the wrong type is an error naming the field ("config.moe.top_k: expected
@@ -37,9 +37,26 @@ inline const char* group_mix_name(GroupMix m) {
   return "?";
 }
 
+inline const char* expert_execution_name(ExpertExecution e) {
+  switch (e) {
+    case ExpertExecution::automatic:
+      return "auto";
+    case ExpertExecution::grouped:
+      return "grouped";
+    case ExpertExecution::per_expert:
+      return "per_expert";
+  }
+  return "?";
+}
+
 inline nlohmann::json moe_config_to_json(const MoEConfig& m) {
-  return {{"experts_per_group", m.experts_per_group}, {"expert_hidden", m.expert_hidden}, {"top_k", m.top_k},
-          {"capacity_factor", m.capacity_factor},     {"mix", group_mix_name(m.mix)},     {"fixed_mix", m.fixed_mix}};
+  return {{"experts_per_group", m.experts_per_group},
+          {"expert_hidden", m.expert_hidden},
+          {"top_k", m.top_k},
+          {"capacity_factor", m.capacity_factor},
+          {"mix", group_mix_name(m.mix)},
+          {"fixed_mix", m.fixed_mix},
+          {"expert_execution", expert_execution_name(m.execution)}};
 }
 
 inline nlohmann::json model_config_to_json(const ModelConfig& c) {
@@ -131,7 +148,8 @@ void read_list(const json& j, const std::string& where, const char* key, std::ve
 /// Reads an MoEConfig; `where` names the object in errors ("config.moe").
 inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string& where = "moe") {
   using namespace detail::json_cfg;
-  check_keys(j, where, {"experts_per_group", "expert_hidden", "top_k", "capacity_factor", "mix", "fixed_mix"});
+  check_keys(j, where,
+             {"experts_per_group", "expert_hidden", "top_k", "capacity_factor", "mix", "fixed_mix", "expert_execution"});
   MoEConfig m;
   read_list(j, where, "experts_per_group", m.experts_per_group);
   read(j, where, "expert_hidden", m.expert_hidden);
@@ -150,6 +168,19 @@ inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string
       m.mix = GroupMix::fixed;
     else
       detail::fail("config", where, ".mix: unknown value '", s, "' (shared_router, group_gate or fixed)");
+  }
+  if (j.contains("expert_execution")) {
+    const auto& v = j.at("expert_execution");
+    MIXMOE_CHECK(v.is_string(), "config", where, ".expert_execution: expected a string, got ", v.dump());
+    const auto s = v.get<std::string>();
+    if (s == "auto")
+      m.execution = ExpertExecution::automatic;
+    else if (s == "grouped")
+      m.execution = ExpertExecution::grouped;
+    else if (s == "per_expert")
+      m.execution = ExpertExecution::per_expert;
+    else
+      detail::fail("config", where, ".expert_execution: unknown value '", s, "' (auto, grouped or per_expert)");
   }
   return m;
 }

@@ -10,28 +10,35 @@
 //                       out[sorted_token[r]] += gate_sorted[r] * y_sorted[r]
 //   moe_forward:        x (N, C), Routing -> (N, C),
 //                       out[token[m]] += gate[m] * expert[m](x[token[m]]) over the kept assignments m
+//   moe_forward_grouped the same with every expert in one call on x_sorted (grouped GEMM)
 //
 // Order: the rows of one expert are in token order (ties, a token sent twice to the
 // same expert, in assignment order). The plan is a counting sort, computed on one
 // thread, so the order and every sum below are the same whatever the thread count.
 //
 // On a device (Cuda) the plan is computed there (a stable sort of the assignments by
-// (expert, token), backend/cuda/moe.cuh) in the same order as on the CPU; the expert
-// offsets and routed counts come back to the host in one small copy per plan, the one
-// synchronisation of the MoE layer (they size the per-expert GEMMs). dispatch_by_expert,
-// combine_by_expert and the gate gather of moe_forward run as device kernels whose every
-// output is summed by one thread in the plan's order (no atomics): deterministic.
+// (expert, token), backend/cuda/moe.cuh) in the same order as on the CPU. A dropless plan
+// reads nothing back: M' = M, and the expert offsets stay in device memory for the grouped
+// GEMM (moe_forward_grouped). The per-expert counts come to the host in one small copy
+// when something asks for them (moe_forward's per-expert blocks, routing statistics) or at
+// once in capacity mode. dispatch_by_expert, combine_by_expert and the gate gather run as
+// device kernels whose every output is summed by one thread in the plan's order (no
+// atomics): deterministic. An assignment whose token or expert is out of range: on Cpu, and
+// on a device in capacity mode, an error when the plan is made; in a dropless device plan,
+// NaN in every output of combine_by_expert (checking would be a synchronisation) and the
+// error at the first read of the counts.
 //
 // Capacity mode (capacity_factor > 0): capacity = ceil(capacity_factor * M / E); an
 // expert keeps its first `capacity` assignments in token order and drops the rest.
 // A dropped assignment reads nothing and adds nothing (its token keeps only what its
-// other experts give, plus the residual around the layer); plan.dropped counts them.
+// other experts give, plus the residual around the layer); plan.dropped() counts them.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -50,30 +57,70 @@ namespace mixmoe {
 /// step does not call malloc for it.
 using IndexList = std::vector<index_t, PoolAllocator<index_t>>;
 
-/// Where every assignment of a routing goes: the rows sorted by expert, and per token
-/// the sorted rows that add into it. Index tensors live on the device; the expert
-/// offsets are host values because they size the per-expert GEMMs.
+namespace detail {
+
+/// The host side of a plan's counts, shared by the plan and the routing records made from it. On
+/// Cpu it is filled when the plan is made. On a device it is read back from the plan's device meta
+/// on first use (one small copy: a synchronisation), and that read also reports an assignment whose
+/// token or expert is out of range, with the CPU's message.
+template <Device D>
+struct PlanCounts {
+  IndexList routed;   // (E) assignments the router sent to each expert, dropped ones included
+  IndexList offsets;  // (E + 1) kept rows of each expert: [offsets[e], offsets[e + 1])
+  index_t dropped = 0;
+  bool ready = false;
+  // Device plans before the read: [first bad, routed (E), offsets (E + 1), ...] and the ids for the error.
+  Tensor<std::int64_t, D> meta;
+  Tensor<Index, D> token, expert;
+  index_t num_tokens = 0, num_experts = 0, num_assignments = 0;
+
+  void fetch();
+};
+
+}  // namespace detail
+
+/// Where every assignment of a routing goes: the rows sorted by expert, and per token the sorted
+/// rows that add into it. Index tensors live on the plan's device.
+///
+/// The per-expert row counts (offsets(), routed(), dropped()) are host values. On Cpu they are
+/// there from the start. On a device a dropless plan does not read them back when it is made:
+/// everything the grouped expert path needs (num_rows() = M, device_offsets) is known without
+/// waiting for the GPU, and the first call to offsets(), routed(), rows_of() or dropped() copies
+/// them (the plan's one synchronisation, taken only by code that needs them: the per-expert path,
+/// routing statistics). A capacity-mode plan reads them at once (its row count depends on them).
 template <Device D = Cpu>
 struct DispatchPlan {
   Tensor<Index, D> order;          // (M') assignment index of each sorted row
   Tensor<Index, D> sorted_token;   // (M') token (row of x) of each sorted row
   Tensor<Index, D> token_offsets;  // (N + 1) token n's rows are token_rows[token_offsets[n] .. token_offsets[n + 1])
   Tensor<Index, D> token_rows;     // (M') sorted rows grouped by token, ascending within a token
-  IndexList offsets;               // (E + 1) rows [offsets[e], offsets[e + 1]) belong to expert e
-  IndexList routed;                // (E) assignments the router sent to each expert, dropped ones included
-  index_t num_tokens = 0;          // N
-  index_t num_experts = 0;         // E
-  index_t num_assignments = 0;     // M
-  index_t capacity = 0;            // rows an expert may keep; 0 = dropless
-  index_t dropped = 0;             // M - M'
-  // (E + 1) the offsets in the device's memory, for kernels such as the grouped GEMM; set on
-  // devices other than Cpu, undefined on Cpu.
-  Tensor<index_t, D> device_offsets;
+  Tensor<index_t, D> device_offsets;  // (E + 1) offsets() on the plan's device, for the grouped GEMM
+  index_t num_tokens = 0;             // N
+  index_t num_experts = 0;            // E
+  index_t num_assignments = 0;        // M
+  index_t capacity = 0;               // rows an expert may keep; 0 = dropless
+  index_t rows = 0;                   // M', the rows of x_sorted
+  std::shared_ptr<detail::PlanCounts<D>> counts = std::make_shared<detail::PlanCounts<D>>();
 
-  /// M', the rows of x_sorted.
-  [[nodiscard]] index_t num_rows() const { return offsets.empty() ? 0 : offsets.back(); }
+  /// M', the rows of x_sorted (a host value without a synchronisation).
+  [[nodiscard]] index_t num_rows() const { return rows; }
+  /// (E + 1) rows [offsets()[e], offsets()[e + 1]) belong to expert e.
+  [[nodiscard]] const IndexList& offsets() const { return host().offsets; }
+  /// (E) assignments the router sent to each expert, dropped ones included.
+  [[nodiscard]] const IndexList& routed() const { return host().routed; }
+  /// Assignments over capacity, M - M'.
+  [[nodiscard]] index_t dropped() const { return host().dropped; }
   /// Rows kept for expert e.
-  [[nodiscard]] index_t rows_of(index_t e) const { return offsets[e + 1] - offsets[e]; }
+  [[nodiscard]] index_t rows_of(index_t e) const { return offsets()[e + 1] - offsets()[e]; }
+  /// True when the counts are on the host (always on Cpu; on a device after the first read).
+  [[nodiscard]] bool counts_on_host() const { return counts && counts->ready; }
+
+ private:
+  const detail::PlanCounts<D>& host() const {
+    MIXMOE_CHECK(counts != nullptr, "DispatchPlan", "the plan has no counts (default-constructed)");
+    if (!counts->ready) counts->fetch();
+    return *counts;
+  }
 };
 
 /// The capacity of one expert: ceil(capacity_factor * M / E), 0 (dropless) when capacity_factor is 0.
@@ -90,7 +137,33 @@ inline index_t expert_capacity(double capacity_factor, index_t num_assignments, 
 
 namespace detail {
 
+template <Device D>
+void PlanCounts<D>::fetch() {
+  if (ready) return;
+  const index_t e = num_experts;
+  // [first bad assignment, routed (E), offsets (E + 1)]: the one device->host copy of a plan.
+  const std::vector<std::int64_t> host = meta.slice(0, 0, 2 + 2 * e).to_vector();
+  if (host[0] >= 0) {  // the first assignment with an id out of range: the CPU's message
+    const index_t i = host[0];
+    const Index t = token[i].item(), x = expert[i].item();
+    MIXMOE_CHECK(t >= 0 && t < num_tokens, "dispatch", "token ", t, " of assignment ", i, " is out of range for ",
+                 num_tokens, " tokens");
+    MIXMOE_CHECK(x >= 0 && x < e, "dispatch", "expert ", x, " of assignment ", i, " is out of range for ", e,
+                 " experts");
+  }
+  routed.assign(host.begin() + 1, host.begin() + 1 + e);
+  offsets.assign(host.begin() + 1 + e, host.begin() + 2 + 2 * e);
+  dropped = num_assignments - offsets.back();
+  ready = true;
+  meta = {};  // the device copy is still the plan's device_offsets (a view that keeps the storage)
+  token = {};
+  expert = {};
+}
+
 /// make_dispatch_plan on a device (token, expert contiguous; the sizes checked by the caller).
+/// Dropless: no host synchronisation (M' = M); an out-of-range id makes the layer's output NaN
+/// (combine_by_expert) and the first read of the counts throws the CPU's error. Capacity mode reads
+/// the counts at once (they size M') and throws before any row is placed.
 template <Device D>
 DispatchPlan<D> make_dispatch_plan_on_device(const Tensor<Index, D>& tc, const Tensor<Index, D>& ec, index_t n,
                                              index_t e_count, index_t capacity) {
@@ -105,28 +178,36 @@ DispatchPlan<D> make_dispatch_plan_on_device(const Tensor<Index, D>& tc, const T
   auto keys = Tensor<std::int64_t, D>::empty({m});                // (M) sort keys, sorted
   auto ids = Tensor<Index, D>::empty({m});                        // (M) assignment of each sorted key
   auto meta = Tensor<std::int64_t, D>::empty({2 + 3 * e_count});  // see MoEOps::moe_plan_count
-  IndexList host(static_cast<std::size_t>(2 + 2 * e_count), 0);   // first bad, routed (E), offsets (E + 1)
-  // The one device->host copy of the plan (offsets and routed, with the range check's result).
-  Ops::moe_plan_count(tc.data(), ec.data(), m, n, e_count, capacity, keys.data(), ids.data(), meta.data(), host.data());
-  if (host[0] >= 0) {  // the first assignment with an id out of range: the CPU's message (error path only)
-    const index_t i = host[0];
-    const Index t = tc[i].item(), x = ec[i].item();
-    MIXMOE_CHECK(t >= 0 && t < n, "dispatch", "token ", t, " of assignment ", i, " is out of range for ", n, " tokens");
-    MIXMOE_CHECK(x >= 0 && x < e_count, "dispatch", "expert ", x, " of assignment ", i, " is out of range for ",
-                 e_count, " experts");
-  }
-  plan.routed.assign(host.begin() + 1, host.begin() + 1 + e_count);
-  plan.offsets.assign(host.begin() + 1 + e_count, host.begin() + 2 + 2 * e_count);
-  const index_t rows = plan.offsets.back();
-  plan.dropped = m - rows;
+  Ops::moe_plan_count(tc.data(), ec.data(), m, n, e_count, capacity, keys.data(), ids.data(), meta.data());
+  PlanCounts<D>& counts = *plan.counts;
+  counts.meta = meta;
+  counts.token = tc;
+  counts.expert = ec;
+  counts.num_tokens = n;
+  counts.num_experts = e_count;
+  counts.num_assignments = m;
+  plan.device_offsets = meta.slice(0, 1 + e_count, 2 + 2 * e_count);  // (E + 1), a view of meta
+  if (capacity > 0) counts.fetch();  // throws on an out-of-range id
+  const index_t rows = capacity > 0 ? counts.offsets.back() : m;
+  plan.rows = rows;
   plan.order = Tensor<Index, D>::empty({rows});
   plan.sorted_token = Tensor<Index, D>::empty({rows});
   plan.token_offsets = Tensor<Index, D>::empty({n + 1});
   plan.token_rows = Tensor<Index, D>::empty({rows});
   Ops::moe_plan_place(keys.data(), ids.data(), meta.data(), m, n, e_count, rows, plan.order.data(),
                       plan.sorted_token.data(), plan.token_offsets.data(), plan.token_rows.data());
-  plan.device_offsets = meta.slice(0, 1 + e_count, 2 + 2 * e_count);  // (E + 1), a view of meta
   return plan;
+}
+
+/// The device meta a combine checks for an out-of-range assignment (nullptr on Cpu, or once the
+/// counts are on the host: an error would have been thrown then).
+template <Device D>
+const std::int64_t* plan_poison(const DispatchPlan<D>& plan) {
+  if constexpr (Tensor<Index, D>::on_host) {
+    return nullptr;
+  } else {
+    return plan.counts && !plan.counts->ready && plan.counts->meta.defined() ? plan.counts->meta.data() : nullptr;
+  }
 }
 
 /// v[index[r]] for a 1-D v and DISTINCT indices (a plan's order), on a device: the backward adds
@@ -183,15 +264,20 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
   for (index_t i = 0; i < m; ++i) by_token[static_cast<std::size_t>(start[tok[i]]++)] = static_cast<Index>(i);
 
   // Pass 2: stable by expert, so each expert's rows stay in token order; capacity keeps the first ones.
-  plan.routed.assign(static_cast<std::size_t>(e_count), 0);
-  for (index_t i = 0; i < m; ++i) ++plan.routed[static_cast<std::size_t>(ex[i])];
-  plan.offsets.assign(static_cast<std::size_t>(e_count) + 1, 0);
+  detail::PlanCounts<D>& counts = *plan.counts;
+  counts.routed.assign(static_cast<std::size_t>(e_count), 0);
+  for (index_t i = 0; i < m; ++i) ++counts.routed[static_cast<std::size_t>(ex[i])];
+  counts.offsets.assign(static_cast<std::size_t>(e_count) + 1, 0);
   for (index_t e = 0; e < e_count; ++e) {
-    const index_t kept = capacity > 0 ? std::min(plan.routed[e], capacity) : plan.routed[e];
-    plan.offsets[e + 1] = plan.offsets[e] + kept;
+    const index_t kept = capacity > 0 ? std::min(counts.routed[e], capacity) : counts.routed[e];
+    counts.offsets[e + 1] = counts.offsets[e] + kept;
   }
-  const index_t rows = plan.offsets.back();
-  plan.dropped = m - rows;
+  const index_t rows = counts.offsets.back();
+  counts.dropped = m - rows;
+  counts.ready = true;
+  plan.rows = rows;
+  plan.device_offsets = Tensor<index_t, D>::empty({e_count + 1});
+  std::copy(counts.offsets.begin(), counts.offsets.end(), plan.device_offsets.data());
   plan.order = Tensor<Index, D>::empty({rows});
   plan.sorted_token = Tensor<Index, D>::empty({rows});
   {
@@ -200,8 +286,8 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
     Index* st = plan.sorted_token.data();
     for (const Index a : by_token) {
       const index_t e = ex[a];
-      if (fill[e] == plan.offsets[e + 1] - plan.offsets[e]) continue;  // over capacity: dropped
-      const index_t r = plan.offsets[e] + fill[e]++;
+      if (fill[e] == counts.offsets[e + 1] - counts.offsets[e]) continue;  // over capacity: dropped
+      const index_t r = counts.offsets[e] + fill[e]++;
       ord[r] = a;
       st[r] = tok[a];
     }
@@ -274,7 +360,7 @@ Var<T, D> combine_by_expert(const Var<T, D>& y_sorted, const Var<T, D>& gate_sor
     detail::require_device_ops<D>();
     using Ops = detail::DeviceOps<D>;
     Tensor<T, D> dout = Tensor<T, D>::empty({n, c});  // (N, C)
-    Ops::moe_combine(yv.data(), gv.data(), to.data(), tr.data(), n, c, dout.data());
+    Ops::moe_combine(yv.data(), gv.data(), to.data(), tr.data(), n, c, detail::plan_poison(plan), dout.data());
     return record("combine_by_expert", std::move(dout), {y_sorted, gate_sorted},
                   [yv, gv, st, rows, c](autograd::BackwardContext<T, D>& ctx) {
                     const T* g = ctx.grad_out().data();  // (N, C)
@@ -336,35 +422,66 @@ Var<T, D> combine_by_expert(const Var<T, D>& y_sorted, const Var<T, D>& gate_sor
                 });
 }
 
+namespace detail {
+
+/// The frame of moe_forward and moe_forward_grouped: checks, plan, dispatch, the experts
+/// (run(x_sorted, plan) -> y_sorted (M', C)), the gate gather and the weighted combine.
+template <Scalar T, Device D, class Run>
+Var<T, D> moe_forward_frame(const char* op, const Var<T, D>& x, const Routing<T, D>& routing, index_t num_experts,
+                            double capacity_factor, Run&& run, DispatchPlan<D>* plan_out) {
+  MIXMOE_CHECK(x.defined() && x.dim() == 2, op, "x must be (N, C), got ",
+               x.defined() ? x.shape().to_string() : std::string("an undefined Var"));
+  const index_t n = x.size(0), c = x.size(1);
+  MIXMOE_CHECK(routing.num_experts == 0 || routing.num_experts == num_experts, op, "the routing is over ",
+               routing.num_experts, " experts, the layer has ", num_experts);
+  MIXMOE_CHECK(routing.num_tokens == 0 || routing.num_tokens == n, op, "the routing is over ", routing.num_tokens,
+               " tokens, x of shape ", x.shape(), " has ", n);
+  MIXMOE_CHECK(routing.gate.defined() && routing.gate.dim() == 1 && routing.gate.size(0) == routing.token.numel(), op,
+               "routing.gate must be (M) with M = ", routing.token.numel(), " assignments, got ",
+               routing.gate.defined() ? routing.gate.shape().to_string() : std::string("an undefined Var"));
+  DispatchPlan<D> plan = make_dispatch_plan(routing.token, routing.expert, n, num_experts, capacity_factor);
+  Var<T, D> out;
+  if (plan.num_rows() == 0 || n == 0) {
+    if (n == 0) (void)plan.dropped();  // no token to poison: an out-of-range id is reported here
+    out = Var<T, D>(Tensor<T, D>::zeros({n, c}));  // nothing routed (or everything dropped)
+  } else {
+    const Var<T, D> x_sorted = dispatch_by_expert(x, plan);  // (M', C)
+    const Var<T, D> y_sorted = run(x_sorted, plan);
+    MIXMOE_CHECK(y_sorted.defined() && y_sorted.dim() == 2 && y_sorted.size(0) == plan.num_rows() &&
+                     y_sorted.size(1) == c,
+                 op, "the experts returned ", y_sorted.defined() ? y_sorted.shape().to_string() : "an undefined Var",
+                 " for the sorted rows (", plan.num_rows(), ", ", c, ")");
+    Var<T, D> gate_sorted;  // (M')
+    if constexpr (Tensor<T, D>::on_host)
+      gate_sorted = index_select(routing.gate, 0, plan.order);
+    else  // plan.order holds each assignment at most once: a gather without a range check or atomics
+      gate_sorted = select_distinct_on_device(routing.gate, plan.order);
+    out = combine_by_expert(y_sorted, gate_sorted, plan, n);
+  }
+  if (plan_out) *plan_out = std::move(plan);
+  return out;
+}
+
+}  // namespace detail
+
 /// The MoE FFN over a routing: sorts the rows by expert, calls expert_fn(e, x_block (n_e, C)) -> (n_e, C)
 /// once per expert with rows (in expert order), and combines the outputs weighted by routing.gate.
 /// x (N, C) -> (N, C). When plan_out is given, the plan is stored there (dropped counts, loads).
+/// On a device the per-expert blocks need the plan's counts on the host: one synchronisation per
+/// call (moe_forward_grouped avoids it).
 template <Scalar T, Device D, class ExpertFn>
 Var<T, D> moe_forward(const Var<T, D>& x, const Routing<T, D>& routing, index_t num_experts, double capacity_factor,
                       ExpertFn&& expert_fn, DispatchPlan<D>* plan_out = nullptr) {
   static_assert(std::is_invocable_r_v<Var<T, D>, ExpertFn&, index_t, const Var<T, D>&>,
                 "moe_forward: expert_fn must be callable as expert_fn(index_t expert, const Var<T, D>& rows (n, C)) "
                 "and return Var<T, D> rows (n, C)");
-  MIXMOE_CHECK(x.defined() && x.dim() == 2, "moe_forward", "x must be (N, C), got ",
-               x.defined() ? x.shape().to_string() : std::string("an undefined Var"));
-  const index_t n = x.size(0), c = x.size(1);
-  MIXMOE_CHECK(routing.num_experts == 0 || routing.num_experts == num_experts, "moe_forward", "the routing is over ",
-               routing.num_experts, " experts, the layer has ", num_experts);
-  MIXMOE_CHECK(routing.num_tokens == 0 || routing.num_tokens == n, "moe_forward", "the routing is over ",
-               routing.num_tokens, " tokens, x of shape ", x.shape(), " has ", n);
-  MIXMOE_CHECK(routing.gate.defined() && routing.gate.dim() == 1 && routing.gate.size(0) == routing.token.numel(),
-               "moe_forward", "routing.gate must be (M) with M = ", routing.token.numel(), " assignments, got ",
-               routing.gate.defined() ? routing.gate.shape().to_string() : std::string("an undefined Var"));
-  DispatchPlan<D> plan = make_dispatch_plan(routing.token, routing.expert, n, num_experts, capacity_factor);
-  Var<T, D> out;
-  if (plan.num_rows() == 0) {
-    out = Var<T, D>(Tensor<T, D>::zeros({n, c}));  // nothing routed (or everything dropped)
-  } else {
-    const Var<T, D> x_sorted = dispatch_by_expert(x, plan);  // (M', C)
+  auto run = [&](const Var<T, D>& x_sorted, const DispatchPlan<D>& plan) {
+    const index_t c = x_sorted.size(1);
+    const IndexList& off = plan.offsets();
     std::vector<Var<T, D>, PoolAllocator<Var<T, D>>> blocks;
     blocks.reserve(static_cast<std::size_t>(num_experts));
     for (index_t e = 0; e < num_experts; ++e) {
-      const index_t lo = plan.offsets[e], hi = plan.offsets[e + 1];
+      const index_t lo = off[e], hi = off[e + 1];
       if (lo == hi) continue;
       const bool whole = lo == 0 && hi == plan.num_rows();
       Var<T, D> y = expert_fn(e, whole ? x_sorted : slice(x_sorted, 0, lo, hi));  // (n_e, C)
@@ -373,17 +490,23 @@ Var<T, D> moe_forward(const Var<T, D>& x, const Routing<T, D>& routing, index_t 
                    " for a block of (", hi - lo, ", ", c, ")");
       blocks.push_back(std::move(y));
     }
-    const Var<T, D> y_sorted =
-        blocks.size() == 1 ? blocks.front() : concat(std::span<const Var<T, D>>(blocks.data(), blocks.size()), 0);
-    Var<T, D> gate_sorted;  // (M')
-    if constexpr (Tensor<T, D>::on_host)
-      gate_sorted = index_select(routing.gate, 0, plan.order);
-    else  // plan.order holds each assignment at most once: a gather without a range check or atomics
-      gate_sorted = detail::select_distinct_on_device(routing.gate, plan.order);
-    out = combine_by_expert(y_sorted, gate_sorted, plan, n);
-  }
-  if (plan_out) *plan_out = std::move(plan);
-  return out;
+    return blocks.size() == 1 ? blocks.front() : concat(std::span<const Var<T, D>>(blocks.data(), blocks.size()), 0);
+  };
+  return detail::moe_forward_frame("moe_forward", x, routing, num_experts, capacity_factor, run, plan_out);
+}
+
+/// The MoE FFN with all experts in one call: grouped_fn(x_sorted (M', C), plan) -> y_sorted (M', C),
+/// where expert e's rows are [offsets[e], offsets[e + 1]) of plan.device_offsets (typically
+/// grouped_linear over the experts' stacked weights, moe/grouped_gemm.hpp). On a device nothing is
+/// read back in a dropless layer: no host synchronisation from routing to combine.
+template <Scalar T, Device D, class GroupedFn>
+Var<T, D> moe_forward_grouped(const Var<T, D>& x, const Routing<T, D>& routing, index_t num_experts,
+                              double capacity_factor, GroupedFn&& grouped_fn, DispatchPlan<D>* plan_out = nullptr) {
+  static_assert(std::is_invocable_r_v<Var<T, D>, GroupedFn&, const Var<T, D>&, const DispatchPlan<D>&>,
+                "moe_forward_grouped: grouped_fn must be callable as grouped_fn(const Var<T, D>& x_sorted, "
+                "const DispatchPlan<D>& plan) and return Var<T, D> rows (M', C)");
+  return detail::moe_forward_frame("moe_forward_grouped", x, routing, num_experts, capacity_factor, grouped_fn,
+                                   plan_out);
 }
 
 }  // namespace mixmoe

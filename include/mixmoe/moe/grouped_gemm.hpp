@@ -5,20 +5,28 @@
 //   b (E, K, N), or (E, N, K) with trans_b (e.g. stacked Linear weights (E, out, in))
 //   grouped_matmul(a, b, offsets, trans_b) -> c (M, N), c[rows of e] = a[rows of e] op(b[e])
 //   grouped_matmul_bf16: the same with a and b rounded to bf16 (nearest even), products summed in fp32
+//   grouped_linear(x, w, offsets)   the differentiable form for expert code: x (M, K), w (E, N, K)
+//                                   (E Linear weights stacked) -> y (M, N), y[rows of e] = x[rows of e] w[e]^T
+//   stack_weights(ws)               E Vars of one shape (N, K) -> (E, N, K), differentiable
 //
-// Rows outside every expert's range are 0 in c. On Cpu: one cpu::gemm per non-empty expert. On a
-// device: one kernel (backend/cuda/moe.cuh, cuda::grouped_gemm) that reads the offsets from device
-// memory, so it needs no host synchronisation (DispatchPlan::device_offsets); there the offsets are
-// the caller's promise (non-decreasing, offsets[E] <= M: rows past M are never touched) because
-// checking them would mean reading them back. Not differentiable: a building block for expert code.
+// Rows outside every expert's range are 0 in c (and get no gradient). On Cpu: one cpu::gemm per
+// non-empty expert. On a device: one kernel (backend/cuda/moe.cuh, cuda::grouped_gemm; the weight
+// gradient cuda::grouped_gemm_wgrad) that reads the offsets from device memory, so it needs no host
+// synchronisation (DispatchPlan::device_offsets); there the offsets are the caller's promise
+// (non-decreasing, offsets[E] <= M: rows past M are never touched) because checking them would mean
+// reading them back. On Cpu they are checked.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include <span>
+
+#include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/gemm.hpp"
 #include "mixmoe/core/tensor.hpp"
+#include "mixmoe/ops/shape_ops.hpp"
 
 namespace mixmoe {
 
@@ -47,18 +55,58 @@ void check_grouped(const Tensor<T, D>& a, const Tensor<T, D>& b, const Tensor<in
                "), got ", offsets.shape());
 }
 
-/// The host path: per expert, cpu::gemm on its rows (offsets read and checked on the host).
+inline void check_host_offsets(const index_t* off, index_t x, index_t m, const char* op) {
+  MIXMOE_CHECK(off[x] >= 0 && off[x] <= off[x + 1] && off[x + 1] <= m, op, "offsets[", x, "..", x + 1, "] = ", off[x],
+               "..", off[x + 1], " are not a range of the ", m, " rows");
+}
+
+/// The host path: per expert, cpu::gemm on its rows (offsets read and checked on the host);
+/// c[rows of x] (+)= a[rows of x] op(b[x]).
 template <class T>
 void grouped_matmul_host(const T* a, index_t m, index_t k, const T* b, index_t e, index_t n, bool trans_b,
-                         const index_t* off, T* c, const char* op) {
+                         const index_t* off, T* c, const char* op, bool accumulate = false) {
   for (index_t x = 0; x < e; ++x) {
-    MIXMOE_CHECK(off[x] >= 0 && off[x] <= off[x + 1] && off[x + 1] <= m, op, "offsets[", x, "..", x + 1, "] = ", off[x],
-                 "..", off[x + 1], " are not a range of the ", m, " rows");
+    check_host_offsets(off, x, m, op);
     const index_t rows = off[x + 1] - off[x];
-    if (rows == 0 || n == 0 || k == 0) continue;  // k == 0: the rows stay 0
-    cpu::gemm(false, trans_b, rows, n, k, T(1), a + off[x] * k, k, b + x * k * n, trans_b ? k : n, T(0), c + off[x] * n,
-              n);
+    if (rows == 0 || n == 0 || k == 0) continue;  // k == 0: the rows stay as they are
+    cpu::gemm(false, trans_b, rows, n, k, T(1), a + off[x] * k, k, b + x * k * n, trans_b ? k : n,
+              accumulate ? T(1) : T(0), c + off[x] * n, n);
   }
+}
+
+/// The weight gradient on the host: dw[x] (n, k) += dy[rows of x]^T a[rows of x], dy (m, n), a (m, k).
+template <class T>
+void grouped_wgrad_host(const T* dy, const T* a, index_t m, index_t n, index_t k, index_t e, const index_t* off, T* dw,
+                        const char* op) {
+  for (index_t x = 0; x < e; ++x) {
+    check_host_offsets(off, x, m, op);
+    const index_t rows = off[x + 1] - off[x];
+    if (rows == 0) continue;
+    cpu::gemm(true, false, n, k, rows, T(1), dy + off[x] * n, n, a + off[x] * k, k, T(1), dw + x * n * k, k);
+  }
+}
+
+}  // namespace detail
+
+namespace detail {
+
+/// grouped_matmul, its errors naming `op`.
+template <Scalar T, Device D>
+Tensor<T, D> grouped_matmul_as(const Tensor<T, D>& a, const Tensor<T, D>& b, const Tensor<index_t, D>& offsets,
+                               bool trans_b, const char* op) {
+  check_grouped(a, b, offsets, trans_b, op);
+  const index_t m = a.size(0), k = a.size(1), e = b.size(0), n = trans_b ? b.size(1) : b.size(2);
+  const Tensor<T, D> ac = a.contiguous(), bc = b.contiguous();
+  const Tensor<index_t, D> oc = offsets.contiguous();
+  Tensor<T, D> c = Tensor<T, D>::zeros({m, n});
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    DeviceOps<D>::moe_grouped_gemm(m, n, k, e, oc.data(), ac.data(), k, bc.data(), trans_b ? k : n, k * n, trans_b,
+                                   c.data(), n, false);
+    return c;
+  }
+  grouped_matmul_host(ac.data(), m, k, bc.data(), e, n, trans_b, oc.data(), c.data(), op);
+  return c;
 }
 
 }  // namespace detail
@@ -67,20 +115,7 @@ void grouped_matmul_host(const T* a, index_t m, index_t k, const T* b, index_t e
 template <Scalar T, Device D>
 Tensor<T, D> grouped_matmul(const Tensor<T, D>& a, const Tensor<T, D>& b, const Tensor<index_t, D>& offsets,
                             bool trans_b = false) {
-  const char* op = "grouped_matmul";
-  detail::check_grouped(a, b, offsets, trans_b, op);
-  const index_t m = a.size(0), k = a.size(1), e = b.size(0), n = trans_b ? b.size(1) : b.size(2);
-  const Tensor<T, D> ac = a.contiguous(), bc = b.contiguous();
-  const Tensor<index_t, D> oc = offsets.contiguous();
-  Tensor<T, D> c = Tensor<T, D>::zeros({m, n});
-  if constexpr (!Tensor<T, D>::on_host) {
-    detail::require_device_ops<D>();
-    detail::DeviceOps<D>::moe_grouped_gemm(m, n, k, e, oc.data(), ac.data(), k, bc.data(), trans_b ? k : n, k * n,
-                                           trans_b, c.data(), n, false);
-    return c;
-  }
-  detail::grouped_matmul_host(ac.data(), m, k, bc.data(), e, n, trans_b, oc.data(), c.data(), op);
-  return c;
+  return detail::grouped_matmul_as(a, b, offsets, trans_b, "grouped_matmul");
 }
 
 /// grouped_matmul with a and b rounded to bf16 and fp32 accumulation (the tensor-core precision).
@@ -104,6 +139,51 @@ Tensor<float, D> grouped_matmul_bf16(const Tensor<float, D>& a, const Tensor<flo
   for (std::size_t i = 0; i < br.size(); ++i) br[i] = detail::round_to_bf16(bc.data()[i]);
   detail::grouped_matmul_host(ar.data(), m, k, br.data(), e, n, trans_b, oc.data(), c.data(), op);
   return c;
+}
+
+/// y (M, N) = per expert e, x[offsets[e]:offsets[e + 1]] w[e]^T, for x (M, K) and w (E, N, K) (E Linear
+/// weights (out, in) stacked); rows outside every expert's range are 0. Differentiable in x and w:
+/// dx[rows of e] = dy[rows of e] w[e], dw[e] = dy[rows of e]^T x[rows of e]. offsets stay on the
+/// tensors' device (a DispatchPlan's device_offsets): on a GPU nothing is read back.
+template <Scalar T, Device D>
+Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const Tensor<index_t, D>& offsets) {
+  const char* op = "grouped_linear";
+  MIXMOE_CHECK(x.defined() && w.defined(), op, "x and w must be defined Vars");
+  detail::check_grouped(x.value(), w.value(), offsets, true, op);
+  const index_t m = x.size(0), k = x.size(1), e = w.size(0), n = w.size(1);
+  const Tensor<T, D> xv = x.value().contiguous(), wv = w.value().contiguous();
+  const Tensor<index_t, D> oc = offsets.contiguous();
+  Tensor<T, D> y = detail::grouped_matmul_as(xv, wv, oc, true, op);  // (M, N)
+  return record(op, std::move(y), {x, w}, [xv, wv, oc, m, n, k, e, op](autograd::BackwardContext<T, D>& ctx) {
+    const T* dy = ctx.grad_out().data();  // (M, N)
+    if constexpr (!Tensor<T, D>::on_host) {
+      using Ops = detail::DeviceOps<D>;
+      if (ctx.needs_grad(0))  // dx (M, K) += dy[rows of e] w[e]: w[e] as (N, K) untransposed
+        Ops::moe_grouped_gemm(m, k, n, e, oc.data(), dy, n, wv.data(), k, n * k, false, ctx.grad_in(0).data(), k, true);
+      if (ctx.needs_grad(1)) Ops::moe_grouped_gemm_wgrad(m, n, k, e, oc.data(), dy, xv.data(), ctx.grad_in(1).data());
+    } else {
+      if (ctx.needs_grad(0))
+        detail::grouped_matmul_host(dy, m, n, wv.data(), e, k, false, oc.data(), ctx.grad_in(0).data(), op, true);
+      if (ctx.needs_grad(1)) detail::grouped_wgrad_host(dy, xv.data(), m, n, k, e, oc.data(), ctx.grad_in(1).data(), op);
+    }
+  });
+}
+
+/// E Vars of one shape S -> (E, S...): the experts' weights side by side for grouped_linear (a copy;
+/// the gradient flows back to each weight). One Var is reshaped, not copied.
+template <Scalar T, Device D>
+Var<T, D> stack_weights(std::span<const Var<T, D>> ws) {
+  MIXMOE_CHECK(!ws.empty(), "stack_weights", "needs at least one weight");
+  const Shape& s = ws.front().shape();
+  for (std::size_t i = 1; i < ws.size(); ++i)
+    MIXMOE_CHECK(ws[i].shape() == s, "stack_weights", "weight ", i, " has shape ", ws[i].shape(), ", weight 0 has ", s,
+                 ": grouped experts need experts of one size");
+  MIXMOE_CHECK(s.rank() >= 1 && s.rank() < kMaxDims, "stack_weights", "weights of shape ", s,
+               " cannot be stacked (rank 1 to ", kMaxDims - 1, ")");
+  index_t dims[kMaxDims] = {static_cast<index_t>(ws.size())};
+  for (int d = 0; d < s.rank(); ++d) dims[d + 1] = s[d];
+  const Shape out(std::span<const index_t>(dims, static_cast<std::size_t>(s.rank()) + 1));
+  return reshape(ws.size() == 1 ? ws.front() : concat(ws, 0), out);
 }
 
 }  // namespace mixmoe

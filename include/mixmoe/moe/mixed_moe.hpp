@@ -20,6 +20,14 @@
 // Parameter names: "<tag>.experts.<i>.*" per group, "router.*" (shared router or one
 // group) or "router.<tag>.*" (per-group routers), "group_gate.weight".
 //
+// Expert execution (cfg.moe.execution): grouped runs each router's experts in one grouped
+// GEMM per weight over their stacked weights (GroupedExpert types: FeedForward, SwiGLU); with
+// a shared router and groups of one expert type and width, all groups in one call, otherwise
+// one call per group over the same sorted rows. On a device that is the path without a host
+// synchronisation (in a dropless layer). per_expert calls each expert on its block of rows
+// (any expert type; the row counts must come to the host). automatic: grouped on a device
+// when the expert types allow it, per_expert on Cpu (no weight copies).
+//
 // Statistics: routing_records() holds, per router, the routing of the LAST forward call
 // (probs, logits, gates, tokens per expert, dropped count), for the auxiliary losses and
 // the routing statistics; release_routing_graph() drops the graph they hold (see
@@ -103,6 +111,10 @@ struct MixedMoE {
     MIXMOE_CHECK(std::isfinite(moe.capacity_factor) && moe.capacity_factor >= 0, "MixedMoE",
                  "moe.capacity_factor must be >= 0 (0 = dropless), got ", moe.capacity_factor);
     capacity_factor_ = moe.capacity_factor;
+    execution_ = moe.execution;
+    MIXMOE_CHECK(execution_ != ExpertExecution::grouped || all_grouped, "MixedMoE",
+                 "moe.execution is grouped, but an expert type of the groups (", group_names(),
+                 ") has no grouped form (static grouped(experts, x_sorted, offsets), see GroupedExpert)");
     std::vector<index_t> hidden(num_groups);
     expert_offset_.assign(num_groups + 1, 0);
     for (std::size_t g = 0; g < num_groups; ++g) {
@@ -123,6 +135,7 @@ struct MixedMoE {
         MIXMOE_CHECK(std::string(tag_name(a)) != tag_name(b), "MixedMoE", "groups ", a, " and ", b,
                      " have the same tag name '", tag_name(a), "': parameter names would collide");
 
+    fuse_groups_ = one_expert_type && std::all_of(hidden.begin(), hidden.end(), [&](index_t h) { return h == hidden[0]; });
     const double out_std = cfg.init_std / std::sqrt(2.0 * static_cast<double>(std::max<index_t>(cfg.layers, 1)));
     groups =
         make_groups(moe.experts_per_group, cfg.d_model, hidden, out_std, gen, std::index_sequence_for<Groups...>{});
@@ -173,9 +186,15 @@ struct MixedMoE {
     if (mix_ == GroupMix::shared_router) {
       const Routing<T, D> routing = route(0, x, ctx);
       DispatchPlan<D> plan;
-      out = moe_forward(
-          x, routing, num_experts(), capacity_factor_,
-          [this](index_t e, const Var<T, D>& rows) { return call_expert(e, rows); }, &plan);
+      if (grouped())
+        out = moe_forward_grouped(
+            x, routing, num_experts(), capacity_factor_,
+            [this](const Var<T, D>& xs, const DispatchPlan<D>& p) { return all_experts_grouped(xs, p.device_offsets); },
+            &plan);
+      else
+        out = moe_forward(
+            x, routing, num_experts(), capacity_factor_,
+            [this](index_t e, const Var<T, D>& rows) { return call_expert(e, rows); }, &plan);
       records.push_back(make_record(router_name(0), routing, plan));
     } else {
       Var<T, D> weights;  // (N * G) per-token group weights, row-major (N, G)
@@ -231,6 +250,23 @@ struct MixedMoE {
   void clear_logit_interventions() { interventions_.clear(); }
 
   [[nodiscard]] GroupMix mix() const { return mix_; }
+  /// How the experts run (as configured; see grouped() for what automatic means on this device).
+  [[nodiscard]] ExpertExecution execution() const { return execution_; }
+  /// Switches between grouped and per-expert execution (grouped needs GroupedExpert types).
+  void set_execution(ExpertExecution e) {
+    MIXMOE_CHECK(e != ExpertExecution::grouped || all_grouped, "MixedMoE::set_execution",
+                 "an expert type of the groups (", group_names(), ") has no grouped form");
+    execution_ = e;
+  }
+  /// True when the forward runs the experts grouped.
+  [[nodiscard]] bool grouped() const {
+    if constexpr (!all_grouped) {
+      return false;
+    } else {
+      return execution_ == ExpertExecution::grouped ||
+             (execution_ == ExpertExecution::automatic && !Tensor<T, D>::on_host);
+    }
+  }
   [[nodiscard]] double capacity_factor() const { return capacity_factor_; }
   [[nodiscard]] index_t d_model() const { return d_model_; }
   /// All experts, over every group.
@@ -278,6 +314,10 @@ struct MixedMoE {
   Linear<T, D> group_gate;           // (G, C) weight; GroupMix::group_gate only
 
  private:
+  static constexpr bool all_grouped = (GroupedExpert<typename Groups::expert_type> && ...);
+  static constexpr bool one_expert_type =
+      (std::is_same_v<typename Groups::expert_type, typename first_group::expert_type> && ...);
+
   static std::string group_names() {
     std::string s;
     for (std::size_t g = 0; g < num_groups; ++g) {
@@ -323,6 +363,38 @@ struct MixedMoE {
     return out;
   }
 
+  /// Every expert of every group on the rows sorted by the shared router (offsets (E + 1) in its numbering):
+  /// one grouped call when the groups share an expert type and width, else one per group over the same
+  /// rows (each group's call leaves the others' rows 0, so the outputs add).
+  Var<T, D> all_experts_grouped(const Var<T, D>& xs, const Tensor<index_t, D>& offsets) const {
+    if constexpr (all_grouped) {
+      if constexpr (one_expert_type) {
+        if (fuse_groups_) {
+          using E = typename first_group::expert_type;
+          std::vector<const E*> list;
+          list.reserve(static_cast<std::size_t>(num_experts()));
+          std::apply([&](const auto&... g) { ((std::for_each(g.experts.begin(), g.experts.end(),
+                                                             [&](const E& e) { list.push_back(&e); })),
+                                              ...); },
+                     groups);
+          return E::grouped(std::span<const E* const>(list.data(), list.size()), xs, offsets);
+        }
+      }
+      Var<T, D> y;
+      [&]<std::size_t... I>(std::index_sequence<I...>) {
+        ((y = add_group(y, std::get<I>(groups).grouped(
+                               xs, offsets.slice(0, expert_offset_[I], expert_offset_[I + 1] + 1)))),
+         ...);
+      }
+      (std::index_sequence_for<Groups...>{});
+      return y;
+    } else {
+      (void)xs;
+      (void)offsets;
+      detail::fail("MixedMoE", "grouped execution needs GroupedExpert types");
+    }
+  }
+
   /// Group I with its own router, its gates scaled by the group weights.
   template <std::size_t I>
   Var<T, D> run_group(const Var<T, D>& x, const RouteContext<D>& ctx, const Var<T, D>& weights,
@@ -339,20 +411,30 @@ struct MixedMoE {
       Tensor<Index, D> at = Tensor<Index, D>::empty({m});
       if constexpr (!Tensor<Index, D>::on_host) {
         detail::require_device_ops<D>();
-        detail::DeviceOps<D>::moe_affine_index(tc.data(), m, G, static_cast<index_t>(I), at.data());
+        detail::DeviceOps<D>::moe_affine_index(tc.data(), m, x.size(0), G, static_cast<index_t>(I), at.data());
       } else {
         for (index_t i = 0; i < m; ++i) at.data()[i] = static_cast<Index>(tc.data()[i] * G + static_cast<index_t>(I));
       }
       MIXMOE_CHECK(routing.gate.dim() == 1 && routing.gate.size(0) == m, "MixedMoE", "router ", router_name(I),
                    " returned gates ", routing.gate.shape(), " for ", m, " assignments");
-      scaled.gate = routing.gate * index_select(weights, 0, at);  // (M)
+      // at = token * G + I, a token outside [0, N) taken as 0 on a device (the plan then poisons the
+      // output and reports it): always in range, so no device check or wait
+      scaled.gate = routing.gate * index_select(weights, 0, at, IndexCheck::trusted);  // (M)
     } else {
       scaled.gate = routing.gate * fixed_mix_[I];
     }
     DispatchPlan<D> plan;
-    Var<T, D> y = moe_forward(
-        x, scaled, grp.size(), capacity_factor_, [&grp](index_t e, const Var<T, D>& rows) { return grp(e, rows); },
-        &plan);
+    Var<T, D> y;
+    if (grouped()) {
+      if constexpr (GroupedExpert<typename std::tuple_element_t<I, std::tuple<Groups...>>::expert_type>)
+        y = moe_forward_grouped(
+            x, scaled, grp.size(), capacity_factor_,
+            [&grp](const Var<T, D>& xs, const DispatchPlan<D>& p) { return grp.grouped(xs, p.device_offsets); }, &plan);
+    } else {
+      y = moe_forward(
+          x, scaled, grp.size(), capacity_factor_, [&grp](index_t e, const Var<T, D>& rows) { return grp(e, rows); },
+          &plan);
+    }
     records.push_back(make_record(router_name(I), routing, plan));
     return y;
   }
@@ -363,10 +445,7 @@ struct MixedMoE {
     RoutingRecord<T, D> rec;
     rec.name = std::move(name);
     rec.routing = routing;
-    rec.routed = plan.routed;
-    rec.kept.resize(plan.routed.size());
-    for (std::size_t e = 0; e < plan.routed.size(); ++e) rec.kept[e] = plan.rows_of(static_cast<index_t>(e));
-    rec.dropped = plan.dropped;
+    rec.counts = plan.counts;  // read from the device only when someone asks (statistics)
     rec.capacity = plan.capacity;
     return rec;
   }
@@ -374,6 +453,8 @@ struct MixedMoE {
   index_t d_model_ = 0;
   double capacity_factor_ = 0.0;
   GroupMix mix_ = GroupMix::shared_router;
+  ExpertExecution execution_ = ExpertExecution::automatic;
+  bool fuse_groups_ = false;  // shared router, one expert type and width: all groups in one grouped call
   std::vector<index_t> expert_offset_;  // (G + 1)
   std::vector<double> fixed_mix_;
   mutable std::vector<RoutingRecord<T, D>> records_;

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <concepts>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -39,20 +40,39 @@ template <Scalar T, Device D = Cpu>
 struct RoutingRecord {
   std::string name;       // the router's parameter prefix inside the layer: "router", "router.lm", ...
   Routing<T, D> routing;  // as the router returned it (probs and logits keep their graph until the next forward)
-  IndexList routed;       // (E) assignments sent to each expert, dropped ones included
-  IndexList kept;         // (E) assignments each expert processed
-  index_t dropped = 0;    // assignments over capacity
   index_t capacity = 0;   // per-expert capacity; 0 = dropless
+  // The dispatch plan's row counts, shared with the plan. On a device they are read back from the
+  // GPU on the first call of routed(), kept() or dropped() (one small copy), not in the forward.
+  std::shared_ptr<detail::PlanCounts<D>> counts;
   // Model-level auxiliary losses mark what they have read (one bit per loss), so that reading
   // one forward's routing twice, or a previous step's, is an error instead of a stale loss.
   mutable unsigned read_by_losses = 0;
   bool graph_released = false;  // release_graph() ran: values only, no gradient to take
+
+  /// (E) assignments sent to each expert, dropped ones included.
+  [[nodiscard]] const IndexList& routed() const { return host().routed; }
+  /// (E) assignments each expert processed.
+  [[nodiscard]] IndexList kept() const {
+    const IndexList& off = host().offsets;
+    IndexList k(off.size() > 0 ? off.size() - 1 : 0);
+    for (std::size_t e = 0; e < k.size(); ++e) k[e] = off[e + 1] - off[e];
+    return k;
+  }
+  /// Assignments over capacity.
+  [[nodiscard]] index_t dropped() const { return host().dropped; }
 
   /// Keeps the values of gate, probs and logits and lets go of their graph.
   void release_graph() {
     for (Var<T, D>* v : {&routing.gate, &routing.probs, &routing.logits})
       if (v->defined()) *v = v->detach();
     graph_released = true;
+  }
+
+ private:
+  const detail::PlanCounts<D>& host() const {
+    MIXMOE_CHECK(counts != nullptr, "RoutingRecord", "record '", name, "' has no dispatch counts");
+    if (!counts->ready) counts->fetch();
+    return *counts;
   }
 };
 

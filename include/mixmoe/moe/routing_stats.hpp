@@ -93,7 +93,7 @@ RoutingStats routing_stats(const Routing<T, D>& routing, const List& kept = {}, 
 /// Statistics of one router record of an MoE layer.
 template <Scalar T, Device D>
 RoutingStats routing_stats(const RoutingRecord<T, D>& rec, index_t layer = 0) {
-  RoutingStats s = routing_stats(rec.routing, rec.kept, rec.dropped);
+  RoutingStats s = routing_stats(rec.routing, rec.kept(), rec.dropped());
   s.layer = layer;
   s.router = rec.name;
   s.capacity = rec.capacity;

@@ -56,7 +56,9 @@ Routing<T, D> token_choice(const Var<T, D>& logits, const Var<T, D>& x, index_t 
     no_grad selection_only;  // only the indices are used: the gates come from the softmax below
     picked = topk(logits, k, -1).indices;
   }
-  Var<T, D> gate = renormalize ? softmax(gather(logits, 1, picked), -1) : gather(probs, 1, picked);  // (N, K)
+  // picked comes from topk over the E columns: in range by construction (no device check, no wait)
+  Var<T, D> gate = renormalize ? softmax(gather(logits, 1, picked, IndexCheck::trusted), -1)
+                               : gather(probs, 1, picked, IndexCheck::trusted);  // (N, K)
   Routing<T, D> r;
   r.token = repeat_rows<D>(n, k);           // (M)
   r.expert = picked.reshape(Shape{n * k});  // (M)

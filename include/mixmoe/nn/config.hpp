@@ -17,6 +17,14 @@ enum class GroupMix {
   fixed,          // a router per group, mixed with the constant weights fixed_mix
 };
 
+/// How an MoE layer runs its experts (see moe/mixed_moe.hpp). The results are the same up to
+/// floating-point rounding; what differs is the work and the waits.
+enum class ExpertExecution {
+  automatic,   // grouped on a device (no host synchronisation), per_expert on Cpu (no weight copies)
+  grouped,     // every expert in one grouped GEMM over its stacked weights (when the expert type allows)
+  per_expert,  // one call of each expert on its block of rows (needs the row counts on the host)
+};
+
 /// Sizes of the MoE FFN layers (read by MoE FFN types; dense models ignore it).
 struct MoEConfig {
   std::vector<index_t> experts_per_group{8};  // one entry per expert group, in the group order of the type
@@ -25,6 +33,7 @@ struct MoEConfig {
   double capacity_factor = 0.0;               // 0 = dropless; > 0 = capacity mode with token dropping
   GroupMix mix = GroupMix::group_gate;        // combination of the groups (ignored with one group)
   std::vector<double> fixed_mix{};            // GroupMix::fixed: one weight per group; empty = 1 / groups each
+  ExpertExecution execution = ExpertExecution::automatic;  // grouped or per-expert GEMMs (a speed choice)
 };
 
 struct ModelConfig {

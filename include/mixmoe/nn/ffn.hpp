@@ -10,14 +10,30 @@
 #pragma once
 
 #include <cmath>
+#include <span>
 #include <string>
+#include <vector>
 
+#include "mixmoe/moe/grouped_gemm.hpp"
 #include "mixmoe/nn/config.hpp"
 #include "mixmoe/nn/linear.hpp"
 #include "mixmoe/ops/elementwise.hpp"
 #include "mixmoe/ops/unary.hpp"
 
 namespace mixmoe {
+
+namespace detail {
+
+/// The weights of one Linear member of every expert of a list, stacked: (E, out, in).
+template <class E, Scalar T, Device D>
+Var<T, D> stacked_weight(std::span<const E* const> experts, Linear<T, D> E::*member) {
+  std::vector<Var<T, D>> ws;
+  ws.reserve(experts.size());
+  for (const E* e : experts) ws.push_back((e->*member).weight);
+  return stack_weights(std::span<const Var<T, D>>(ws.data(), ws.size()));
+}
+
+}  // namespace detail
 
 template <Scalar T, Device D = Cpu>
 struct FeedForward {
@@ -32,6 +48,14 @@ struct FeedForward {
 
   [[nodiscard]] index_t hidden() const { return w_up.out_features(); }
   Var<T, D> operator()(const Var<T, D>& x) const { return w_down(gelu(w_up(x))); }
+
+  /// Experts in one call (GroupedExpert, moe/expert_group.hpp): two grouped GEMMs over the stacked
+  /// weights; rows outside every expert's range stay 0 (gelu(0) = 0).
+  static Var<T, D> grouped(std::span<const FeedForward* const> experts, const Var<T, D>& x,
+                           const Tensor<index_t, D>& offsets) {
+    const Var<T, D> h = gelu(grouped_linear(x, detail::stacked_weight(experts, &FeedForward::w_up), offsets));
+    return grouped_linear(h, detail::stacked_weight(experts, &FeedForward::w_down), offsets);
+  }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
     w_up.visit_parameters(visit, join_name(prefix, "w_up"));
@@ -54,6 +78,15 @@ struct SwiGLU {
 
   [[nodiscard]] index_t hidden() const { return w_up.out_features(); }
   Var<T, D> operator()(const Var<T, D>& x) const { return w_down(silu(w_gate(x)) * w_up(x)); }
+
+  /// Experts in one call (GroupedExpert, moe/expert_group.hpp): three grouped GEMMs over the stacked
+  /// weights; rows outside every expert's range stay 0 (silu(0) * 0 = 0).
+  static Var<T, D> grouped(std::span<const SwiGLU* const> experts, const Var<T, D>& x,
+                           const Tensor<index_t, D>& offsets) {
+    const Var<T, D> g = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_gate), offsets);
+    const Var<T, D> u = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_up), offsets);
+    return grouped_linear(silu(g) * u, detail::stacked_weight(experts, &SwiGLU::w_down), offsets);
+  }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
     w_gate.visit_parameters(visit, join_name(prefix, "w_gate"));

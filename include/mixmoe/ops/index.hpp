@@ -18,7 +18,10 @@
 //
 // On a device (Cuda) every op runs there, forward and backward (backend/cuda/index.cuh). The
 // range check runs in a kernel and reads the first bad position back to the host: one small
-// copy, which synchronises the stream, per call; the error is the CPU's, word for word. The
+// copy, which synchronises the stream, per call; the error is the CPU's, word for word.
+// index_select and gather take IndexCheck::trusted for indices that are in range by
+// construction (top-k picks, a routing's tokens): then a device skips the check and its wait
+// (an index out of range would read out of bounds); the CPU checks either way. The
 // accumulations of repeated indices (the backwards, scatter_add's forward) use atomic adds:
 // a float sum of a repeated index's terms may differ in its last bits from the CPU's.
 #pragma once
@@ -31,6 +34,9 @@
 #include "mixmoe/backend/cpu/parallel.hpp"
 
 namespace mixmoe {
+
+/// Whether an index op range-checks its indices on a device (always on the CPU), see above.
+enum class IndexCheck { checked, trusted };
 
 namespace detail {
 
@@ -51,8 +57,10 @@ inline std::string index_position(const Shape& shape, index_t flat) {
 
 /// Checks every value of a contiguous index tensor against [0, extent).
 template <class D>
-void check_index_range(const Tensor<Index, D>& ic, index_t extent, const char* op, int axis, const Shape& xshape) {
+void check_index_range(const Tensor<Index, D>& ic, index_t extent, const char* op, int axis, const Shape& xshape,
+                       IndexCheck check = IndexCheck::checked) {
   if constexpr (!Tensor<Index, D>::on_host) {
+    if (check == IndexCheck::trusted) return;
     // The first bad position is found on the device and read back (a synchronisation): the price
     // of an error that names the bad index, as on the CPU, instead of an out-of-bounds access.
     require_device_ops<D>();
@@ -142,12 +150,13 @@ struct AxisLines {
 
 /// Rows (slices) of x along `axis` picked by a 1-D index; indices may repeat.
 template <Scalar T, Device D>
-Var<T, D> index_select(const Var<T, D>& x, int axis, const Tensor<Index, D>& index) {
+Var<T, D> index_select(const Var<T, D>& x, int axis, const Tensor<Index, D>& index,
+                       IndexCheck check = IndexCheck::checked) {
   const Shape& s = x.shape();
   const int a = s.axis(axis, "index_select");
   MIXMOE_CHECK(index.dim() == 1, "index_select", "index must be 1-D, got shape ", index.shape());
   const Tensor<Index, D> ic = index.contiguous();  // (M)
-  detail::check_index_range(ic, s[a], "index_select", axis, s);
+  detail::check_index_range(ic, s[a], "index_select", axis, s, check);
   const index_t outer = s.prod(0, a), n = s[a], inner = s.prod(a + 1, s.rank()), m = ic.numel();
   const Tensor<T, D> xc = x.value().contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(s.with(a, m));  // (..., M, ...)
@@ -167,7 +176,7 @@ Var<T, D> index_select(const Var<T, D>& x, int axis, const Tensor<Index, D>& ind
 
 /// torch.gather: out has index's shape, out[.., j, ..] = x[.., index[.., j, ..], ..] along `axis`.
 template <Scalar T, Device D>
-Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index) {
+Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index, IndexCheck check = IndexCheck::checked) {
   const Shape& s = x.shape();
   const int a = s.axis(axis, "gather");
   MIXMOE_CHECK(index.dim() == s.rank(), "gather", "index of shape ", index.shape(),
@@ -176,7 +185,7 @@ Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index) {
     MIXMOE_CHECK(d == a || index.shape()[d] <= s[d], "gather", "index of shape ", index.shape(),
                  " is larger than x of shape ", s, " on axis ", d, " (only the gather axis ", axis, " may be larger)");
   const Tensor<Index, D> ic = index.contiguous();
-  detail::check_index_range(ic, s[a], "gather", axis, s);
+  detail::check_index_range(ic, s[a], "gather", axis, s, check);
   const Tensor<T, D> xc = x.value().contiguous();
   const Shape xs = contiguous_strides(s), is = contiguous_strides(ic.shape());
   const detail::AxisLines lines(ic.shape(), a);

@@ -6,8 +6,9 @@
 //
 //   moe_plan_count     keys = expert * N + token per assignment, radix-sorted (stable: ties keep the
 //                      assignment order) with their assignment ids; per expert its routed count, its
-//                      start in the sorted list and the kept rows' offsets (capacity applied), then ONE
-//                      device->host copy of [first bad assignment, routed (E), offsets (E + 1)]
+//                      start in the sorted list and the kept rows' offsets (capacity applied), all in
+//                      device memory: [first bad assignment, routed (E), offsets (E + 1), starts (E)]
+//                      (moe/dispatch.hpp reads the first 2 + 2E back only when it needs them)
 //   moe_plan_place     the kept rows (order, sorted_token) and per token its rows (token_offsets,
 //                      token_rows: a second stable sort, by token, of the row numbers)
 //   moe_gather_rows    out[r] = x[index[r]]                   (dispatch_by_expert, gate gather)
@@ -17,6 +18,7 @@
 //   moe_combine_backward_y / _gate   dy[r] += gate[r] dout[token[r]];  dgate[r] += <y[r], dout[token[r]]>
 //   grouped_gemm       for every expert e: C[rows of e] (+)= A[rows of e] op(B_e), the row offsets in
 //                      device memory (no host synchronisation to launch it)
+//   grouped_gemm_wgrad for every expert e: dW_e += dY[rows of e]^T A[rows of e] (the weight gradient)
 //
 // Every output element is owned by one thread (or one warp / block) that adds its terms in a fixed
 // order: the results do not depend on the launch, and the only integer atomic (the first bad
@@ -166,13 +168,24 @@ __global__ void moe_plan_offsets(const unsigned long long* sorted_keys, index_t 
 /// the kept count; tok_keys[r] and row_ids[r] feed the sort by token.
 template <int = 0>
 __global__ void moe_plan_rows(const unsigned long long* sorted_keys, const Index* sorted_ids, const long long* meta,
-                              index_t m, index_t n, index_t e, Index* order, Index* sorted_token, unsigned* tok_keys,
-                              Index* row_ids) {
+                              index_t m, index_t n, index_t e, index_t rows, Index* order, Index* sorted_token,
+                              unsigned* tok_keys, Index* row_ids) {
   const unsigned long long end = static_cast<unsigned long long>(e) * n;
   for (index_t p = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; p < m;
        p += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const unsigned long long key = sorted_keys[p];
-    if (key >= end) continue;  // out of range (refused on the host before this kernel runs)
+    if (key >= end) {
+      // An out-of-range assignment (sorted after every valid key). Only a dropless plan gets here
+      // (capacity mode refuses it on the host first), where row r = p: keep the row harmless (token
+      // 0, no expert's range) so the layer runs to its NaN-poisoned combine instead of reading wild.
+      if (p < rows) {
+        order[p] = sorted_ids[p];
+        sorted_token[p] = 0;
+        tok_keys[p] = 0u;
+        row_ids[p] = static_cast<Index>(p);
+      }
+      continue;
+    }
     const index_t x = static_cast<index_t>(key / static_cast<unsigned long long>(n));
     const index_t t = static_cast<index_t>(key % static_cast<unsigned long long>(n));
     const index_t rank = p - meta[2 + 2 * e + x];
@@ -234,10 +247,17 @@ __global__ void moe_dispatch_backward(const T* g, const Index* token_offsets, co
 }
 
 /// One block per token (grid-stride over tokens), threads over channels: out[t, j] = sum over t's
-/// rows r, in token_rows order, of gate[r] * y[r, j].
+/// rows r, in token_rows order, of gate[r] * y[r, j]; NaN everywhere when *poison >= 0 (a plan
+/// with an out-of-range assignment; poison may be null).
 template <class T>
 __global__ void moe_combine(const T* y, const T* gate, const Index* token_offsets, const Index* token_rows, index_t n,
-                            index_t c, T* out) {
+                            index_t c, const long long* poison, T* out) {
+  if (poison != nullptr && *poison >= 0) {
+    for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n * c;
+         i += static_cast<index_t>(gridDim.x) * blockDim.x)
+      out[i] = T(NAN);
+    return;
+  }
   for (index_t t = blockIdx.x; t < n; t += gridDim.x) {
     const Index q0 = token_offsets[t], q1 = token_offsets[t + 1];
     for (index_t j = threadIdx.x; j < c; j += blockDim.x) {
@@ -291,10 +311,12 @@ __global__ void moe_iota_div(Index* out, index_t total, index_t k) {
 
 /// out[i] = in[i] * mul + add.
 template <int = 0>
-__global__ void moe_affine_index(const Index* in, index_t n, index_t mul, index_t add, Index* out) {
+__global__ void moe_affine_index(const Index* in, index_t n, index_t bound, index_t mul, index_t add, Index* out) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    out[i] = static_cast<Index>(static_cast<index_t>(in[i]) * mul + add);
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t v = in[i];
+    out[i] = static_cast<Index>((v >= 0 && v < bound ? v : 0) * mul + add);
+  }
 }
 
 /// Hash routing, one thread per row: experts_of(id, expert + i k) and probs[i, expert] = share; an id
@@ -474,6 +496,52 @@ __global__ void __launch_bounds__(kMoEThreads)
   }
 }
 
+/// The weight gradient of a grouped GEMM: dw[x] (n, k) += dy[rows of x]^T a[rows of x]. One block of
+/// 256 threads (16 x 16, 4 x 4 outputs each) per 64 x 64 tile of one expert's dw (blockIdx.z: the
+/// expert), walking that expert's rows 16 at a time: each output has one owner, no atomics.
+template <class T>
+__global__ void __launch_bounds__(kMoEThreads)
+    grouped_gemm_wgrad_tiles(index_t m, index_t n, index_t k, const index_t* offsets, const T* dy, const T* a, T* dw) {
+  __shared__ T gs[kGemmBK][kGemmBM];  // dy rows x n columns
+  __shared__ T as[kGemmBK][kGemmBN];  // a rows x k columns
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const index_t x = blockIdx.z;
+  const index_t n0 = static_cast<index_t>(blockIdx.y) * kGemmBM, k0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
+  const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
+  const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+  T acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
+  for (index_t r0 = lo; r0 < hi; r0 += kGemmBK) {
+    for (int l = 0; l < (kGemmBM * kGemmBK) / kMoEThreads; ++l) {
+      const int idx = threadIdx.x + l * kMoEThreads;
+      const int rr = idx / kGemmBM, cc = idx % kGemmBM;
+      const index_t row = r0 + rr;
+      gs[rr][cc] = row < hi && n0 + cc < n ? dy[row * n + n0 + cc] : T(0);
+      as[rr][cc] = row < hi && k0 + cc < k ? a[row * k + k0 + cc] : T(0);
+    }
+    __syncthreads();
+    for (int rr = 0; rr < kGemmBK; ++rr) {
+      T gv[4], av[4];
+      for (int i = 0; i < 4; ++i) gv[i] = gs[rr][ty + 16 * i];
+      for (int j = 0; j < 4; ++j) av[j] = as[rr][tx + 16 * j];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] += gv[i] * av[j];
+    }
+    __syncthreads();
+  }
+  if (lo == hi) return;  // no rows: dw[x] gets nothing
+  T* dwx = dw + x * n * k;
+  for (int i = 0; i < 4; ++i) {
+    const index_t row = n0 + ty + 16 * i;
+    if (row >= n) continue;
+    for (int j = 0; j < 4; ++j) {
+      const index_t col = k0 + tx + 16 * j;
+      if (col < k) dwx[row * k + col] += acc[i][j];
+    }
+  }
+}
+
 }  // namespace kernels
 
 /// For every expert x in [0, e): C[r, :] (+)= A[r, :] op(B_x) for the rows r in
@@ -507,15 +575,32 @@ void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* off
   MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_tiles");
 }
 
+/// dw (e, n, k) += for every expert x: dy[rows of x]^T a[rows of x], dy (m, n) and a (m, k) row-major,
+/// the rows [offsets[x], offsets[x + 1]) (clamped to [0, m)) read from DEVICE memory: no synchronisation.
+template <class T>
+void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const T* dy, const T* a,
+                        T* dw) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cuda::grouped_gemm_wgrad: float or double");
+  MIXMOE_CHECK(m >= 0 && n >= 0 && k >= 0 && e >= 0, "cuda::grouped_gemm_wgrad", "negative size m ", m, ", n ", n,
+               ", k ", k, ", e ", e);
+  if (m == 0 || n == 0 || k == 0 || e == 0) return;
+  const index_t col_tiles = (k + kernels::kGemmBN - 1) / kernels::kGemmBN;
+  const index_t row_tiles = (n + kernels::kGemmBM - 1) / kernels::kGemmBM;
+  MIXMOE_CHECK(col_tiles <= 0x7fffffff && row_tiles <= 65535 && e <= 65535, "cuda::grouped_gemm_wgrad", "n = ", n,
+               ", k = ", k, ", e = ", e, " exceed the launch grid");
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(e));
+  kernels::grouped_gemm_wgrad_tiles<T><<<grid, kernels::kMoEThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a, dw);
+  MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_tiles");
+}
+
 /// The moe part of DeviceOps<Cuda> (backend/cuda/cuda.cuh). Every name starts with moe_.
 struct MoEOps {
   /// Sorts the M assignments by (expert, token, assignment) and sizes the plan. keys_sorted and
   /// ids_sorted (M) and meta (2 + 3E) are device buffers the caller keeps for moe_plan_place;
-  /// host_meta (2 + 2E) gets [first bad assignment or -1, routed (E), offsets (E + 1)].
-  /// The copy of host_meta is THE one synchronisation of the MoE layer: the expert offsets are host
-  /// values because they size the per-expert GEMMs; the range check of the ids travels with them.
+  /// meta gets [first bad assignment or -1, routed (E), offsets (E + 1), starts (E)]. Nothing is
+  /// read back here: the caller copies meta's head to the host when it needs the counts.
   static void moe_plan_count(const Index* token, const Index* expert, index_t m, index_t n, index_t e, index_t capacity,
-                             std::int64_t* keys_sorted, Index* ids_sorted, std::int64_t* meta, index_t* host_meta) {
+                             std::int64_t* keys_sorted, Index* ids_sorted, std::int64_t* meta) {
     cudaStream_t s = current_stream();
     auto* meta_ll = reinterpret_cast<long long*>(meta);
     MIXMOE_CUDA_CHECK(cudaMemsetAsync(meta_ll, 0xff, sizeof(long long), s));  // first bad = -1 (all ones)
@@ -540,13 +625,11 @@ struct MoEOps {
       kernels::moe_plan_offsets<<<1, kernels::kMoEThreads, 0, s>>>(sorted, m, n, e, capacity, meta_ll);
       MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_offsets");
     }
-    static_assert(sizeof(index_t) == sizeof(long long));
-    mixmoe::detail::DeviceBackend<Cuda>::download(host_meta, meta_ll,
-                                                  static_cast<std::size_t>(2 + 2 * e) * sizeof(long long));
   }
 
-  /// Writes the plan's rows (after moe_plan_count and the host's range check): order and
-  /// sorted_token (rows), token_offsets (n + 1), token_rows (rows).
+  /// Writes the plan's rows (after moe_plan_count): order and sorted_token (rows), token_offsets
+  /// (n + 1), token_rows (rows). rows is the kept count (capacity mode, read on the host after its
+  /// range check) or m (dropless: out-of-range assignments become harmless tail rows).
   static void moe_plan_place(const std::int64_t* keys_sorted, const Index* ids_sorted, const std::int64_t* meta,
                              index_t m, index_t n, index_t e, index_t rows, Index* order, Index* sorted_token,
                              Index* token_offsets, Index* token_rows) {
@@ -560,7 +643,7 @@ struct MoEOps {
     moe_detail::DeviceBuffer row_ids(static_cast<std::size_t>(rows) * sizeof(Index));
     kernels::moe_plan_rows<<<blocks_for(m), 256, 0, s>>>(
         reinterpret_cast<const unsigned long long*>(keys_sorted), ids_sorted, reinterpret_cast<const long long*>(meta),
-        m, n, e, order, sorted_token, tok_keys.as<unsigned>(), row_ids.as<Index>());
+        m, n, e, rows, order, sorted_token, tok_keys.as<unsigned>(), row_ids.as<Index>());
     MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_rows");
     // Rows grouped by token, ascending within a token: a stable sort of the row numbers by token.
     const int items = moe_detail::to_int_items(rows, "moe_plan_place");
@@ -603,13 +686,14 @@ struct MoEOps {
     MIXMOE_CUDA_CHECK_LAUNCH("moe_dispatch_backward");
   }
 
-  /// out (n, c) = per token, the gate-weighted sum of its rows of y.
+  /// out (n, c) = per token, the gate-weighted sum of its rows of y; all NaN when poison (device
+  /// memory, may be null) holds a first bad assignment >= 0.
   template <class T>
   static void moe_combine(const T* y, const T* gate, const Index* token_offsets, const Index* token_rows, index_t n,
-                          index_t c, T* out) {
+                          index_t c, const std::int64_t* poison, T* out) {
     if (n * c == 0) return;
     kernels::moe_combine<<<moe_detail::row_blocks(n), kernels::kMoEThreads, 0, current_stream()>>>(
-        y, gate, token_offsets, token_rows, n, c, out);
+        y, gate, token_offsets, token_rows, n, c, reinterpret_cast<const long long*>(poison), out);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_combine");
   }
 
@@ -638,10 +722,11 @@ struct MoEOps {
     MIXMOE_CUDA_CHECK_LAUNCH("moe_iota_div");
   }
 
-  /// out (n) = in * mul + add.
-  static void moe_affine_index(const Index* in, index_t n, index_t mul, index_t add, Index* out) {
+  /// out (n) = in * mul + add, an in outside [0, bound) taken as 0 (its layer's output is NaN anyway:
+  /// the dispatch plan of the same routing poisons it), so the result is always a valid index.
+  static void moe_affine_index(const Index* in, index_t n, index_t bound, index_t mul, index_t add, Index* out) {
     if (n == 0) return;
-    kernels::moe_affine_index<<<blocks_for(n), 256, 0, current_stream()>>>(in, n, mul, add, out);
+    kernels::moe_affine_index<<<blocks_for(n), 256, 0, current_stream()>>>(in, n, bound, mul, add, out);
     MIXMOE_CUDA_CHECK_LAUNCH("moe_affine_index");
   }
 
@@ -695,6 +780,13 @@ struct MoEOps {
                                index_t lda, const T* b, index_t ldb, index_t stride_b, bool trans_b, T* c, index_t ldc,
                                bool accumulate) {
     grouped_gemm<T, T>(m, n, k, e, offsets, a, lda, b, ldb, stride_b, trans_b, c, ldc, accumulate);
+  }
+
+  /// cuda::grouped_gemm_wgrad (see there).
+  template <class T>
+  static void moe_grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const T* dy,
+                                     const T* a, T* dw) {
+    grouped_gemm_wgrad<T>(m, n, k, e, offsets, dy, a, dw);
   }
 
   /// The bf16 grouped GEMM on fp32 operands: A (m, k) and B (e * stride_b, contiguous) are rounded to
