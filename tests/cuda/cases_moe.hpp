@@ -1,8 +1,8 @@
 // Parity cases of the MoE layers (moe/, loss/load_balance.hpp): the dispatch plan (dropless and
 // with capacity), dispatch_by_expert / combine_by_expert and moe_forward forward and backward, every
 // router, a MixedMoE layer (group_gate and shared_router, Fourier features) and a SharedExpertMoE
-// with their auxiliary losses, the losses on their own, and the grouped GEMM against per-expert
-// GEMMs (float, double, bf16 inputs).
+// with their auxiliary losses (experts run per expert and grouped), the losses on their own, the
+// grouped GEMM against per-expert GEMMs (float, double, bf16 inputs) and grouped_linear's backward.
 //
 // Index results (the plan's order, rows, offsets, the routers' selections) must be equal exactly.
 // The routers' inputs are random normal: two logits (or probabilities) close enough for the two
@@ -94,10 +94,7 @@ void put_plan(Results& r, const std::string& name, const mixmoe::DispatchPlan<D>
   put(r, name + " offsets", host_list(plan.offsets()), 0);
   put(r, name + " routed", host_list(plan.routed()), 0);
   put(r, name + " dropped/capacity", host_list(std::vector<index_t>{plan.dropped(), plan.capacity, plan.num_rows()}), 0);
-  if constexpr (!mixmoe::Tensor<Index, D>::on_host)  // the device's copy of the offsets equals the host's
-    put(r, name + " device offsets", plan.device_offsets, 0);
-  else
-    put(r, name + " device offsets", host_list(plan.offsets()), 0);
+  put(r, name + " device offsets", plan.device_offsets, 0);  // the offsets on the plan's device
 }
 
 /// The dispatch plan over several routings: random (with a token sent twice to one expert),
@@ -327,6 +324,26 @@ void layer_cases(Results& r) {
       layer_case<T, D>(r, name, layer, n, cfg.d_model, tl, ++seed);
     }
   }
+  // Explicit execution on both devices (automatic is per_expert on Cpu and grouped on a device, so
+  // the cases above already compare the two paths across devices): fused shared-router groups and
+  // per-group calls over widths 24 and 16.
+  for (ExpertExecution ex : {ExpertExecution::grouped, ExpertExecution::per_expert})
+    for (index_t hidden : {index_t{24}, index_t{0}}) {
+      cfg.moe.mix = GroupMix::shared_router;
+      cfg.moe.capacity_factor = 0;
+      cfg.moe.execution = ex;
+      cfg.moe.expert_hidden = hidden;
+      cfg.moe.experts_per_group = hidden == 0 ? std::vector<index_t>{2, 3} : std::vector<index_t>{2, 2};
+      Generator gen(++seed);
+      MixLayer<T, D> layer(cfg, gen);
+      const std::string name = t + " mixed_moe shared_router " +
+                               (ex == ExpertExecution::grouped ? "grouped" : "per_expert") + " hidden " +
+                               std::to_string(hidden);
+      layer_case<T, D>(r, name, layer, n, cfg.d_model, tl, ++seed);
+    }
+  cfg.moe.execution = ExpertExecution::automatic;
+  cfg.moe.expert_hidden = 24;
+  cfg.moe.experts_per_group = {2, 2};
   {
     cfg.moe.mix = GroupMix::fixed;
     cfg.moe.capacity_factor = 0;
@@ -405,16 +422,30 @@ void grouped_gemm_cases(Results& r) {
       put(r, name + " bf16", grouped_matmul_bf16(af, bf, offsets, trans_b), 1e-5);
     }
   }
+  // grouped_linear forward and backward (dx through the untransposed grouped GEMM, dw through the
+  // weight-gradient kernel), with rows outside every range (first and last rows) and empty experts
+  for (const std::vector<index_t>& off : {std::vector<index_t>{3, 10, 10, 40}, std::vector<index_t>{0, 0, 129, 200},
+                                          std::vector<index_t>{0, 1, 2, 3, 70}}) {
+    const index_t e = static_cast<index_t>(off.size()) - 1, m = off.back() + 5;
+    for (const auto& [k, n] : {std::pair<index_t, index_t>{33, 65}, std::pair<index_t, index_t>{16, 1}}) {
+      const std::string name = t + " grouped_linear E " + std::to_string(e) + " M " + std::to_string(m) + " K " +
+                               std::to_string(k) + " N " + std::to_string(n);
+      const auto offsets = Tensor<index_t, D>::from(off, Shape{e + 1});
+      auto x = leaf<T, D>({m, k}, ++seed);
+      auto w = leaf<T, D>({e, n, k}, ++seed);
+      Var<T, D> y = grouped_linear(x, w, offsets);
+      sum(y * Var<T, D>(randn<T, D>({m, n}, ++seed))).backward();
+      put(r, name + " y", y, tol<T>(1e-5, 1e-12));
+      put(r, name + " dx", x.grad(), tol<T>(1e-5, 1e-12));
+      put(r, name + " dw", w.grad(), tol<T>(1e-5, 1e-12));
+    }
+  }
   // offsets from a dispatch plan (DispatchPlan::device_offsets on a device): stacked expert weights
   {
     const Assignments a = token_major(150, 2, 6, 950);
     const DispatchPlan<D> plan =
         make_dispatch_plan(moe_cases::indices<D>(a.token), moe_cases::indices<D>(a.expert), 150, 6, 0.0);
-    Tensor<index_t, D> offsets;
-    if constexpr (Tensor<Index, D>::on_host)
-      offsets = Tensor<index_t, D>::from(std::vector<index_t>(plan.offsets().begin(), plan.offsets().end()), Shape{7});
-    else
-      offsets = plan.device_offsets;
+    const Tensor<index_t, D> offsets = plan.device_offsets;
     const Tensor<T, D> xs = randn<T, D>({plan.num_rows(), 40}, 951);
     const Tensor<T, D> w = randn<T, D>({6, 24, 40}, 952);  // (E, out, in): Linear weights
     put(r, t + " grouped_gemm plan offsets B^T", grouped_matmul(xs, w, offsets, true), tol<T>(1e-5, 1e-12));
