@@ -1,13 +1,124 @@
-// GPU parity of the MoE layers (cases_moe.hpp) against the CPU backend.
+// GPU parity of the MoE layers (cases_moe.hpp) against the CPU backend, then two checks that only
+// mean something on the device: a dropless MoE layer with grouped experts waits for the device
+// zero times in a training step (forward, auxiliary loss, backward), and a routing with an expert
+// id out of range poisons the layer's output with NaN and is reported when the plan's counts are
+// read.
 #include "parity_main.cuh"
 
 #include "cases_moe.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
 
 namespace mixmoe_parity {
 void cpu_cases_moe(Results& r);
 }
 
+namespace {
+
+int device_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("  %s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  if (!ok) ++device_failures;
+}
+
+/// Host synchronisations of one training step of a layer (after a warm-up step: cuFFT plans, the
+/// caching allocator's first blocks).
+template <class Layer>
+std::uint64_t step_synchronisations(Layer& layer, mixmoe::index_t n, mixmoe::index_t c) {
+  using namespace mixmoe;
+  using namespace mixmoe_parity;
+  const Var<float, Cuda> x = leaf<float, Cuda>({n, c}, 1);
+  const Var<float, Cuda> g(randn<float, Cuda>({n, c}, 2));
+  std::uint64_t used = 0;
+  for (int step = 0; step < 2; ++step) {
+    const std::uint64_t before = mixmoe::cuda::synchronization_count();
+    Var<float, Cuda> out = layer(x);
+    Var<float, Cuda> total = sum(out * g) + load_balance_loss(layer) * 0.01;
+    total.backward();
+    used = mixmoe::cuda::synchronization_count() - before;
+  }
+  mixmoe::cuda::synchronize();
+  return used;
+}
+
+void synchronisation_free_layer() {
+  using namespace mixmoe;
+  ModelConfig cfg;
+  cfg.vocab = 64;
+  cfg.d_model = 32;
+  cfg.heads = 2;
+  cfg.layers = 2;
+  cfg.d_ff = 48;
+  cfg.moe.experts_per_group = {2, 2};
+  cfg.moe.expert_hidden = 24;
+  cfg.moe.top_k = 2;
+  for (GroupMix mix : {GroupMix::shared_router, GroupMix::group_gate}) {
+    const std::string name = mix == GroupMix::shared_router ? "shared_router" : "group_gate";
+    cfg.moe.mix = mix;
+    Generator gen(7);
+    mixmoe_parity::moe_cases::MixLayer<float, Cuda> layer(cfg, gen);
+    expect(layer.grouped(), name + ": automatic execution runs the experts grouped on the device");
+    const std::uint64_t grouped = step_synchronisations(layer, 37, cfg.d_model);
+    expect(grouped == 0, name + ": a dropless grouped step waits for the device 0 times (got " +
+                             std::to_string(grouped) + ")");
+    layer.set_execution(ExpertExecution::per_expert);
+    const std::uint64_t single = step_synchronisations(layer, 37, cfg.d_model);
+    expect(single > 0, name + ": the per-expert step waits (got " + std::to_string(single) +
+                           "): the counter sees the plan's read-back");
+  }
+}
+
+void out_of_range_expert() {
+  using namespace mixmoe;
+  using namespace mixmoe_parity;
+  Routing<float, Cuda> r;
+  r.token = moe_cases::indices<Cuda>({0, 1, 2, 2});
+  r.expert = moe_cases::indices<Cuda>({0, 5, 1, 2});
+  r.gate = Var<float, Cuda>(Tensor<float, Cuda>::ones({4}));
+  r.num_tokens = 3;
+  r.num_experts = 3;
+  const Var<float, Cuda> x = leaf<float, Cuda>({3, 8}, 3);
+  DispatchPlan<Cuda> plan;
+  const Var<float, Cuda> out = moe_forward_grouped(
+      x, r, 3, 0.0, [](const Var<float, Cuda>& xs, const DispatchPlan<Cuda>&) { return xs * 2.0; }, &plan);
+  bool all_nan = true;
+  for (float v : out.value().to_vector()) all_nan = all_nan && std::isnan(v);
+  expect(all_nan, "a dropless device plan with expert 5 of 3: every output is NaN");
+  std::string message;
+  try {
+    (void)plan.offsets();
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  expect(message.find("expert 5 of assignment 1 is out of range for 3 experts") != std::string::npos,
+         "reading the plan's counts throws the CPU's message (got '" + message + "')");
+  // capacity mode refuses it when the plan is made, as on the CPU
+  message.clear();
+  try {
+    (void)make_dispatch_plan(r, 1.0);
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  expect(message.find("expert 5 of assignment 1 is out of range for 3 experts") != std::string::npos,
+         "capacity mode: make_dispatch_plan throws at once (got '" + message + "')");
+}
+
+}  // namespace
+
 int main() {
   using namespace mixmoe_parity;
-  return parity_main("test_cuda_moe", cases_moe<mixmoe::Cuda>, cpu_cases_moe);
+  const int rc = parity_main("test_cuda_moe", cases_moe<mixmoe::Cuda>, cpu_cases_moe);
+  if (rc == 77) return rc;
+  std::printf("test_cuda_moe: device-only checks\n");
+  try {
+    synchronisation_free_layer();
+    out_of_range_expert();
+  } catch (const std::exception& e) {
+    expect(false, std::string("threw ") + e.what());
+  }
+  std::printf("test_cuda_moe: device-only checks: %d failed\n", device_failures);
+  return rc != 0 ? rc : (device_failures == 0 ? 0 : 1);
 }

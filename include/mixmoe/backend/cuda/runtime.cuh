@@ -12,6 +12,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
 #include <sstream>
 #include <string>
 
@@ -87,8 +89,26 @@ class StreamGuard {
   cudaStream_t saved_;
 };
 
+namespace detail {
+inline std::atomic<std::uint64_t>& synchronization_counter() {
+  static std::atomic<std::uint64_t> n{0};
+  return n;
+}
+}  // namespace detail
+
 /// Waits for everything issued on this thread's stream; reports a fault of any kernel in it.
-inline void synchronize() { MIXMOE_CUDA_CHECK(cudaStreamSynchronize(current_stream())); }
+inline void synchronize() {
+  detail::synchronization_counter().fetch_add(1, std::memory_order_relaxed);
+  MIXMOE_CUDA_CHECK(cudaStreamSynchronize(current_stream()));
+}
+
+/// How many times the library has waited for the device since the program started: every
+/// synchronize(), which every device->host copy and host->device upload goes through (item(),
+/// to_vector(), a range check's read-back, a plan's counts). A profiling aid: the difference over
+/// a training step counts that step's host synchronisations (docs/cuda.md lists where they are).
+inline std::uint64_t synchronization_count() {
+  return detail::synchronization_counter().load(std::memory_order_relaxed);
+}
 
 /// Blocks of `threads` covering n elements, capped for grid-stride loops.
 inline unsigned blocks_for(long long n, unsigned threads = 256) {
