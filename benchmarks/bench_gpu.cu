@@ -5,9 +5,11 @@
 //       with TF32 tensor cores, and bf16 operands with fp32 accumulation (cuda::matmul_bf16 against
 //       cublasGemmEx). Square 1024..8192 and transformer shapes.
 //   (b) one FFN layer, forward + backward on N token rows: the library's MoE layers (MixedMoE with
-//       top-k routing; the Mix-MoE layer with LM and MT groups and Fourier router features) and its
-//       dense SwiGLU, against a chain of 9 raw GEMMs with the same active FLOPs (the dense SwiGLU's
-//       3 forward and 6 backward GEMMs).
+//       top-k routing; the Mix-MoE layer with LM and MT groups and Fourier router features), each
+//       with its experts grouped (the grouped GEMM kernels, no host synchronisation) and per expert
+//       (cuBLAS per expert after one read-back of the offsets), and its dense SwiGLU, against a chain
+//       of 9 raw GEMMs with the same active FLOPs (the dense SwiGLU's 3 forward and 6 backward
+//       GEMMs); with the host synchronisations of one step of each layer.
 //   (c) a training step (forward, cross-entropy, backward, clipping, AdamW) of a decoder LM on the
 //       GPU, dense and Mix-MoE: tokens/s and model-FLOPs utilisation, MFU = (6 * P * tokens +
 //       attention FLOPs) / step time / peak, where P counts the parameters a token uses (a dense
@@ -267,6 +269,28 @@ double time_layer_ms(Layer& layer, const Tensor<float, Cuda>& x, const Tensor<fl
       reps, 2, false);
 }
 
+/// Host synchronisations of one forward+backward step (after the timing's warm-up).
+template <class Layer>
+long long step_syncs(Layer& layer, const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& gy) {
+  const std::uint64_t before = mcuda::synchronization_count();
+  Var<float, Cuda> xv(x, true);
+  auto y = layer(xv);
+  y.backward(gy);
+  release_routing_graphs(layer);
+  return static_cast<long long>(mcuda::synchronization_count() - before);
+}
+
+/// A layer timed with its experts run the given way (grouped GEMM kernel or per-expert cuBLAS).
+template <class Layer>
+double time_layer_as(Layer& layer, ExpertExecution ex, const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& gy,
+                     int reps, json& syncs, const char* key) {
+  layer.set_execution(ex);
+  const double ms = time_layer_ms(layer, x, gy, reps);
+  syncs[key] = step_syncs(layer, x, gy);
+  layer.set_execution(ExpertExecution::automatic);
+  return ms;
+}
+
 json bench_moe(const Args& a) {
   const index_t n = a.quick ? 2048 : 8192, c = a.quick ? 512 : 1024, f = a.quick ? 2048 : 4096, experts = 8, k = 2;
   ModelConfig cfg;
@@ -334,8 +358,24 @@ json bench_moe(const Args& a) {
       }
     };
     attempt("dense SwiGLU (library)", "dense_swiglu", [&] { return time_layer_ms(dense, x, gy, a.reps); });
-    attempt("MoE top-k (MixedMoE, one group)", "moe_topk", [&] { return time_layer_ms(moe, x, gy, a.reps); });
-    attempt("Mix-MoE LM+MT, Fourier router", "mix_moe_fourier", [&] { return time_layer_ms(mixed, x, gy, a.reps); });
+    // grouped: the grouped GEMM kernels, no host synchronisation; per_expert: one cuBLAS GEMM per
+    // expert and weight, after one read-back of the expert offsets per layer call
+    json syncs;
+    attempt("MoE top-k, grouped (MixedMoE, one group)", "moe_topk",
+            [&] { return time_layer_as(moe, ExpertExecution::grouped, x, gy, a.reps, syncs, "moe_topk"); });
+    attempt("MoE top-k, per-expert cuBLAS", "moe_topk_per_expert", [&] {
+      return time_layer_as(moe, ExpertExecution::per_expert, x, gy, a.reps, syncs, "moe_topk_per_expert");
+    });
+    attempt("Mix-MoE LM+MT, Fourier router, grouped", "mix_moe_fourier", [&] {
+      return time_layer_as(mixed, ExpertExecution::grouped, x, gy, a.reps, syncs, "mix_moe_fourier");
+    });
+    attempt("Mix-MoE LM+MT, Fourier, per-expert", "mix_moe_fourier_per_expert", [&] {
+      return time_layer_as(mixed, ExpertExecution::per_expert, x, gy, a.reps, syncs, "mix_moe_fourier_per_expert");
+    });
+    std::printf("%-6s host synchronisations per step:", mode);
+    for (const auto& [key, v] : syncs.items()) std::printf(" %s %lld", key.c_str(), v.get<long long>());
+    std::printf("\n");
+    m["syncs_per_step"] = syncs;
     out["modes"].push_back(m);
   }
   set_library_tf32(false);
