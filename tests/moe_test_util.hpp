@@ -5,6 +5,7 @@
 #include "test_util.hpp"
 
 #include <mixmoe/moe/routing.hpp>
+#include <mixmoe/nn/config.hpp>
 #include <mixmoe/nn/ffn.hpp>
 #include <mixmoe/nn/linear.hpp>
 
@@ -12,6 +13,29 @@
 #include <vector>
 
 namespace mixmoe::test {
+
+/// A small two-group layer's configuration (d_model 4, experts of width `hidden`, or d_ff 6 / E_g
+/// when hidden is 0; fixed_mix {0.7, 0.3}) for the MoE layer tests.
+inline ModelConfig small_layer_config(GroupMix mix, double capacity_factor, index_t top_k,
+                                      std::vector<index_t> experts = {2, 2}, index_t hidden = 3) {
+  ModelConfig cfg;
+  cfg.vocab = 16;
+  cfg.d_model = 4;
+  cfg.heads = 1;
+  cfg.layers = 1;
+  cfg.d_ff = 6;
+  cfg.moe.experts_per_group = std::move(experts);
+  cfg.moe.expert_hidden = hidden;
+  cfg.moe.top_k = top_k;
+  cfg.moe.capacity_factor = capacity_factor;
+  cfg.moe.mix = mix;
+  cfg.moe.fixed_mix = {0.7, 0.3};
+  return cfg;
+}
+
+inline const char* mix_name(GroupMix m) {
+  return m == GroupMix::shared_router ? "shared_router" : m == GroupMix::group_gate ? "group_gate" : "fixed";
+}
 
 /// Softmax over a linear projection, then the top-k experts per token; the gates are the
 /// chosen probabilities. Assignments are token-major: m = n K + j.

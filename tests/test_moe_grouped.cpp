@@ -54,26 +54,6 @@ using MT = ExpertGroup<SwiGLU<T>, tag::mt>;
 template <class T>
 using MTff = ExpertGroup<FeedForward<T>, tag::mt>;
 
-ModelConfig layer_config(GroupMix mix, double cf, index_t top_k, std::vector<index_t> experts, index_t hidden) {
-  ModelConfig cfg;
-  cfg.vocab = 16;
-  cfg.d_model = 4;
-  cfg.heads = 1;
-  cfg.layers = 1;
-  cfg.d_ff = 6;
-  cfg.moe.experts_per_group = std::move(experts);
-  cfg.moe.expert_hidden = hidden;
-  cfg.moe.top_k = top_k;
-  cfg.moe.capacity_factor = cf;
-  cfg.moe.mix = mix;
-  cfg.moe.fixed_mix = {0.7, 0.3};
-  return cfg;
-}
-
-const char* mix_name(GroupMix m) {
-  return m == GroupMix::shared_router ? "shared_router" : m == GroupMix::group_gate ? "group_gate" : "fixed";
-}
-
 /// The same layer built twice (same seed), once grouped and once per expert: outputs and every
 /// gradient (of x and of each parameter) must agree.
 template <class Layer>
@@ -227,22 +207,22 @@ TEST_CASE("MixedMoE grouped equals per-expert: every mode, dropless and capacity
       {
         INFO("two SwiGLU groups of one width (shared router: one fused call)");
         require_same_as_per_expert<MixedMoE<SoftmaxTopKRoute, LM<double>, MT<double>>>(
-            layer_config(mix, cf, k, {2, 2}, 3), 1e-12);
+            small_layer_config(mix, cf, k, {2, 2}, 3), 1e-12);
       }
       {
         INFO("widths d_ff / E_g = 3 and 2 (one grouped call per group)");
         require_same_as_per_expert<MixedMoE<SoftmaxTopKRoute, LM<double>, MT<double>>>(
-            layer_config(mix, cf, k, {2, 3}, 0), 1e-12);
+            small_layer_config(mix, cf, k, {2, 3}, 0), 1e-12);
       }
       {
         INFO("SwiGLU and FeedForward groups");
         require_same_as_per_expert<MixedMoE<SoftmaxTopKRoute, LM<double>, MTff<double>>>(
-            layer_config(mix, cf, k, {2, 2}, 3), 1e-12);
+            small_layer_config(mix, cf, k, {2, 2}, 3), 1e-12);
       }
     }
   // one group (a plain MoE), float
   Generator g1(30), g2(30);
-  const ModelConfig cfg = layer_config(GroupMix::shared_router, 0.0, 2, {4}, 3);
+  const ModelConfig cfg = small_layer_config(GroupMix::shared_router, 0.0, 2, {4}, 3);
   MixedMoE<SoftmaxTopKRoute, ExpertGroup<SwiGLU<float>, tag::generic>> a(cfg, g1), b(cfg, g2);
   a.set_execution(ExpertExecution::grouped);
   b.set_execution(ExpertExecution::per_expert);
@@ -254,7 +234,7 @@ TEST_CASE("gradcheck: MixedMoE grouped w.r.t. x and every parameter", "[moe][gro
   for (double cf : {0.0, 0.5}) {
     INFO("capacity_factor " << cf);
     Generator gen(31);
-    MixedMoE<SoftmaxTopKRoute, LM<double>, MT<double>> layer(layer_config(GroupMix::shared_router, cf, 2, {2, 2}, 3),
+    MixedMoE<SoftmaxTopKRoute, LM<double>, MT<double>> layer(small_layer_config(GroupMix::shared_router, cf, 2, {2, 2}, 3),
                                                             gen);
     layer.set_execution(ExpertExecution::grouped);
     auto inputs = with_params(rand_var({6, 4}, 32), layer);
@@ -264,7 +244,7 @@ TEST_CASE("gradcheck: MixedMoE grouped w.r.t. x and every parameter", "[moe][gro
 
 TEST_CASE("expert execution: automatic, configuration and errors", "[moe][grouped][errors]") {
   Generator gen(40);
-  ModelConfig cfg = layer_config(GroupMix::shared_router, 0.0, 2, {2, 2}, 3);
+  ModelConfig cfg = small_layer_config(GroupMix::shared_router, 0.0, 2, {2, 2}, 3);
   MixedMoE<SoftmaxTopKRoute, LM<double>, MT<double>> layer(cfg, gen);
   REQUIRE(layer.execution() == ExpertExecution::automatic);
   REQUIRE(!layer.grouped());  // automatic on Cpu: per expert

@@ -27,23 +27,7 @@ template <class T>
 using Mixed = MixedMoE<SoftmaxTopKRoute, LMGroup<T>, MTGroup<T>>;
 
 ModelConfig layer_config(GroupMix mix, double capacity_factor, index_t top_k) {
-  ModelConfig cfg;
-  cfg.vocab = 16;
-  cfg.d_model = 4;
-  cfg.heads = 1;
-  cfg.layers = 1;
-  cfg.d_ff = 6;
-  cfg.moe.experts_per_group = {2, 2};
-  cfg.moe.expert_hidden = 3;
-  cfg.moe.top_k = top_k;
-  cfg.moe.capacity_factor = capacity_factor;
-  cfg.moe.mix = mix;
-  cfg.moe.fixed_mix = {0.7, 0.3};
-  return cfg;
-}
-
-const char* mix_name(GroupMix m) {
-  return m == GroupMix::shared_router ? "shared_router" : m == GroupMix::group_gate ? "group_gate" : "fixed";
+  return small_layer_config(mix, capacity_factor, top_k);
 }
 
 std::vector<std::string> names_of(auto& module) {

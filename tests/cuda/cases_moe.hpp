@@ -267,6 +267,20 @@ using FourierRoute = mixmoe::FourierFeatures<mixmoe::TopK<2>, mixmoe::transform:
 template <class T, class D>
 using MixLayer = mixmoe::MixedMoE<FourierRoute, LM<T, D>, MT<T, D>>;
 
+/// The layers' sizes: d_model 32, 2 LM + 2 MT experts of width 24, top-2.
+inline mixmoe::ModelConfig layer_config() {
+  mixmoe::ModelConfig cfg;
+  cfg.vocab = 64;
+  cfg.d_model = 32;
+  cfg.heads = 2;
+  cfg.layers = 2;
+  cfg.d_ff = 48;
+  cfg.moe.experts_per_group = {2, 2};
+  cfg.moe.expert_hidden = 24;
+  cfg.moe.top_k = 2;
+  return cfg;
+}
+
 /// Output, input gradient and every parameter gradient of a layer on sum(out * g) plus its
 /// auxiliary losses; the losses' values and the routing records' counts.
 template <class T, class D, class Layer>
@@ -302,15 +316,7 @@ void layer_cases(Results& r) {
   using namespace mixmoe;
   const std::string t = type_name<T>();
   const double tl = tol<T>(5e-5, 1e-10);
-  ModelConfig cfg;
-  cfg.vocab = 64;
-  cfg.d_model = 32;
-  cfg.heads = 2;
-  cfg.layers = 2;
-  cfg.d_ff = 48;
-  cfg.moe.experts_per_group = {2, 2};
-  cfg.moe.expert_hidden = 24;
-  cfg.moe.top_k = 2;
+  ModelConfig cfg = layer_config();
   const index_t n = 29;
   std::uint64_t seed = 700;
   for (GroupMix mix : {GroupMix::group_gate, GroupMix::shared_router}) {

@@ -46,15 +46,7 @@ std::uint64_t step_synchronisations(Layer& layer, mixmoe::index_t n, mixmoe::ind
 
 void synchronisation_free_layer() {
   using namespace mixmoe;
-  ModelConfig cfg;
-  cfg.vocab = 64;
-  cfg.d_model = 32;
-  cfg.heads = 2;
-  cfg.layers = 2;
-  cfg.d_ff = 48;
-  cfg.moe.experts_per_group = {2, 2};
-  cfg.moe.expert_hidden = 24;
-  cfg.moe.top_k = 2;
+  ModelConfig cfg = mixmoe_parity::moe_cases::layer_config();
   for (GroupMix mix : {GroupMix::shared_router, GroupMix::group_gate}) {
     const std::string name = mix == GroupMix::shared_router ? "shared_router" : "group_gate";
     cfg.moe.mix = mix;

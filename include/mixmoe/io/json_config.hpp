@@ -11,6 +11,7 @@
 // an integer, got "two""), so a typo is never silently ignored. The result is validate()d.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <set>
@@ -25,28 +26,33 @@
 
 namespace mixmoe {
 
-inline const char* group_mix_name(GroupMix m) {
-  switch (m) {
-    case GroupMix::shared_router:
-      return "shared_router";
-    case GroupMix::group_gate:
-      return "group_gate";
-    case GroupMix::fixed:
-      return "fixed";
-  }
+namespace detail::json_cfg {
+
+/// An enum's values and their names in a config file.
+template <class E>
+struct EnumName {
+  E value;
+  const char* name;
+};
+inline constexpr EnumName<GroupMix> group_mix_names[] = {
+    {GroupMix::shared_router, "shared_router"}, {GroupMix::group_gate, "group_gate"}, {GroupMix::fixed, "fixed"}};
+inline constexpr EnumName<ExpertExecution> expert_execution_names[] = {{ExpertExecution::automatic, "auto"},
+                                                                       {ExpertExecution::grouped, "grouped"},
+                                                                       {ExpertExecution::per_expert, "per_expert"}};
+
+template <class E, std::size_t N>
+const char* enum_name(E v, const EnumName<E> (&names)[N]) {
+  for (const auto& n : names)
+    if (n.value == v) return n.name;
   return "?";
 }
 
+}  // namespace detail::json_cfg
+
+inline const char* group_mix_name(GroupMix m) { return detail::json_cfg::enum_name(m, detail::json_cfg::group_mix_names); }
+
 inline const char* expert_execution_name(ExpertExecution e) {
-  switch (e) {
-    case ExpertExecution::automatic:
-      return "auto";
-    case ExpertExecution::grouped:
-      return "grouped";
-    case ExpertExecution::per_expert:
-      return "per_expert";
-  }
-  return "?";
+  return detail::json_cfg::enum_name(e, detail::json_cfg::expert_execution_names);
 }
 
 inline nlohmann::json moe_config_to_json(const MoEConfig& m) {
@@ -143,6 +149,25 @@ void read_list(const json& j, const std::string& where, const char* key, std::ve
   }
 }
 
+/// j[key], when present, one of the names of `names`; the error lists them.
+template <class E, std::size_t N>
+void read_enum(const json& j, const std::string& where, const char* key, E& out, const EnumName<E> (&names)[N]) {
+  if (!j.contains(key)) return;
+  const auto& v = j.at(key);
+  MIXMOE_CHECK(v.is_string(), "config", where, ".", key, ": expected a string, got ", v.dump());
+  const auto s = v.get<std::string>();
+  std::string list;
+  for (std::size_t i = 0; i < N; ++i) {
+    if (s == names[i].name) {
+      out = names[i].value;
+      return;
+    }
+    list += i == 0 ? "" : (i + 1 == N ? " or " : ", ");
+    list += names[i].name;
+  }
+  detail::fail("config", where, ".", key, ": unknown value '", s, "' (", list, ")");
+}
+
 }  // namespace detail::json_cfg
 
 /// Reads an MoEConfig; `where` names the object in errors ("config.moe").
@@ -156,32 +181,8 @@ inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string
   read(j, where, "top_k", m.top_k);
   read(j, where, "capacity_factor", m.capacity_factor);
   read_list(j, where, "fixed_mix", m.fixed_mix);
-  if (j.contains("mix")) {
-    const auto& v = j.at("mix");
-    MIXMOE_CHECK(v.is_string(), "config", where, ".mix: expected a string, got ", v.dump());
-    const auto s = v.get<std::string>();
-    if (s == "shared_router")
-      m.mix = GroupMix::shared_router;
-    else if (s == "group_gate")
-      m.mix = GroupMix::group_gate;
-    else if (s == "fixed")
-      m.mix = GroupMix::fixed;
-    else
-      detail::fail("config", where, ".mix: unknown value '", s, "' (shared_router, group_gate or fixed)");
-  }
-  if (j.contains("expert_execution")) {
-    const auto& v = j.at("expert_execution");
-    MIXMOE_CHECK(v.is_string(), "config", where, ".expert_execution: expected a string, got ", v.dump());
-    const auto s = v.get<std::string>();
-    if (s == "auto")
-      m.execution = ExpertExecution::automatic;
-    else if (s == "grouped")
-      m.execution = ExpertExecution::grouped;
-    else if (s == "per_expert")
-      m.execution = ExpertExecution::per_expert;
-    else
-      detail::fail("config", where, ".expert_execution: unknown value '", s, "' (auto, grouped or per_expert)");
-  }
+  read_enum(j, where, "mix", m.mix, group_mix_names);
+  read_enum(j, where, "expert_execution", m.execution, expert_execution_names);
   return m;
 }
 
