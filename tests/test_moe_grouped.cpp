@@ -1,6 +1,7 @@
 // Grouped expert execution: grouped_linear and stack_weights (values, gradients, errors), the
 // grouped forms of FeedForward and SwiGLU, and MixedMoE run grouped against the same layer run
-// one expert at a time (every group mode, fused and per-group, dropless and capacity).
+// one expert at a time (every group mode, fused and per-group, dropless and capacity); the bf16
+// expert GEMMs against double GEMMs of the rounded operands.
 #include "moe_test_util.hpp"
 
 #include <mixmoe/io/json_config.hpp>
@@ -179,8 +180,9 @@ TEST_CASE("FeedForward and SwiGLU: grouped form equals one call per expert", "[m
   const Td x = Td::randn({8, 4}, gen);
   const std::vector<const SwiGLU<double>*> sp{&sw[0], &sw[1], &sw[2]};
   const std::vector<const FeedForward<double>*> fp{&ff[0], &ff[1], &ff[2]};
-  const Td ys = SwiGLU<double>::grouped(std::span<const SwiGLU<double>* const>(sp), Vd(x), off).value();
-  const Td yf = FeedForward<double>::grouped(std::span<const FeedForward<double>* const>(fp), Vd(x), off).value();
+  const GroupedRows<Cpu> rows{off};
+  const Td ys = SwiGLU<double>::grouped(std::span<const SwiGLU<double>* const>(sp), Vd(x), rows).value();
+  const Td yf = FeedForward<double>::grouped(std::span<const FeedForward<double>* const>(fp), Vd(x), rows).value();
   for (index_t e = 0; e < 3; ++e) {
     const index_t lo = off.data()[e], hi = off.data()[e + 1];
     if (lo == hi) continue;
@@ -195,8 +197,54 @@ TEST_CASE("FeedForward and SwiGLU: grouped form equals one call per expert", "[m
   for (auto& e : sw)
     for (auto& p : parameters(e)) inputs.push_back(p);
   MIXMOE_REQUIRE_GRADCHECK(
-      [&](const std::vector<Vd>& in) { return SwiGLU<double>::grouped(std::span<const SwiGLU<double>* const>(sp), in[0], off); },
+      [&](const std::vector<Vd>& in) {
+        return SwiGLU<double>::grouped(std::span<const SwiGLU<double>* const>(sp), in[0], rows);
+      },
       inputs);
+}
+
+TEST_CASE("grouped_linear in bf16: every GEMM on rounded operands, fp32 sums", "[moe][grouped][bf16]") {
+  // Reference: the double GEMMs of the bf16-rounded operands. fp32 accumulation differs from it by
+  // float rounding only (K terms), far below bf16's 2^-8.
+  const auto round16 = [](const Td& t) {
+    std::vector<double> v = t.to_vector();
+    for (double& x : v) x = detail::round_to_bf16(static_cast<float>(x));
+    return Td::from(std::move(v), t.shape());
+  };
+  Generator gen(50);
+  const Td x = Td::randn({11, 20}, gen), w = Td::randn({3, 7, 20}, gen), g = Td::randn({11, 7}, gen);
+  const Offsets off = offsets_of({1, 5, 5, 10});
+  Vf xf(to_float(x), true), wf(to_float(w), true);
+  const Vf y = grouped_linear(xf, wf, off, MatmulPrecision::bf16);
+  sum(y * Vf(to_float(g))).backward();
+  // the same with the rounded operands in double, native precision
+  const Td xr = round16(x), wr = round16(w), gr = round16(g);
+  Vd xd(xr, true), wd(wr, true);
+  const Vd yd = grouped_linear(xd, wd, off);
+  sum(yd * Vd(gr)).backward();
+  const auto close = [](const Tf& a, const Td& b) {
+    const std::vector<float> av = a.to_vector();
+    const std::vector<double> bv = b.to_vector();
+    double err = 0, scale = 0;
+    for (std::size_t i = 0; i < av.size(); ++i) {
+      err = std::max(err, std::abs(static_cast<double>(av[i]) - bv[i]));
+      scale = std::max(scale, std::abs(bv[i]));
+    }
+    return err / (1 + scale);
+  };
+  CHECK(close(y.value(), yd.value()) < 1e-6);
+  CHECK(close(xf.grad(), xd.grad()) < 1e-6);  // dx: the rounded dy times the rounded w
+  CHECK(close(wf.grad(), wd.grad()) < 1e-6);  // dw: the rounded dy^T times the rounded x
+  // and it differs from the float GEMMs by about bf16's rounding, not more
+  Vf x2(to_float(x), true), w2(to_float(w), true);
+  const Vf y32 = grouped_linear(x2, w2, off);
+  const double rel = close(y.value(), [&] {
+    const std::vector<float> v = y32.value().to_vector();
+    return Td::from(std::vector<double>(v.begin(), v.end()), y32.shape());
+  }());
+  CHECK(rel > 1e-5);
+  CHECK(rel < 3e-2);
+  MIXMOE_REQUIRE_ERROR(grouped_linear(xd, wd, off, MatmulPrecision::bf16), "[grouped_linear] bf16 precision needs float");
 }
 
 TEST_CASE("MixedMoE grouped equals per-expert: every mode, dropless and capacity", "[moe][grouped][layer]") {
@@ -261,6 +309,33 @@ TEST_CASE("expert execution: automatic, configuration and errors", "[moe][groupe
                        "[MixedMoE::set_execution] an expert type of the groups (lm, mt) has no grouped form");
   REQUIRE(plain(rand_var({5, 4}, 41)).shape() == Shape{5, 4});
 
+  // bf16 expert GEMMs: float models, grouped execution (automatic means grouped then)
+  {
+    ModelConfig c16 = small_layer_config(GroupMix::shared_router, 0.0, 2);
+    c16.moe.expert_precision = MatmulPrecision::bf16;
+    Generator g16(42), g32(42);
+    MixedMoE<SoftmaxTopKRoute, LM<float>, MT<float>> l16(c16, g16);
+    REQUIRE(l16.grouped());
+    REQUIRE(l16.expert_precision() == MatmulPrecision::bf16);
+    ModelConfig c32 = c16;
+    c32.moe.expert_precision = MatmulPrecision::native;
+    MixedMoE<SoftmaxTopKRoute, LM<float>, MT<float>> l32(c32, g32);
+    const Tf x = Tf::randn({9, 4}, g16);
+    const Tf y16 = l16(Vf(x)).value(), y32 = l32(Vf(x)).value();
+    const double diff = max_abs_diff(y16, y32);
+    CHECK(diff > 0.0);
+    CHECK(diff < 2e-2);
+    MIXMOE_REQUIRE_ERROR(l16.set_execution(ExpertExecution::per_expert),
+                         "[MixedMoE::set_execution] moe.expert_precision bf16 needs grouped execution");
+    l32.set_execution(ExpertExecution::per_expert);
+    MIXMOE_REQUIRE_ERROR(l32.set_expert_precision(MatmulPrecision::bf16),
+                         "[MixedMoE::set_expert_precision] moe.expert_precision bf16 needs grouped execution");
+    MIXMOE_REQUIRE_ERROR((MixedMoE<SoftmaxTopKRoute, LM<double>, MT<double>>(c16, g16)),
+                         "[MixedMoE] moe.expert_precision bf16 needs a float model (got 64-bit)");
+    MIXMOE_REQUIRE_ERROR((MixedMoE<SoftmaxTopKRoute, ExpertGroup<OneLinear<float>, tag::lm>, MT<float>>(c16, g16)),
+                         "moe.expert_precision bf16 runs the experts grouped, but an expert type of the groups (lm, mt)");
+  }
+
   // JSON: written, read back, unknown values refused, missing means automatic
   MoEConfig m;
   m.execution = ExpertExecution::per_expert;
@@ -274,6 +349,10 @@ TEST_CASE("expert execution: automatic, configuration and errors", "[moe][groupe
   auto old = j;
   old.erase("expert_execution");
   REQUIRE(moe_config_from_json(old).execution == ExpertExecution::automatic);
+  m.expert_precision = MatmulPrecision::bf16;
+  REQUIRE(moe_config_to_json(m).at("expert_precision") == "bf16");
+  REQUIRE(moe_config_from_json(moe_config_to_json(m)).expert_precision == MatmulPrecision::bf16);
+  REQUIRE(moe_config_from_json(old).expert_precision == MatmulPrecision::native);
 }
 
 }  // namespace test_moe_grouped

@@ -350,6 +350,14 @@ void layer_cases(Results& r) {
   cfg.moe.execution = ExpertExecution::automatic;
   cfg.moe.expert_hidden = 24;
   cfg.moe.experts_per_group = {2, 2};
+  {  // bf16 expert GEMMs (a float layer for both T; the f64 entry repeats it)
+    cfg.moe.mix = GroupMix::group_gate;
+    cfg.moe.expert_precision = MatmulPrecision::bf16;
+    Generator gen(++seed);
+    MixLayer<float, D> layer(cfg, gen);
+    layer_case<float, D>(r, t + " mixed_moe group_gate bf16 experts", layer, n, cfg.d_model, 5e-5, ++seed);
+    cfg.moe.expert_precision = MatmulPrecision::native;
+  }
   {
     cfg.moe.mix = GroupMix::fixed;
     cfg.moe.capacity_factor = 0;
@@ -444,6 +452,14 @@ void grouped_gemm_cases(Results& r) {
       put(r, name + " y", y, tol<T>(1e-5, 1e-12));
       put(r, name + " dx", x.grad(), tol<T>(1e-5, 1e-12));
       put(r, name + " dw", w.grad(), tol<T>(1e-5, 1e-12));
+      // bf16 operands, fp32 sums: float inputs for both T (the f64 entry repeats it)
+      auto xf = leaf<float, D>({m, k}, seed + 100);
+      auto wf = leaf<float, D>({e, n, k}, seed + 101);
+      Var<float, D> yf = grouped_linear(xf, wf, offsets, MatmulPrecision::bf16);
+      sum(yf * Var<float, D>(randn<float, D>({m, n}, seed + 102))).backward();
+      put(r, name + " bf16 y", yf, 1e-5);
+      put(r, name + " bf16 dx", xf.grad(), 1e-5);
+      put(r, name + " bf16 dw", wf.grad(), 1e-5);
     }
   }
   // offsets from a dispatch plan (DispatchPlan::device_offsets on a device): stacked expert weights

@@ -4,7 +4,7 @@
 //    "rope_theta": 10000.0, "norm_eps": 1e-06, "init_std": 0.02, "tie_embeddings": true,
 //    "attn_bias": false, "qk_norm": false, "seed": 0,
 //    "moe": {"experts_per_group": [8], "expert_hidden": 0, "top_k": 2, "capacity_factor": 0.0,
-//            "mix": "group_gate", "fixed_mix": [], "expert_execution": "auto"}}
+//            "mix": "group_gate", "fixed_mix": [], "expert_execution": "auto", "expert_precision": "native"}}
 //
 // Reading: a missing field keeps its default (files from older versions load); an unknown
 // field or a value of the wrong type is an error naming the field ("config.moe.top_k: expected
@@ -39,6 +39,8 @@ inline constexpr EnumName<GroupMix> group_mix_names[] = {
 inline constexpr EnumName<ExpertExecution> expert_execution_names[] = {{ExpertExecution::automatic, "auto"},
                                                                        {ExpertExecution::grouped, "grouped"},
                                                                        {ExpertExecution::per_expert, "per_expert"}};
+inline constexpr EnumName<MatmulPrecision> matmul_precision_names[] = {{MatmulPrecision::native, "native"},
+                                                                       {MatmulPrecision::bf16, "bf16"}};
 
 template <class E, std::size_t N>
 const char* enum_name(E v, const EnumName<E> (&names)[N]) {
@@ -62,7 +64,8 @@ inline nlohmann::json moe_config_to_json(const MoEConfig& m) {
           {"capacity_factor", m.capacity_factor},
           {"mix", group_mix_name(m.mix)},
           {"fixed_mix", m.fixed_mix},
-          {"expert_execution", expert_execution_name(m.execution)}};
+          {"expert_execution", expert_execution_name(m.execution)},
+          {"expert_precision", detail::json_cfg::enum_name(m.expert_precision, detail::json_cfg::matmul_precision_names)}};
 }
 
 inline nlohmann::json model_config_to_json(const ModelConfig& c) {
@@ -174,7 +177,8 @@ void read_enum(const json& j, const std::string& where, const char* key, E& out,
 inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string& where = "moe") {
   using namespace detail::json_cfg;
   check_keys(j, where,
-             {"experts_per_group", "expert_hidden", "top_k", "capacity_factor", "mix", "fixed_mix", "expert_execution"});
+             {"experts_per_group", "expert_hidden", "top_k", "capacity_factor", "mix", "fixed_mix", "expert_execution",
+              "expert_precision"});
   MoEConfig m;
   read_list(j, where, "experts_per_group", m.experts_per_group);
   read(j, where, "expert_hidden", m.expert_hidden);
@@ -183,6 +187,7 @@ inline MoEConfig moe_config_from_json(const nlohmann::json& j, const std::string
   read_list(j, where, "fixed_mix", m.fixed_mix);
   read_enum(j, where, "mix", m.mix, group_mix_names);
   read_enum(j, where, "expert_execution", m.execution, expert_execution_names);
+  read_enum(j, where, "expert_precision", m.expert_precision, matmul_precision_names);
   return m;
 }
 

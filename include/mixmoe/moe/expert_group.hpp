@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "mixmoe/autograd/var.hpp"
+#include "mixmoe/moe/grouped_gemm.hpp"
 #include "mixmoe/nn/module.hpp"
 
 namespace mixmoe {
@@ -58,15 +59,16 @@ concept ExpertModule =
 /// weights, moe/grouped_gemm.hpp), which is what lets an MoE layer run without host synchronisation
 /// on a device:
 ///   static Var<T, D> E::grouped(std::span<const E* const> experts, const Var<T, D>& x_sorted,
-///                               const Tensor<index_t, D>& offsets)
-/// x_sorted (M, C) rows sorted by expert; offsets (E + 1) on the device: expert i of the list owns
-/// rows [offsets[i], offsets[i + 1]). Returns (M, C): expert i's output on its rows, 0 on rows
-/// outside every range. FeedForward and SwiGLU have it; other experts run one call per expert.
+///                               const GroupedRows<D>& rows)
+/// x_sorted (M, C) rows sorted by expert; rows.offsets (E + 1) on the device: expert i of the list
+/// owns rows [offsets[i], offsets[i + 1]); rows.precision: the GEMMs' operand precision (pass rows
+/// to grouped_linear). Returns (M, C): expert i's output on its rows, 0 on rows outside every
+/// range. FeedForward and SwiGLU have it; other experts run one call per expert.
 template <class E>
 concept GroupedExpert =
     ExpertModule<E> && requires(std::span<const E* const> ex, const module_var_t<E>& x,
-                                const Tensor<index_t, typename E::device_type>& off) {
-      { E::grouped(ex, x, off) } -> std::same_as<module_var_t<E>>;
+                                const GroupedRows<typename E::device_type>& rows) {
+      { E::grouped(ex, x, rows) } -> std::same_as<module_var_t<E>>;
     };
 
 template <class E, class Tag>
@@ -112,17 +114,17 @@ struct ExpertGroup {
   /// Expert i on its rows: x (n, C) -> (n, C).
   Var<T, D> operator()(index_t i, const Var<T, D>& x) const { return experts[checked(i)](x); }
 
-  /// Every expert in one call (GroupedExpert types): x_sorted (M, C), offsets (size() + 1) on the
+  /// Every expert in one call (GroupedExpert types): x_sorted (M, C), rows.offsets (size() + 1) on the
   /// device, expert i on rows [offsets[i], offsets[i + 1]) -> (M, C), 0 outside every range.
-  Var<T, D> grouped(const Var<T, D>& x_sorted, const Tensor<index_t, D>& offsets) const
+  Var<T, D> grouped(const Var<T, D>& x_sorted, const GroupedRows<D>& rows) const
     requires GroupedExpert<E>
   {
-    MIXMOE_CHECK(offsets.dim() == 1 && offsets.size(0) == size() + 1, "ExpertGroup::grouped", "group ", Tag::name,
-                 " of ", size(), " experts needs (", size() + 1, ") offsets, got ", offsets.shape());
+    MIXMOE_CHECK(rows.offsets.dim() == 1 && rows.offsets.size(0) == size() + 1, "ExpertGroup::grouped", "group ",
+                 Tag::name, " of ", size(), " experts needs (", size() + 1, ") offsets, got ", rows.offsets.shape());
     std::vector<const E*> list;
     list.reserve(experts.size());
     for (const E& e : experts) list.push_back(&e);
-    return E::grouped(std::span<const E* const>(list.data(), list.size()), x_sorted, offsets);
+    return E::grouped(std::span<const E* const>(list.data(), list.size()), x_sorted, rows);
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {

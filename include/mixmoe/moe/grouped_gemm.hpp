@@ -6,7 +6,8 @@
 //   grouped_matmul(a, b, offsets, trans_b) -> c (M, N), c[rows of e] = a[rows of e] op(b[e])
 //   grouped_matmul_bf16: the same with a and b rounded to bf16 (nearest even), products summed in fp32
 //   grouped_linear(x, w, offsets)   the differentiable form for expert code: x (M, K), w (E, N, K)
-//                                   (E Linear weights stacked) -> y (M, N), y[rows of e] = x[rows of e] w[e]^T
+//                                   (E Linear weights stacked) -> y (M, N), y[rows of e] = x[rows of e] w[e]^T;
+//                                   optionally in bf16 (MatmulPrecision::bf16: bf16 operands, fp32 sums)
 //   stack_weights(ws)               E Vars of one shape (N, K) -> (E, N, K), differentiable
 //
 // Rows outside every expert's range are 0 in c (and get no gradient). On Cpu: one cpu::gemm per
@@ -19,13 +20,14 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
-
 #include <span>
+#include <type_traits>
+#include <vector>
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/gemm.hpp"
 #include "mixmoe/core/tensor.hpp"
+#include "mixmoe/nn/config.hpp"
 #include "mixmoe/ops/shape_ops.hpp"
 
 namespace mixmoe {
@@ -42,6 +44,13 @@ inline float round_to_bf16(float v) {
   float r = 0;
   std::memcpy(&r, &u, sizeof r);
   return r;
+}
+
+/// A rounded-to-bf16 copy of n float values (the host path of the bf16 GEMMs).
+inline std::vector<float> bf16_copy(const float* p, index_t n) {
+  std::vector<float> out(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = round_to_bf16(p[i]);
+  return out;
 }
 
 template <class T, class D>
@@ -134,39 +143,86 @@ Tensor<float, D> grouped_matmul_bf16(const Tensor<float, D>& a, const Tensor<flo
                                                 trans_b ? k : n, k * n, trans_b, c.data(), n, false);
     return c;
   }
-  std::vector<float> ar(static_cast<std::size_t>(ac.numel())), br(static_cast<std::size_t>(bc.numel()));
-  for (std::size_t i = 0; i < ar.size(); ++i) ar[i] = detail::round_to_bf16(ac.data()[i]);
-  for (std::size_t i = 0; i < br.size(); ++i) br[i] = detail::round_to_bf16(bc.data()[i]);
+  const std::vector<float> ar = detail::bf16_copy(ac.data(), ac.numel()), br = detail::bf16_copy(bc.data(), bc.numel());
   detail::grouped_matmul_host(ar.data(), m, k, br.data(), e, n, trans_b, oc.data(), c.data(), op);
   return c;
 }
+
+/// What expert code needs to run its experts grouped: the row offsets of each expert on the device
+/// and the GEMMs' operand precision (moe.expert_precision).
+template <Device D>
+struct GroupedRows {
+  Tensor<index_t, D> offsets;  // (E + 1) expert i owns rows [offsets[i], offsets[i + 1])
+  MatmulPrecision precision = MatmulPrecision::native;
+};
 
 /// y (M, N) = per expert e, x[offsets[e]:offsets[e + 1]] w[e]^T, for x (M, K) and w (E, N, K) (E Linear
 /// weights (out, in) stacked); rows outside every expert's range are 0. Differentiable in x and w:
 /// dx[rows of e] = dy[rows of e] w[e], dw[e] = dy[rows of e]^T x[rows of e]. offsets stay on the
 /// tensors' device (a DispatchPlan's device_offsets): on a GPU nothing is read back.
+/// MatmulPrecision::bf16 (float only): every GEMM of the forward and the backward rounds its two
+/// operands to bf16 and accumulates in fp32; x, w, y and the gradients stay float.
 template <Scalar T, Device D>
-Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const Tensor<index_t, D>& offsets) {
+Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const Tensor<index_t, D>& offsets,
+                         MatmulPrecision precision = MatmulPrecision::native) {
   const char* op = "grouped_linear";
   MIXMOE_CHECK(x.defined() && w.defined(), op, "x and w must be defined Vars");
+  MIXMOE_CHECK((precision == MatmulPrecision::native || std::is_same_v<T, float>), op,
+               "bf16 precision needs float tensors (got ", sizeof(T) * 8, "-bit)");
   detail::check_grouped(x.value(), w.value(), offsets, true, op);
   const index_t m = x.size(0), k = x.size(1), e = w.size(0), n = w.size(1);
   const Tensor<T, D> xv = x.value().contiguous(), wv = w.value().contiguous();
   const Tensor<index_t, D> oc = offsets.contiguous();
-  Tensor<T, D> y = detail::grouped_matmul_as(xv, wv, oc, true, op);  // (M, N)
-  return record(op, std::move(y), {x, w}, [xv, wv, oc, m, n, k, e, op](autograd::BackwardContext<T, D>& ctx) {
+  const bool bf16 = precision == MatmulPrecision::bf16;
+  Tensor<T, D> y;  // (M, N)
+  if constexpr (std::is_same_v<T, float>) {
+    if (bf16) y = grouped_matmul_bf16(xv, wv, oc, true);
+  }
+  if (!y.defined()) y = detail::grouped_matmul_as(xv, wv, oc, true, op);
+  return record(op, std::move(y), {x, w}, [xv, wv, oc, m, n, k, e, op, bf16](autograd::BackwardContext<T, D>& ctx) {
     const T* dy = ctx.grad_out().data();  // (M, N)
     if constexpr (!Tensor<T, D>::on_host) {
       using Ops = detail::DeviceOps<D>;
+      if constexpr (std::is_same_v<T, float>) {
+        if (bf16) {
+          if (ctx.needs_grad(0))
+            Ops::moe_grouped_gemm_bf16(m, k, n, e, oc.data(), dy, m * n, n, wv.data(), wv.numel(), k, n * k, false,
+                                       ctx.grad_in(0).data(), k, true);
+          if (ctx.needs_grad(1))
+            Ops::moe_grouped_gemm_wgrad_bf16(m, n, k, e, oc.data(), dy, xv.data(), ctx.grad_in(1).data());
+          return;
+        }
+      }
       if (ctx.needs_grad(0))  // dx (M, K) += dy[rows of e] w[e]: w[e] as (N, K) untransposed
         Ops::moe_grouped_gemm(m, k, n, e, oc.data(), dy, n, wv.data(), k, n * k, false, ctx.grad_in(0).data(), k, true);
       if (ctx.needs_grad(1)) Ops::moe_grouped_gemm_wgrad(m, n, k, e, oc.data(), dy, xv.data(), ctx.grad_in(1).data());
     } else {
+      if constexpr (std::is_same_v<T, float>) {
+        if (bf16) {
+          const std::vector<float> dy16 = detail::bf16_copy(dy, m * n);
+          if (ctx.needs_grad(0)) {
+            const std::vector<float> w16 = detail::bf16_copy(wv.data(), wv.numel());
+            detail::grouped_matmul_host(dy16.data(), m, n, w16.data(), e, k, false, oc.data(), ctx.grad_in(0).data(), op,
+                                        true);
+          }
+          if (ctx.needs_grad(1)) {
+            const std::vector<float> x16 = detail::bf16_copy(xv.data(), xv.numel());
+            detail::grouped_wgrad_host(dy16.data(), x16.data(), m, n, k, e, oc.data(), ctx.grad_in(1).data(), op);
+          }
+          return;
+        }
+      }
       if (ctx.needs_grad(0))
         detail::grouped_matmul_host(dy, m, n, wv.data(), e, k, false, oc.data(), ctx.grad_in(0).data(), op, true);
       if (ctx.needs_grad(1)) detail::grouped_wgrad_host(dy, xv.data(), m, n, k, e, oc.data(), ctx.grad_in(1).data(), op);
     }
   });
+}
+
+/// grouped_linear over a GroupedRows (its offsets and precision): what GroupedExpert code calls.
+template <Scalar T, Device D>
+Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const GroupedRows<D>& rows) {
+  return grouped_linear(x, w, rows.offsets, rows.precision);
 }
 
 /// E Vars of one shape S -> (E, S...): the experts' weights side by side for grouped_linear (a copy;

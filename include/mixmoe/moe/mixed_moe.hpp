@@ -27,6 +27,9 @@
 // synchronisation (in a dropless layer). per_expert calls each expert on its block of rows
 // (any expert type; the row counts must come to the host). automatic: grouped on a device
 // when the expert types allow it, per_expert on Cpu (no weight copies).
+// cfg.moe.expert_precision bf16 (float models): the experts' grouped GEMMs, forward and
+// backward, take bf16 operands and sum in fp32 (weights, activations and gradients stay
+// float); it implies grouped execution (automatic means grouped then, on Cpu too).
 //
 // Statistics: routing_records() holds, per router, the routing of the LAST forward call
 // (probs, logits, gates, tokens per expert, dropped count), for the auxiliary losses and
@@ -112,6 +115,8 @@ struct MixedMoE {
                  "moe.capacity_factor must be >= 0 (0 = dropless), got ", moe.capacity_factor);
     capacity_factor_ = moe.capacity_factor;
     execution_ = moe.execution;
+    precision_ = moe.expert_precision;
+    check_precision(execution_, precision_, "MixedMoE");
     MIXMOE_CHECK(execution_ != ExpertExecution::grouped || all_grouped, "MixedMoE",
                  "moe.execution is grouped, but an expert type of the groups (", group_names(),
                  ") has no grouped form (static grouped(experts, x_sorted, offsets), see GroupedExpert)");
@@ -189,7 +194,9 @@ struct MixedMoE {
       if (grouped())
         out = moe_forward_grouped(
             x, routing, num_experts(), capacity_factor_,
-            [this](const Var<T, D>& xs, const DispatchPlan<D>& p) { return all_experts_grouped(xs, p.device_offsets); },
+            [this](const Var<T, D>& xs, const DispatchPlan<D>& p) {
+              return all_experts_grouped(xs, GroupedRows<D>{p.device_offsets, precision_});
+            },
             &plan);
       else
         out = moe_forward(
@@ -256,7 +263,14 @@ struct MixedMoE {
   void set_execution(ExpertExecution e) {
     MIXMOE_CHECK(e != ExpertExecution::grouped || all_grouped, "MixedMoE::set_execution",
                  "an expert type of the groups (", group_names(), ") has no grouped form");
+    check_precision(e, precision_, "MixedMoE::set_execution");
     execution_ = e;
+  }
+  /// The operand precision of the experts' grouped GEMMs (moe.expert_precision).
+  [[nodiscard]] MatmulPrecision expert_precision() const { return precision_; }
+  void set_expert_precision(MatmulPrecision p) {
+    check_precision(execution_, p, "MixedMoE::set_expert_precision");
+    precision_ = p;
   }
   /// True when the forward runs the experts grouped.
   [[nodiscard]] bool grouped() const {
@@ -264,7 +278,8 @@ struct MixedMoE {
       return false;
     } else {
       return execution_ == ExpertExecution::grouped ||
-             (execution_ == ExpertExecution::automatic && !Tensor<T, D>::on_host);
+             (execution_ == ExpertExecution::automatic &&
+              (!Tensor<T, D>::on_host || precision_ == MatmulPrecision::bf16));
     }
   }
   [[nodiscard]] double capacity_factor() const { return capacity_factor_; }
@@ -318,6 +333,17 @@ struct MixedMoE {
   static constexpr bool one_expert_type =
       (std::is_same_v<typename Groups::expert_type, typename first_group::expert_type> && ...);
 
+  /// bf16 expert GEMMs exist only as grouped GEMMs of float tensors.
+  static void check_precision(ExpertExecution e, MatmulPrecision p, const char* where) {
+    if (p != MatmulPrecision::bf16) return;
+    MIXMOE_CHECK((std::is_same_v<T, float>), where, "moe.expert_precision bf16 needs a float model (got ", sizeof(T) * 8,
+                 "-bit)");
+    MIXMOE_CHECK(all_grouped, where, "moe.expert_precision bf16 runs the experts grouped, but an expert type of the groups (",
+                 group_names(), ") has no grouped form");
+    MIXMOE_CHECK(e != ExpertExecution::per_expert, where,
+                 "moe.expert_precision bf16 needs grouped execution (moe.execution grouped or automatic), not per_expert");
+  }
+
   static std::string group_names() {
     std::string s;
     for (std::size_t g = 0; g < num_groups; ++g) {
@@ -366,7 +392,7 @@ struct MixedMoE {
   /// Every expert of every group on the rows sorted by the shared router (offsets (E + 1) in its numbering):
   /// one grouped call when the groups share an expert type and width, else one per group over the same
   /// rows (each group's call leaves the others' rows 0, so the outputs add).
-  Var<T, D> all_experts_grouped(const Var<T, D>& xs, const Tensor<index_t, D>& offsets) const {
+  Var<T, D> all_experts_grouped(const Var<T, D>& xs, const GroupedRows<D>& rows) const {
     if constexpr (all_grouped) {
       if constexpr (one_expert_type) {
         if (fuse_groups_) {
@@ -377,20 +403,21 @@ struct MixedMoE {
                                                              [&](const E& e) { list.push_back(&e); })),
                                               ...); },
                      groups);
-          return E::grouped(std::span<const E* const>(list.data(), list.size()), xs, offsets);
+          return E::grouped(std::span<const E* const>(list.data(), list.size()), xs, rows);
         }
       }
       Var<T, D> y;
       [&]<std::size_t... I>(std::index_sequence<I...>) {
         ((y = add_group(y, std::get<I>(groups).grouped(
-                               xs, offsets.slice(0, expert_offset_[I], expert_offset_[I + 1] + 1)))),
+                               xs, GroupedRows<D>{rows.offsets.slice(0, expert_offset_[I], expert_offset_[I + 1] + 1),
+                                                  rows.precision}))),
          ...);
       }
       (std::index_sequence_for<Groups...>{});
       return y;
     } else {
       (void)xs;
-      (void)offsets;
+      (void)rows;
       detail::fail("MixedMoE", "grouped execution needs GroupedExpert types");
     }
   }
@@ -429,7 +456,10 @@ struct MixedMoE {
       if constexpr (GroupedExpert<typename std::tuple_element_t<I, std::tuple<Groups...>>::expert_type>)
         y = moe_forward_grouped(
             x, scaled, grp.size(), capacity_factor_,
-            [&grp](const Var<T, D>& xs, const DispatchPlan<D>& p) { return grp.grouped(xs, p.device_offsets); }, &plan);
+            [&](const Var<T, D>& xs, const DispatchPlan<D>& p) {
+              return grp.grouped(xs, GroupedRows<D>{p.device_offsets, precision_});
+            },
+            &plan);
     } else {
       y = moe_forward(
           x, scaled, grp.size(), capacity_factor_, [&grp](index_t e, const Var<T, D>& rows) { return grp(e, rows); },
@@ -454,6 +484,7 @@ struct MixedMoE {
   double capacity_factor_ = 0.0;
   GroupMix mix_ = GroupMix::shared_router;
   ExpertExecution execution_ = ExpertExecution::automatic;
+  MatmulPrecision precision_ = MatmulPrecision::native;
   bool fuse_groups_ = false;  // shared router, one expert type and width: all groups in one grouped call
   std::vector<index_t> expert_offset_;  // (G + 1)
   std::vector<double> fixed_mix_;

@@ -25,6 +25,13 @@ enum class ExpertExecution {
   per_expert,  // one call of each expert on its block of rows (needs the row counts on the host)
 };
 
+/// The operand precision of a GEMM: native (the scalar type's own, fp32 or fp64), or bf16 operands
+/// (float only: rounded to bf16, nearest even) with fp32 accumulation, the tensor-core precision.
+enum class MatmulPrecision {
+  native,
+  bf16,
+};
+
 /// Sizes of the MoE FFN layers (read by MoE FFN types; dense models ignore it).
 struct MoEConfig {
   std::vector<index_t> experts_per_group{8};  // one entry per expert group, in the group order of the type
@@ -34,6 +41,7 @@ struct MoEConfig {
   GroupMix mix = GroupMix::group_gate;        // combination of the groups (ignored with one group)
   std::vector<double> fixed_mix{};            // GroupMix::fixed: one weight per group; empty = 1 / groups each
   ExpertExecution execution = ExpertExecution::automatic;  // grouped or per-expert GEMMs (a speed choice)
+  MatmulPrecision expert_precision = MatmulPrecision::native;  // bf16: the experts' grouped GEMMs in bf16
 };
 
 struct ModelConfig {

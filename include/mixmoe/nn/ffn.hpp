@@ -52,9 +52,9 @@ struct FeedForward {
   /// Experts in one call (GroupedExpert, moe/expert_group.hpp): two grouped GEMMs over the stacked
   /// weights; rows outside every expert's range stay 0 (gelu(0) = 0).
   static Var<T, D> grouped(std::span<const FeedForward* const> experts, const Var<T, D>& x,
-                           const Tensor<index_t, D>& offsets) {
-    const Var<T, D> h = gelu(grouped_linear(x, detail::stacked_weight(experts, &FeedForward::w_up), offsets));
-    return grouped_linear(h, detail::stacked_weight(experts, &FeedForward::w_down), offsets);
+                           const GroupedRows<D>& rows) {
+    const Var<T, D> h = gelu(grouped_linear(x, detail::stacked_weight(experts, &FeedForward::w_up), rows));
+    return grouped_linear(h, detail::stacked_weight(experts, &FeedForward::w_down), rows);
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
@@ -81,11 +81,10 @@ struct SwiGLU {
 
   /// Experts in one call (GroupedExpert, moe/expert_group.hpp): three grouped GEMMs over the stacked
   /// weights; rows outside every expert's range stay 0 (silu(0) * 0 = 0).
-  static Var<T, D> grouped(std::span<const SwiGLU* const> experts, const Var<T, D>& x,
-                           const Tensor<index_t, D>& offsets) {
-    const Var<T, D> g = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_gate), offsets);
-    const Var<T, D> u = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_up), offsets);
-    return grouped_linear(silu(g) * u, detail::stacked_weight(experts, &SwiGLU::w_down), offsets);
+  static Var<T, D> grouped(std::span<const SwiGLU* const> experts, const Var<T, D>& x, const GroupedRows<D>& rows) {
+    const Var<T, D> g = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_gate), rows);
+    const Var<T, D> u = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_up), rows);
+    return grouped_linear(silu(g) * u, detail::stacked_weight(experts, &SwiGLU::w_down), rows);
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {

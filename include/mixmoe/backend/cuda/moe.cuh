@@ -498,10 +498,12 @@ __global__ void __launch_bounds__(kMoEThreads)
 
 /// The weight gradient of a grouped GEMM: dw[x] (n, k) += dy[rows of x]^T a[rows of x]. One block of
 /// 256 threads (16 x 16, 4 x 4 outputs each) per 64 x 64 tile of one expert's dw (blockIdx.z: the
-/// expert), walking that expert's rows 16 at a time: each output has one owner, no atomics.
-template <class T>
+/// expert), walking that expert's rows 16 at a time: each output has one owner, no atomics. TIn
+/// float, double or __nv_bfloat16 (then T = float: fp32 accumulation).
+template <class TIn, class T>
 __global__ void __launch_bounds__(kMoEThreads)
-    grouped_gemm_wgrad_tiles(index_t m, index_t n, index_t k, const index_t* offsets, const T* dy, const T* a, T* dw) {
+    grouped_gemm_wgrad_tiles(index_t m, index_t n, index_t k, const index_t* offsets, const TIn* dy, const TIn* a,
+                             T* dw) {
   __shared__ T gs[kGemmBK][kGemmBM];  // dy rows x n columns
   __shared__ T as[kGemmBK][kGemmBN];  // a rows x k columns
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -517,8 +519,8 @@ __global__ void __launch_bounds__(kMoEThreads)
       const int idx = threadIdx.x + l * kMoEThreads;
       const int rr = idx / kGemmBM, cc = idx % kGemmBM;
       const index_t row = r0 + rr;
-      gs[rr][cc] = row < hi && n0 + cc < n ? dy[row * n + n0 + cc] : T(0);
-      as[rr][cc] = row < hi && k0 + cc < k ? a[row * k + k0 + cc] : T(0);
+      gs[rr][cc] = row < hi && n0 + cc < n ? moe_to_acc(dy[row * n + n0 + cc], T(0)) : T(0);
+      as[rr][cc] = row < hi && k0 + cc < k ? moe_to_acc(a[row * k + k0 + cc], T(0)) : T(0);
     }
     __syncthreads();
     for (int rr = 0; rr < kGemmBK; ++rr) {
@@ -577,10 +579,13 @@ void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* off
 
 /// dw (e, n, k) += for every expert x: dy[rows of x]^T a[rows of x], dy (m, n) and a (m, k) row-major,
 /// the rows [offsets[x], offsets[x + 1]) (clamped to [0, m)) read from DEVICE memory: no synchronisation.
-template <class T>
-void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const T* dy, const T* a,
+/// TIn = T (float or double), or __nv_bfloat16 operands with a float dw (fp32 accumulation).
+template <class TIn, class T>
+void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const TIn* dy, const TIn* a,
                         T* dw) {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "cuda::grouped_gemm_wgrad: float or double");
+  static_assert((std::is_same_v<TIn, T> && (std::is_same_v<T, float> || std::is_same_v<T, double>)) ||
+                    (std::is_same_v<TIn, __nv_bfloat16> && std::is_same_v<T, float>),
+                "cuda::grouped_gemm_wgrad: float, double, or bf16 operands with a float result");
   MIXMOE_CHECK(m >= 0 && n >= 0 && k >= 0 && e >= 0, "cuda::grouped_gemm_wgrad", "negative size m ", m, ", n ", n,
                ", k ", k, ", e ", e);
   if (m == 0 || n == 0 || k == 0 || e == 0) return;
@@ -589,7 +594,8 @@ void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_
   MIXMOE_CHECK(col_tiles <= 0x7fffffff && row_tiles <= 65535 && e <= 65535, "cuda::grouped_gemm_wgrad", "n = ", n,
                ", k = ", k, ", e = ", e, " exceed the launch grid");
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(e));
-  kernels::grouped_gemm_wgrad_tiles<T><<<grid, kernels::kMoEThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a, dw);
+  kernels::grouped_gemm_wgrad_tiles<TIn, T>
+      <<<grid, kernels::kMoEThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a, dw);
   MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_tiles");
 }
 
@@ -786,7 +792,21 @@ struct MoEOps {
   template <class T>
   static void moe_grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const T* dy,
                                      const T* a, T* dw) {
-    grouped_gemm_wgrad<T>(m, n, k, e, offsets, dy, a, dw);
+    grouped_gemm_wgrad<T, T>(m, n, k, e, offsets, dy, a, dw);
+  }
+
+  /// The weight gradient with dy (m, n) and a (m, k) rounded to bf16 first, fp32 accumulation.
+  static void moe_grouped_gemm_wgrad_bf16(index_t m, index_t n, index_t k, index_t e, const index_t* offsets,
+                                          const float* dy, const float* a, float* dw) {
+    if (m == 0 || n == 0 || k == 0 || e == 0) return;
+    moe_detail::DeviceBuffer dy16(static_cast<std::size_t>(m * n) * sizeof(__nv_bfloat16));
+    moe_detail::DeviceBuffer a16(static_cast<std::size_t>(m * k) * sizeof(__nv_bfloat16));
+    kernels::to_bf16<><<<blocks_for(m * n), 256, 0, current_stream()>>>(dy, dy16.as<__nv_bfloat16>(), m * n);
+    MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
+    kernels::to_bf16<><<<blocks_for(m * k), 256, 0, current_stream()>>>(a, a16.as<__nv_bfloat16>(), m * k);
+    MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
+    grouped_gemm_wgrad<__nv_bfloat16, float>(m, n, k, e, offsets, dy16.as<__nv_bfloat16>(), a16.as<__nv_bfloat16>(),
+                                             dw);
   }
 
   /// The bf16 grouped GEMM on fp32 operands: A (m, k) and B (e * stride_b, contiguous) are rounded to
