@@ -6,7 +6,8 @@
 //       cublasGemmEx). Square 1024..8192 and transformer shapes.
 //   (b) one FFN layer, forward + backward on N token rows: the library's MoE layers (MixedMoE with
 //       top-k routing; the Mix-MoE layer with LM and MT groups and Fourier router features), each
-//       with its experts grouped (the grouped GEMM kernels, no host synchronisation) and per expert
+//       with its experts grouped (the grouped GEMM kernels, no host synchronisation; the top-k MoE also
+//       with bf16 expert GEMMs) and per expert
 //       (cuBLAS per expert after one read-back of the offsets), and its dense SwiGLU, against a chain
 //       of 9 raw GEMMs with the same active FLOPs (the dense SwiGLU's 3 forward and 6 backward
 //       GEMMs); with the host synchronisations of one step of each layer.
@@ -365,6 +366,12 @@ json bench_moe(const Args& a) {
             [&] { return time_layer_as(moe, ExpertExecution::grouped, x, gy, a.reps, syncs, "moe_topk"); });
     attempt("MoE top-k, per-expert cuBLAS", "moe_topk_per_expert", [&] {
       return time_layer_as(moe, ExpertExecution::per_expert, x, gy, a.reps, syncs, "moe_topk_per_expert");
+    });
+    attempt("MoE top-k, grouped, bf16 expert GEMMs", "moe_topk_bf16", [&] {
+      moe.set_expert_precision(MatmulPrecision::bf16);
+      const double ms = time_layer_as(moe, ExpertExecution::grouped, x, gy, a.reps, syncs, "moe_topk_bf16");
+      moe.set_expert_precision(MatmulPrecision::native);
+      return ms;
     });
     attempt("Mix-MoE LM+MT, Fourier router, grouped", "mix_moe_fourier", [&] {
       return time_layer_as(mixed, ExpertExecution::grouped, x, gy, a.reps, syncs, "mix_moe_fourier");
