@@ -190,8 +190,8 @@ TEST_CASE("moe_forward equals a per-token loop over the experts", "[moe][dispatc
   }
 }
 
-TEST_CASE("moe_forward calls each non-empty expert once on its contiguous block", "[moe][dispatch]") {
-  // expert 1 gets nothing; expert 2 gets tokens 0, 2, 3 (in token order)
+TEST_CASE("moe_forward calls each expert once on its contiguous block", "[moe][dispatch]") {
+  // expert 1 gets nothing (called on 0 rows); expert 2 gets tokens 0, 2, 3 (in token order)
   auto r = make_routing<double>({3, 0, 2, 1}, {2, 2, 2, 0}, {1, 1, 1, 1}, 4, 3);
   auto x = Vd(Td::arange(8).reshape({4, 2}));
   std::vector<std::pair<index_t, std::vector<double>>> calls;
@@ -199,11 +199,13 @@ TEST_CASE("moe_forward calls each non-empty expert once on its contiguous block"
     calls.emplace_back(e, rows.value().to_vector());
     return rows * static_cast<double>(e + 1);
   });
-  REQUIRE(calls.size() == 2);
+  REQUIRE(calls.size() == 3);
   REQUIRE(calls[0].first == 0);
   REQUIRE(calls[0].second == std::vector<double>{2, 3});
-  REQUIRE(calls[1].first == 2);
-  REQUIRE(calls[1].second == std::vector<double>{0, 1, 4, 5, 6, 7});
+  REQUIRE(calls[1].first == 1);
+  REQUIRE(calls[1].second.empty());
+  REQUIRE(calls[2].first == 2);
+  REQUIRE(calls[2].second == std::vector<double>{0, 1, 4, 5, 6, 7});
   REQUIRE(out.value().to_vector() == std::vector<double>{0, 3, 2, 3, 12, 15, 18, 21});
   // everything dropped or nothing routed: zeros
   auto none = make_routing<double>({}, {}, {}, 4, 3);

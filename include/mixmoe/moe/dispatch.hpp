@@ -465,7 +465,8 @@ Var<T, D> moe_forward_frame(const char* op, const Var<T, D>& x, const Routing<T,
 }  // namespace detail
 
 /// The MoE FFN over a routing: sorts the rows by expert, calls expert_fn(e, x_block (n_e, C)) -> (n_e, C)
-/// once per expert with rows (in expert order), and combines the outputs weighted by routing.gate.
+/// once per expert, in expert order (an expert without rows on a (0, C) block, so that every expert's
+/// parameters get a gradient, zero for that one), and combines the outputs weighted by routing.gate.
 /// x (N, C) -> (N, C). When plan_out is given, the plan is stored there (dropped counts, loads).
 /// On a device the per-expert blocks need the plan's counts on the host: one synchronisation per
 /// call (moe_forward_grouped avoids it).
@@ -481,8 +482,10 @@ Var<T, D> moe_forward(const Var<T, D>& x, const Routing<T, D>& routing, index_t 
     std::vector<Var<T, D>, PoolAllocator<Var<T, D>>> blocks;
     blocks.reserve(static_cast<std::size_t>(num_experts));
     for (index_t e = 0; e < num_experts; ++e) {
+      // An expert without rows is called too, on a (0, C) block: its parameters then get a (zero)
+      // gradient, as in grouped execution, so an optimizer treats it the same either way (AdamW's
+      // momentum and weight decay still apply to it).
       const index_t lo = off[e], hi = off[e + 1];
-      if (lo == hi) continue;
       const bool whole = lo == 0 && hi == plan.num_rows();
       Var<T, D> y = expert_fn(e, whole ? x_sorted : slice(x_sorted, 0, lo, hi));  // (n_e, C)
       MIXMOE_CHECK(y.defined() && y.dim() == 2 && y.size(0) == hi - lo && y.size(1) == c, "moe_forward", "expert ", e,

@@ -187,6 +187,7 @@ Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
                     const Tensor<T, D> g = ctx.grad_out().reshape(Shape{outer, total, inner});
                     index_t start = 0;
                     for (std::size_t k = 0; k < extents.size(); ++k) {
+                      if (ctx.needs_grad(k) && extents[k] * inner == 0) (void)ctx.grad_in(k);  // see below
                       if (ctx.needs_grad(k) && extents[k] * inner > 0) {
                         const Tensor<T, D> part = g.slice(1, start, start + extents[k]);  // (outer, N_k, inner)
                         Tensor<T, D>& gx = ctx.grad_in(k);  // contiguous: row-major (outer, N_k, inner)
@@ -201,6 +202,9 @@ Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
                   index_t start = 0;
                   for (std::size_t k = 0; k < extents.size(); ++k) {
                     const index_t block = extents[k] * inner;
+                    // An empty input still gets its (empty) gradient, so the graph behind it runs: the
+                    // parameters of an MoE expert called on no rows get a zero gradient (moe_forward).
+                    if (ctx.needs_grad(k) && block == 0) (void)ctx.grad_in(k);
                     if (ctx.needs_grad(k) && block > 0) {
                       T* gx = ctx.grad_in(k).data();
                       for (index_t o = 0; o < outer; ++o) {
