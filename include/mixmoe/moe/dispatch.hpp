@@ -59,6 +59,14 @@ using IndexList = std::vector<index_t, PoolAllocator<index_t>>;
 
 namespace detail {
 
+/// Assignment i's token t and expert x must be in [0, n) and [0, e): the plan's range check, on the
+/// CPU for every assignment, on a device for the first bad one the kernels found.
+inline void check_assignment(index_t i, Index t, Index x, index_t n, index_t e) {
+  MIXMOE_CHECK(t >= 0 && t < n, "dispatch", "token ", t, " of assignment ", i, " is out of range for ", n, " tokens");
+  MIXMOE_CHECK(x >= 0 && x < e, "dispatch", "expert ", x, " of assignment ", i, " is out of range for ", e,
+               " experts");
+}
+
 /// The host side of a plan's counts, shared by the plan and the routing records made from it. On
 /// Cpu it is filled when the plan is made. On a device it is read back from the plan's device meta
 /// on first use (one small copy: a synchronisation), and that read also reports an assignment whose
@@ -75,6 +83,11 @@ struct PlanCounts {
   index_t num_tokens = 0, num_experts = 0, num_assignments = 0;
 
   void fetch();
+  /// The counts, read from the device first if they are not on the host yet.
+  const PlanCounts& host() {
+    if (!ready) fetch();
+    return *this;
+  }
 };
 
 }  // namespace detail
@@ -112,14 +125,10 @@ struct DispatchPlan {
   [[nodiscard]] index_t dropped() const { return host().dropped; }
   /// Rows kept for expert e.
   [[nodiscard]] index_t rows_of(index_t e) const { return offsets()[e + 1] - offsets()[e]; }
-  /// True when the counts are on the host (always on Cpu; on a device after the first read).
-  [[nodiscard]] bool counts_on_host() const { return counts && counts->ready; }
-
  private:
   const detail::PlanCounts<D>& host() const {
     MIXMOE_CHECK(counts != nullptr, "DispatchPlan", "the plan has no counts (default-constructed)");
-    if (!counts->ready) counts->fetch();
-    return *counts;
+    return counts->host();
   }
 };
 
@@ -143,14 +152,8 @@ void PlanCounts<D>::fetch() {
   const index_t e = num_experts;
   // [first bad assignment, routed (E), offsets (E + 1)]: the one device->host copy of a plan.
   const std::vector<std::int64_t> host = meta.slice(0, 0, 2 + 2 * e).to_vector();
-  if (host[0] >= 0) {  // the first assignment with an id out of range: the CPU's message
-    const index_t i = host[0];
-    const Index t = token[i].item(), x = expert[i].item();
-    MIXMOE_CHECK(t >= 0 && t < num_tokens, "dispatch", "token ", t, " of assignment ", i, " is out of range for ",
-                 num_tokens, " tokens");
-    MIXMOE_CHECK(x >= 0 && x < e, "dispatch", "expert ", x, " of assignment ", i, " is out of range for ", e,
-                 " experts");
-  }
+  if (host[0] >= 0)  // the first assignment with an id out of range: the CPU's message
+    check_assignment(host[0], token[host[0]].item(), expert[host[0]].item(), num_tokens, e);
   routed.assign(host.begin() + 1, host.begin() + 1 + e);
   offsets.assign(host.begin() + 1 + e, host.begin() + 2 + 2 * e);
   dropped = num_assignments - offsets.back();
@@ -243,12 +246,7 @@ DispatchPlan<D> make_dispatch_plan(const Tensor<Index, D>& token, const Tensor<I
   }
   const Index* tok = tc.data();
   const Index* ex = ec.data();
-  for (index_t i = 0; i < m; ++i) {
-    MIXMOE_CHECK(tok[i] >= 0 && tok[i] < n, "dispatch", "token ", tok[i], " of assignment ", i, " is out of range for ",
-                 n, " tokens");
-    MIXMOE_CHECK(ex[i] >= 0 && ex[i] < e_count, "dispatch", "expert ", ex[i], " of assignment ", i,
-                 " is out of range for ", e_count, " experts");
-  }
+  for (index_t i = 0; i < m; ++i) detail::check_assignment(i, tok[i], ex[i], n, e_count);
 
   DispatchPlan<D> plan;
   plan.num_tokens = n;

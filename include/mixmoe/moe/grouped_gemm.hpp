@@ -95,26 +95,70 @@ void grouped_wgrad_host(const T* dy, const T* a, index_t m, index_t n, index_t k
   }
 }
 
-}  // namespace detail
+/// c (m, n) (+)= per expert x: a[rows of x] (m, k) op(b[x]) for contiguous a, b (e, k, n) or (e, n, k)
+/// with trans_b, c; on the device D, or on the host through cpu::gemm. bf16 (float only): a and b
+/// rounded to bf16, fp32 sums.
+template <Scalar T, Device D>
+void grouped_gemm_into(index_t m, index_t n, index_t k, index_t e, const index_t* off, const T* a, const T* b,
+                       bool trans_b, T* c, bool accumulate, bool bf16, const char* op) {
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        DeviceOps<D>::moe_grouped_gemm_bf16(m, n, k, e, off, a, m * k, k, b, e * k * n, trans_b ? k : n, k * n, trans_b,
+                                            c, n, accumulate);
+        return;
+      }
+    }
+    DeviceOps<D>::moe_grouped_gemm(m, n, k, e, off, a, k, b, trans_b ? k : n, k * n, trans_b, c, n, accumulate);
+  } else {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        const std::vector<float> a16 = bf16_copy(a, m * k), b16 = bf16_copy(b, e * k * n);
+        grouped_matmul_host(a16.data(), m, k, b16.data(), e, n, trans_b, off, c, op, accumulate);
+        return;
+      }
+    }
+    grouped_matmul_host(a, m, k, b, e, n, trans_b, off, c, op, accumulate);
+  }
+}
 
-namespace detail {
+/// dw (e, n, k) += per expert x: dy[rows of x]^T a[rows of x] for contiguous dy (m, n) and a (m, k); on
+/// the device D, or on the host. bf16 (float only): dy and a rounded to bf16, fp32 sums.
+template <Scalar T, Device D>
+void grouped_wgrad_into(index_t m, index_t n, index_t k, index_t e, const index_t* off, const T* dy, const T* a, T* dw,
+                        bool bf16, const char* op) {
+  if constexpr (!Tensor<T, D>::on_host) {
+    require_device_ops<D>();
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        DeviceOps<D>::moe_grouped_gemm_wgrad_bf16(m, n, k, e, off, dy, a, dw);
+        return;
+      }
+    }
+    DeviceOps<D>::moe_grouped_gemm_wgrad(m, n, k, e, off, dy, a, dw);
+  } else {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        const std::vector<float> dy16 = bf16_copy(dy, m * n), a16 = bf16_copy(a, m * k);
+        grouped_wgrad_host(dy16.data(), a16.data(), m, n, k, e, off, dw, op);
+        return;
+      }
+    }
+    grouped_wgrad_host(dy, a, m, n, k, e, off, dw, op);
+  }
+}
 
-/// grouped_matmul, its errors naming `op`.
+/// grouped_matmul (bf16: grouped_matmul_bf16), its errors naming `op`.
 template <Scalar T, Device D>
 Tensor<T, D> grouped_matmul_as(const Tensor<T, D>& a, const Tensor<T, D>& b, const Tensor<index_t, D>& offsets,
-                               bool trans_b, const char* op) {
+                               bool trans_b, bool bf16, const char* op) {
   check_grouped(a, b, offsets, trans_b, op);
   const index_t m = a.size(0), k = a.size(1), e = b.size(0), n = trans_b ? b.size(1) : b.size(2);
   const Tensor<T, D> ac = a.contiguous(), bc = b.contiguous();
   const Tensor<index_t, D> oc = offsets.contiguous();
   Tensor<T, D> c = Tensor<T, D>::zeros({m, n});
-  if constexpr (!Tensor<T, D>::on_host) {
-    require_device_ops<D>();
-    DeviceOps<D>::moe_grouped_gemm(m, n, k, e, oc.data(), ac.data(), k, bc.data(), trans_b ? k : n, k * n, trans_b,
-                                   c.data(), n, false);
-    return c;
-  }
-  grouped_matmul_host(ac.data(), m, k, bc.data(), e, n, trans_b, oc.data(), c.data(), op);
+  grouped_gemm_into<T, D>(m, n, k, e, oc.data(), ac.data(), bc.data(), trans_b, c.data(), false, bf16, op);
   return c;
 }
 
@@ -124,28 +168,14 @@ Tensor<T, D> grouped_matmul_as(const Tensor<T, D>& a, const Tensor<T, D>& b, con
 template <Scalar T, Device D>
 Tensor<T, D> grouped_matmul(const Tensor<T, D>& a, const Tensor<T, D>& b, const Tensor<index_t, D>& offsets,
                             bool trans_b = false) {
-  return detail::grouped_matmul_as(a, b, offsets, trans_b, "grouped_matmul");
+  return detail::grouped_matmul_as(a, b, offsets, trans_b, false, "grouped_matmul");
 }
 
 /// grouped_matmul with a and b rounded to bf16 and fp32 accumulation (the tensor-core precision).
 template <Device D>
 Tensor<float, D> grouped_matmul_bf16(const Tensor<float, D>& a, const Tensor<float, D>& b,
                                      const Tensor<index_t, D>& offsets, bool trans_b = false) {
-  const char* op = "grouped_matmul_bf16";
-  detail::check_grouped(a, b, offsets, trans_b, op);
-  const index_t m = a.size(0), k = a.size(1), e = b.size(0), n = trans_b ? b.size(1) : b.size(2);
-  const Tensor<float, D> ac = a.contiguous(), bc = b.contiguous();
-  const Tensor<index_t, D> oc = offsets.contiguous();
-  Tensor<float, D> c = Tensor<float, D>::zeros({m, n});
-  if constexpr (!Tensor<float, D>::on_host) {
-    detail::require_device_ops<D>();
-    detail::DeviceOps<D>::moe_grouped_gemm_bf16(m, n, k, e, oc.data(), ac.data(), ac.numel(), k, bc.data(), bc.numel(),
-                                                trans_b ? k : n, k * n, trans_b, c.data(), n, false);
-    return c;
-  }
-  const std::vector<float> ar = detail::bf16_copy(ac.data(), ac.numel()), br = detail::bf16_copy(bc.data(), bc.numel());
-  detail::grouped_matmul_host(ar.data(), m, k, br.data(), e, n, trans_b, oc.data(), c.data(), op);
-  return c;
+  return detail::grouped_matmul_as(a, b, offsets, trans_b, true, "grouped_matmul_bf16");
 }
 
 /// What expert code needs to run its experts grouped: the row offsets of each expert on the device
@@ -174,48 +204,14 @@ Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const Tensor<in
   const Tensor<T, D> xv = x.value().contiguous(), wv = w.value().contiguous();
   const Tensor<index_t, D> oc = offsets.contiguous();
   const bool bf16 = precision == MatmulPrecision::bf16;
-  Tensor<T, D> y;  // (M, N)
-  if constexpr (std::is_same_v<T, float>) {
-    if (bf16) y = grouped_matmul_bf16(xv, wv, oc, true);
-  }
-  if (!y.defined()) y = detail::grouped_matmul_as(xv, wv, oc, true, op);
+  Tensor<T, D> y = detail::grouped_matmul_as(xv, wv, oc, true, bf16, op);  // (M, N)
   return record(op, std::move(y), {x, w}, [xv, wv, oc, m, n, k, e, op, bf16](autograd::BackwardContext<T, D>& ctx) {
     const T* dy = ctx.grad_out().data();  // (M, N)
-    if constexpr (!Tensor<T, D>::on_host) {
-      using Ops = detail::DeviceOps<D>;
-      if constexpr (std::is_same_v<T, float>) {
-        if (bf16) {
-          if (ctx.needs_grad(0))
-            Ops::moe_grouped_gemm_bf16(m, k, n, e, oc.data(), dy, m * n, n, wv.data(), wv.numel(), k, n * k, false,
-                                       ctx.grad_in(0).data(), k, true);
-          if (ctx.needs_grad(1))
-            Ops::moe_grouped_gemm_wgrad_bf16(m, n, k, e, oc.data(), dy, xv.data(), ctx.grad_in(1).data());
-          return;
-        }
-      }
-      if (ctx.needs_grad(0))  // dx (M, K) += dy[rows of e] w[e]: w[e] as (N, K) untransposed
-        Ops::moe_grouped_gemm(m, k, n, e, oc.data(), dy, n, wv.data(), k, n * k, false, ctx.grad_in(0).data(), k, true);
-      if (ctx.needs_grad(1)) Ops::moe_grouped_gemm_wgrad(m, n, k, e, oc.data(), dy, xv.data(), ctx.grad_in(1).data());
-    } else {
-      if constexpr (std::is_same_v<T, float>) {
-        if (bf16) {
-          const std::vector<float> dy16 = detail::bf16_copy(dy, m * n);
-          if (ctx.needs_grad(0)) {
-            const std::vector<float> w16 = detail::bf16_copy(wv.data(), wv.numel());
-            detail::grouped_matmul_host(dy16.data(), m, n, w16.data(), e, k, false, oc.data(), ctx.grad_in(0).data(), op,
-                                        true);
-          }
-          if (ctx.needs_grad(1)) {
-            const std::vector<float> x16 = detail::bf16_copy(xv.data(), xv.numel());
-            detail::grouped_wgrad_host(dy16.data(), x16.data(), m, n, k, e, oc.data(), ctx.grad_in(1).data(), op);
-          }
-          return;
-        }
-      }
-      if (ctx.needs_grad(0))
-        detail::grouped_matmul_host(dy, m, n, wv.data(), e, k, false, oc.data(), ctx.grad_in(0).data(), op, true);
-      if (ctx.needs_grad(1)) detail::grouped_wgrad_host(dy, xv.data(), m, n, k, e, oc.data(), ctx.grad_in(1).data(), op);
-    }
+    if (ctx.needs_grad(0))  // dx (M, K) += dy[rows of e] w[e]: w[e] as (N, K) untransposed
+      detail::grouped_gemm_into<T, D>(m, k, n, e, oc.data(), dy, wv.data(), false, ctx.grad_in(0).data(), true, bf16,
+                                      op);
+    if (ctx.needs_grad(1))  // dw[e] += dy[rows of e]^T x[rows of e]
+      detail::grouped_wgrad_into<T, D>(m, n, k, e, oc.data(), dy, xv.data(), ctx.grad_in(1).data(), bf16, op);
   });
 }
 

@@ -119,7 +119,7 @@ struct MixedMoE {
     check_precision(execution_, precision_, "MixedMoE");
     MIXMOE_CHECK(execution_ != ExpertExecution::grouped || all_grouped, "MixedMoE",
                  "moe.execution is grouped, but an expert type of the groups (", group_names(),
-                 ") has no grouped form (static grouped(experts, x_sorted, offsets), see GroupedExpert)");
+                 ") has no grouped form (static grouped(experts, x_sorted, rows), see GroupedExpert)");
     std::vector<index_t> hidden(num_groups);
     expert_offset_.assign(num_groups + 1, 0);
     for (std::size_t g = 0; g < num_groups; ++g) {

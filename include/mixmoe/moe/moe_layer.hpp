@@ -71,8 +71,7 @@ struct RoutingRecord {
  private:
   const detail::PlanCounts<D>& host() const {
     MIXMOE_CHECK(counts != nullptr, "RoutingRecord", "record '", name, "' has no dispatch counts");
-    if (!counts->ready) counts->fetch();
-    return *counts;
+    return counts->host();
   }
 };
 

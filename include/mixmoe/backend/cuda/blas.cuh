@@ -130,6 +130,13 @@ __global__ void from_bf16(const __nv_bfloat16* x, float* y, index_t n) {
 }
 }  // namespace kernels
 
+/// y (n) = x rounded to bf16 (nearest even), on the current stream; nothing for n == 0.
+inline void convert_to_bf16(const float* x, __nv_bfloat16* y, index_t n) {
+  if (n <= 0) return;
+  kernels::to_bf16<><<<blocks_for(n), 256, 0, current_stream()>>>(x, y, n);
+  MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
+}
+
 /// A device buffer of bf16 values (storage for bf16 operands; round to nearest even).
 class Bf16Buffer {
  public:
@@ -139,10 +146,7 @@ class Bf16Buffer {
     n_ = c.numel();
     bytes_ = static_cast<std::size_t>(n_) * sizeof(__nv_bfloat16);
     p_ = static_cast<__nv_bfloat16*>(CachingDeviceAllocator::instance().allocate(bytes_ ? bytes_ : 1));
-    if (n_ > 0) {
-      kernels::to_bf16<><<<blocks_for(n_), 256, 0, current_stream()>>>(c.data(), p_, n_);
-      MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
-    }
+    convert_to_bf16(c.data(), p_, n_);
   }
   ~Bf16Buffer() {
     if (p_) CachingDeviceAllocator::instance().deallocate(p_, bytes_ ? bytes_ : 1);

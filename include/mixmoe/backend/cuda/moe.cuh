@@ -801,10 +801,8 @@ struct MoEOps {
     if (m == 0 || n == 0 || k == 0 || e == 0) return;
     moe_detail::DeviceBuffer dy16(static_cast<std::size_t>(m * n) * sizeof(__nv_bfloat16));
     moe_detail::DeviceBuffer a16(static_cast<std::size_t>(m * k) * sizeof(__nv_bfloat16));
-    kernels::to_bf16<><<<blocks_for(m * n), 256, 0, current_stream()>>>(dy, dy16.as<__nv_bfloat16>(), m * n);
-    MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
-    kernels::to_bf16<><<<blocks_for(m * k), 256, 0, current_stream()>>>(a, a16.as<__nv_bfloat16>(), m * k);
-    MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
+    convert_to_bf16(dy, dy16.as<__nv_bfloat16>(), m * n);
+    convert_to_bf16(a, a16.as<__nv_bfloat16>(), m * k);
     grouped_gemm_wgrad<__nv_bfloat16, float>(m, n, k, e, offsets, dy16.as<__nv_bfloat16>(), a16.as<__nv_bfloat16>(),
                                              dw);
   }
@@ -817,14 +815,8 @@ struct MoEOps {
     if (m == 0 || n == 0 || e == 0) return;
     moe_detail::DeviceBuffer a16(static_cast<std::size_t>(a_count) * sizeof(__nv_bfloat16));
     moe_detail::DeviceBuffer b16(static_cast<std::size_t>(b_count) * sizeof(__nv_bfloat16));
-    if (a_count > 0) {
-      kernels::to_bf16<><<<blocks_for(a_count), 256, 0, current_stream()>>>(a, a16.as<__nv_bfloat16>(), a_count);
-      MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
-    }
-    if (b_count > 0) {
-      kernels::to_bf16<><<<blocks_for(b_count), 256, 0, current_stream()>>>(b, b16.as<__nv_bfloat16>(), b_count);
-      MIXMOE_CUDA_CHECK_LAUNCH("to_bf16");
-    }
+    convert_to_bf16(a, a16.as<__nv_bfloat16>(), a_count);
+    convert_to_bf16(b, b16.as<__nv_bfloat16>(), b_count);
     grouped_gemm<__nv_bfloat16, float>(m, n, k, e, offsets, a16.as<__nv_bfloat16>(), lda, b16.as<__nv_bfloat16>(), ldb,
                                        stride_b, trans_b, c, ldc, accumulate);
   }
