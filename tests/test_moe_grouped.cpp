@@ -209,7 +209,7 @@ TEST_CASE("grouped_linear in bf16: every GEMM on rounded operands, fp32 sums", "
   // float rounding only (K terms), far below bf16's 2^-8.
   const auto round16 = [](const Td& t) {
     std::vector<double> v = t.to_vector();
-    for (double& x : v) x = detail::round_to_bf16(static_cast<float>(x));
+    for (double& x : v) x = round_to_bf16(static_cast<float>(x));
     return Td::from(std::move(v), t.shape());
   };
   Generator gen(50);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "mixmoe/core/allocator.hpp"
+#include "mixmoe/core/bf16.hpp"
 #include "mixmoe/core/device.hpp"
 #include "mixmoe/core/device_fn.hpp"
 #include "mixmoe/core/error.hpp"
@@ -14,6 +15,7 @@
 #include "mixmoe/autograd/var.hpp"
 
 #include "mixmoe/ops/attention.hpp"
+#include "mixmoe/ops/bf16.hpp"
 #include "mixmoe/ops/cross_entropy.hpp"
 #include "mixmoe/ops/dropout.hpp"
 #include "mixmoe/ops/elementwise.hpp"

@@ -8,6 +8,8 @@
 // RoPE: offsets 0 .. 1e5, Dh 2 .. 128, a strided input, 1000 positions. FFT: lengths 1, 7, 8, 33,
 // 64, 192, 257, 1000, batched rows (more than 1000), a strided input, eps 0 and 1e-3.
 //
+// The family also runs the bf16 cases (cases_bf16.hpp).
+//
 // Names say the sizes, so a failure on the device points at the configuration.
 #pragma once
 
@@ -19,6 +21,7 @@
 #include <mixmoe/ops/fft.hpp>
 #include <mixmoe/ops/rope.hpp>
 
+#include "cases_bf16.hpp"
 #include "parity.hpp"
 
 namespace mixmoe_parity {
@@ -215,6 +218,7 @@ void cases_attention(Results& r) {
   rope_cases<double, D>(r);
   fft_cases<float, D>(r);
   fft_cases<double, D>(r);
+  cases_bf16<D>(r);
 }
 
 }  // namespace mixmoe_parity

@@ -5,7 +5,8 @@
 // router features, LM and MT expert groups, a shared top-2 router) built with the same seed on the
 // device, trained for 5 AdamW steps on a fixed random batch (the loss and gradient norm of every
 // step, then every parameter), and train_loop itself for 3 steps with its checkpoint written on
-// the device and loaded into a second model.
+// the device and loaded into a second model. Mixed precision: the same LM in float with bf16
+// activations and bf16 experts for 3 AdamW steps, against its double twin on the host.
 //
 // The end-to-end run calls every family's ops (embedding, attention, rope, rfft, the MoE layer,
 // cross-entropy, ...): on a GPU it passes only once all of them run on the device. A line is
@@ -17,6 +18,7 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <unistd.h>
@@ -327,6 +329,39 @@ void end_to_end_cases(Results& r) {
   }
 }
 
+/// 3 AdamW steps of the Mix-MoE LM: T = float with bf16 activations and bf16 experts ("bf16 ..."),
+/// or its twin, T = double in full precision ("f64 ..."), which test_parity_cpu holds it against.
+template <class T, class D>
+void mixed_precision_case(Results& r) {
+  using namespace mixmoe;
+  const bool mixed = std::is_same_v<T, float>;
+  const std::string t = mixed ? "bf16" : "f64";
+  section(D::name, t.c_str(), "3 AdamW steps of a Mix-MoE decoder LM in mixed precision");
+  ModelConfig cfg = mix_config(17);
+  if (mixed) {
+    cfg.activations = ActivationPrecision::bf16;
+    cfg.moe.expert_precision = MatmulPrecision::bf16;
+  }
+  // bf16: the devices sum in other orders, and a value may round to the neighbouring bf16
+  const double tl = mixed ? 1e-2 : 1e-9;
+  MixLM<T, D> model(cfg);
+  const Batch batch = random_batch(2, 12, 64, 3, 171);
+  const Tensor<Index, D> ids = to_device<D>(batch.inputs), targets = to_device<D>(batch.targets);
+  AdamW<T, D> opt(parameters(model), {.lr = 1e-3, .weight_decay = 0.01});
+  std::vector<double> losses;
+  for (int step = 0; step < 3; ++step) {
+    auto logits = model(ids);  // its own statement: the load-balance loss reads its routing
+    auto loss = cross_entropy(logits, targets) + load_balance_loss(model) * 0.01;
+    losses.push_back(static_cast<double>(loss.item()));
+    loss.backward();
+    opt.step();
+    opt.zero_grad();
+    release_routing_graphs(model);
+  }
+  put(r, t + " mixed precision loss per step", Tensor<double>::from(losses, {3}), tl);
+  put_parameters<T, D>(r, t + " mixed precision param", model, tl);
+}
+
 }  // namespace training
 
 template <class T, class D>
@@ -340,6 +375,8 @@ template <class D>
 void cases_training(Results& r) {
   training_cases<float, D>(r);
   training_cases<double, D>(r);
+  training::mixed_precision_case<float, D>(r);
+  training::mixed_precision_case<double, D>(r);
 }
 
 }  // namespace mixmoe_parity

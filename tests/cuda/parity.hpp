@@ -42,7 +42,7 @@ double tol(double f32, double f64 = 1e-9) {
 
 template <class T>
 const char* type_name() {
-  return std::is_same_v<T, float> ? "f32" : std::is_same_v<T, double> ? "f64" : "int";
+  return std::is_same_v<T, float> ? "f32" : std::is_same_v<T, double> ? "f64" : std::is_same_v<T, mixmoe::bf16> ? "bf16" : "int";
 }
 
 /// Records the values of t (any device, any layout) under `name`.

@@ -1,4 +1,4 @@
-// GPU parity of the attention family (cases_attention.hpp: fused attention, rope, rfft) against the CPU backend.
+// GPU parity of the attention family (cases_attention.hpp: fused attention, rope, rfft, the bf16 ops) against the CPU backend.
 #include "parity_main.cuh"
 
 #include "cases_attention.hpp"

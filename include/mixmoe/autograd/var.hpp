@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <initializer_list>
 #include <memory>
 #include <span>
@@ -24,7 +25,7 @@
 
 namespace mixmoe {
 
-template <Scalar T, Device D = Cpu>
+template <Floating T, Device D = Cpu>
 class Var;
 
 namespace autograd {
@@ -49,19 +50,19 @@ inline std::uint64_t next_sequence() {
   return ++seq;
 }
 
-template <Scalar T, Device D>
-struct Node {
-  using Ptr = std::shared_ptr<Node>;
+/// What the backward walk needs of a node, whatever its scalar type: the graph's edges may
+/// cross types (cast() links a Var<bf16, D> to the Var<float, D> it came from).
+template <Device D>
+struct NodeBase {
+  using Ptr = std::shared_ptr<NodeBase>;
   using InputList = std::vector<Ptr, PoolAllocator<Ptr>>;
 
-  Node() = default;
-  Node(const Node&) = delete;
-  Node& operator=(const Node&) = delete;
-  virtual ~Node() = default;
+  NodeBase() = default;
+  NodeBase(const NodeBase&) = delete;
+  NodeBase& operator=(const NodeBase&) = delete;
+  virtual ~NodeBase() = default;
 
-  Tensor<T, D> value;
-  Tensor<T, D> grad;  // undefined until a gradient flows here
-  InputList inputs;   // empty for leaves
+  InputList inputs;  // empty for leaves
   const char* op = "leaf";
   std::uint64_t seq = next_sequence();
   std::uint64_t visit_mark = 0;
@@ -69,6 +70,20 @@ struct Node {
   bool retain_grad = false;
 
   [[nodiscard]] bool is_leaf() const { return inputs.empty(); }
+  [[nodiscard]] virtual bool has_grad() const = 0;
+  virtual void release_grad() = 0;
+
+  /// Runs this node's backward: reads its gradient, accumulates into the inputs' gradients.
+  virtual void run_backward() {}
+};
+
+template <Floating T, Device D>
+struct Node : NodeBase<D> {
+  Tensor<T, D> value;
+  Tensor<T, D> grad;  // undefined until a gradient flows here
+
+  [[nodiscard]] bool has_grad() const final { return grad.defined(); }
+  void release_grad() final { grad = Tensor<T, D>(); }
 
   /// The gradient buffer, zero-filled on first use (contiguous, value's shape).
   Tensor<T, D>& grad_buffer() {
@@ -78,20 +93,23 @@ struct Node {
 
   /// Adds g into the gradient; adopts g without a copy when nothing else holds it.
   void accumulate(Tensor<T, D> g) {
-    MIXMOE_CHECK(g.shape() == value.shape(), op, "gradient of shape ", g.shape(), " for a value of shape ", value.shape());
+    MIXMOE_CHECK(g.shape() == value.shape(), this->op, "gradient of shape ", g.shape(), " for a value of shape ", value.shape());
     if (!grad.defined() && g.is_contiguous() && g.is_unique()) {
       grad = std::move(g);
       return;
     }
     add_into(grad_buffer(), g);
   }
-
-  /// Runs this node's backward: reads `grad`, accumulates into the inputs' grads.
-  virtual void run_backward() {}
 };
 
+/// Input i of a node as the Node<T, D> it is (record() links inputs of the output's type only).
+template <Floating T, Device D>
+Node<T, D>& input_node(const NodeBase<D>& node, std::size_t i) {
+  return static_cast<Node<T, D>&>(*node.inputs[i]);
+}
+
 /// What an op's backward function sees: the output gradient and the inputs' buffers.
-template <Scalar T, Device D>
+template <Floating T, Device D>
 class BackwardContext {
  public:
   explicit BackwardContext(Node<T, D>& node) : node_(node) {}
@@ -103,10 +121,10 @@ class BackwardContext {
   /// Whether input i needs a gradient (skip its work when not).
   [[nodiscard]] bool needs_grad(std::size_t i) const { return node_.inputs[i] && node_.inputs[i]->requires_grad; }
   /// Input i's gradient buffer (contiguous, zero on first use): add into it.
-  [[nodiscard]] Tensor<T, D>& grad_in(std::size_t i) const { return node_.inputs[i]->grad_buffer(); }
+  [[nodiscard]] Tensor<T, D>& grad_in(std::size_t i) const { return input_node<T>(node_, i).grad_buffer(); }
   /// Adds g into input i's gradient (no copy when g is a fresh tensor).
   void accumulate(std::size_t i, Tensor<T, D> g) const {
-    if (needs_grad(i)) node_.inputs[i]->accumulate(std::move(g));
+    if (needs_grad(i)) input_node<T>(node_, i).accumulate(std::move(g));
   }
   [[nodiscard]] std::size_t num_inputs() const { return node_.inputs.size(); }
 
@@ -114,7 +132,7 @@ class BackwardContext {
   Node<T, D>& node_;
 };
 
-template <Scalar T, Device D, class F>
+template <Floating T, Device D, class F>
 struct FunctionNode final : Node<T, D> {
   explicit FunctionNode(F f) : fn(std::move(f)) {}
   void run_backward() override {
@@ -127,7 +145,7 @@ struct FunctionNode final : Node<T, D> {
 }  // namespace autograd
 
 /// A value in the autodiff graph: a leaf (parameter or input) or an op's result.
-template <Scalar T, Device D>
+template <Floating T, Device D>
 class Var {
  public:
   using value_type = T;
@@ -195,8 +213,18 @@ class Var {
     MIXMOE_CHECK(grad_output.shape() == root.value.shape(), "backward", "gradient of shape ", grad_output.shape(),
                  " for a result of shape ", root.value.shape());
     MIXMOE_CHECK(root.requires_grad, "backward", "the result does not require grad: no input requires grad, or it was computed under no_grad");
-    thread_local std::vector<Node*> order;  // reused: no allocation once warm
-    thread_local std::vector<Node*> stack;
+    using Base = autograd::NodeBase<D>;
+    // Work lists reused across calls (no allocation once warm), one pair per nesting level: an
+    // op's backward may run a backward of its own (ops/bf16.hpp recomputes in fp32).
+    thread_local std::deque<std::pair<std::vector<Base*>, std::vector<Base*>>> lists;  // grows without moving
+    thread_local std::size_t depth = 0;
+    if (lists.size() <= depth) lists.resize(depth + 1);
+    struct Level {
+      std::size_t& d;
+      explicit Level(std::size_t& dd) : d(dd) { ++d; }
+      ~Level() { --d; }
+    } level(depth);
+    auto& [order, stack] = lists[depth - 1];
     static std::atomic<std::uint64_t> epoch{0};
     const std::uint64_t mark = ++epoch;
     order.clear();
@@ -204,7 +232,7 @@ class Var {
     stack.push_back(&root);
     root.visit_mark = mark;
     while (!stack.empty()) {
-      Node* n = stack.back();
+      Base* n = stack.back();
       stack.pop_back();
       order.push_back(n);
       for (auto& in : n->inputs)
@@ -213,12 +241,12 @@ class Var {
           stack.push_back(in.get());
         }
     }
-    std::sort(order.begin(), order.end(), [](const Node* a, const Node* b) { return a->seq > b->seq; });
+    std::sort(order.begin(), order.end(), [](const Base* a, const Base* b) { return a->seq > b->seq; });
     root.accumulate(grad_output.clone());
-    for (Node* n : order) {
-      if (n->is_leaf() || !n->grad.defined()) continue;
+    for (Base* n : order) {
+      if (n->is_leaf() || !n->has_grad()) continue;
       n->run_backward();
-      if (!n->retain_grad) n->grad = Tensor<T, D>();  // intermediate gradients are freed as soon as they are used
+      if (!n->retain_grad) n->release_grad();  // intermediate gradients are freed as soon as they are used
     }
   }
 
@@ -232,13 +260,13 @@ class Var {
 };
 
 /// A leaf Var that requires grad (a trainable parameter).
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> parameter(Tensor<T, D> value) {
   return Var<T, D>(std::move(value), true);
 }
 
 /// stop_gradient(x): the value of x, with no gradient flowing back to x.
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> stop_gradient(const Var<T, D>& x) {
   return x.detach();
 }
@@ -251,7 +279,7 @@ Var<T, D> stop_gradient(const Var<T, D>& x) {
 /// then call record() with a lambda for the backward; capture what the backward
 /// needs (tensors are shared, not copied). Under no_grad, or when no input
 /// requires grad, no node is recorded and the lambda is dropped.
-template <Scalar T, Device D, class F>
+template <Floating T, Device D, class F>
 Var<T, D> record(const char* op, Tensor<T, D> out, std::span<const Var<T, D>> inputs, F&& backward) {
   static_assert(std::is_invocable_v<F&, autograd::BackwardContext<T, D>&>,
                 "mixmoe::record: the backward must be callable as backward(BackwardContext<T, D>&)");
@@ -269,7 +297,7 @@ Var<T, D> record(const char* op, Tensor<T, D> out, std::span<const Var<T, D>> in
   return Var<T, D>(std::shared_ptr<autograd::Node<T, D>>(std::move(node)));
 }
 
-template <Scalar T, Device D, class F>
+template <Floating T, Device D, class F>
 Var<T, D> record(const char* op, Tensor<T, D> out, std::initializer_list<Var<T, D>> inputs, F&& backward) {
   return record(op, std::move(out), std::span<const Var<T, D>>(inputs.begin(), inputs.size()), std::forward<F>(backward));
 }

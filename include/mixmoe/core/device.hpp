@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "mixmoe/core/bf16.hpp"
+
 namespace mixmoe {
 
 /// The host CPU: Eigen and OpenBLAS/FFTW kernels.
@@ -25,14 +27,20 @@ concept Device = requires {
   { D::name } -> std::convertible_to<const char*>;
 };
 
-/// Floating-point types that carry gradients (Var<T, D>).
+/// The compute types: every op takes float and double tensors (and Var<T, D>).
 template <class T>
 concept Scalar = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
-/// Element types a tensor may hold: the scalars, plus integers for indices
+/// The floating-point types a Var may hold: the compute types and the bf16 storage type.
+/// Var<bf16, D> is a value stored in bf16; the ops that take it (ops/bf16.hpp: cast, matmul,
+/// linear, the norms, attention, the grouped expert GEMM, ...) compute in fp32 and round.
+template <class T>
+concept Floating = Scalar<T> || std::is_same_v<T, bf16>;
+
+/// Element types a tensor may hold: the floating types, plus integers for indices
 /// (token ids, expert ids, gather/scatter positions).
 template <class T>
-concept Element = Scalar<T> || std::is_same_v<T, std::int32_t> || std::is_same_v<T, std::int64_t>;
+concept Element = Floating<T> || std::is_same_v<T, std::int32_t> || std::is_same_v<T, std::int64_t>;
 
 /// The integer type of index tensors (token ids, expert assignments, positions).
 using Index = std::int32_t;

@@ -2,7 +2,7 @@
 //
 //   {"vocab": 8000, "d_model": 256, "layers": 4, "heads": 4, "kv_heads": 0, "d_ff": 1024,
 //    "rope_theta": 10000.0, "norm_eps": 1e-06, "init_std": 0.02, "tie_embeddings": true,
-//    "attn_bias": false, "qk_norm": false, "seed": 0,
+//    "attn_bias": false, "qk_norm": false, "seed": 0, "activations": "native",
 //    "moe": {"experts_per_group": [8], "expert_hidden": 0, "top_k": 2, "capacity_factor": 0.0,
 //            "mix": "group_gate", "fixed_mix": [], "expert_execution": "auto", "expert_precision": "native"}}
 //
@@ -39,6 +39,8 @@ inline constexpr EnumName<GroupMix> group_mix_names[] = {
 inline constexpr EnumName<ExpertExecution> expert_execution_names[] = {{ExpertExecution::automatic, "auto"},
                                                                        {ExpertExecution::grouped, "grouped"},
                                                                        {ExpertExecution::per_expert, "per_expert"}};
+inline constexpr EnumName<ActivationPrecision> activation_precision_names[] = {{ActivationPrecision::native, "native"},
+                                                                            {ActivationPrecision::bf16, "bf16"}};
 inline constexpr EnumName<MatmulPrecision> matmul_precision_names[] = {{MatmulPrecision::native, "native"},
                                                                        {MatmulPrecision::bf16, "bf16"}};
 
@@ -82,6 +84,7 @@ inline nlohmann::json model_config_to_json(const ModelConfig& c) {
           {"attn_bias", c.attn_bias},
           {"qk_norm", c.qk_norm},
           {"seed", c.seed},
+          {"activations", detail::json_cfg::enum_name(c.activations, detail::json_cfg::activation_precision_names)},
           {"moe", moe_config_to_json(c.moe)}};
 }
 
@@ -196,7 +199,7 @@ inline ModelConfig model_config_from_json(const nlohmann::json& j, const std::st
   using namespace detail::json_cfg;
   check_keys(j, where,
              {"vocab", "d_model", "layers", "heads", "kv_heads", "d_ff", "rope_theta", "norm_eps", "init_std",
-              "tie_embeddings", "attn_bias", "qk_norm", "seed", "moe"});
+              "tie_embeddings", "attn_bias", "qk_norm", "seed", "activations", "moe"});
   ModelConfig c;
   read(j, where, "vocab", c.vocab);
   read(j, where, "d_model", c.d_model);
@@ -211,6 +214,7 @@ inline ModelConfig model_config_from_json(const nlohmann::json& j, const std::st
   read(j, where, "attn_bias", c.attn_bias);
   read(j, where, "qk_norm", c.qk_norm);
   read(j, where, "seed", c.seed);
+  read_enum(j, where, "activations", c.activations, activation_precision_names);
   if (j.contains("moe")) c.moe = moe_config_from_json(j.at("moe"), where + ".moe");
   try {
     c.validate();

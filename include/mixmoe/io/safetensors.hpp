@@ -33,6 +33,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mixmoe/core/bf16.hpp"
 #include "mixmoe/core/device.hpp"
 #include "mixmoe/core/error.hpp"
 #include "mixmoe/core/shape.hpp"
@@ -124,15 +125,10 @@ constexpr Dtype dtype_of() {
 // ---- half-precision conversions ---------------------------------------------------------
 
 /// bfloat16 bits -> float (exact).
-inline float bf16_to_float(std::uint16_t b) { return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16); }
+inline float bf16_to_float(std::uint16_t b) { return float(bf16::from_bits(b)); }
 
-/// float -> bfloat16 bits, rounding to nearest even; NaN stays NaN.
-inline std::uint16_t float_to_bf16(float f) {
-  const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
-  if (std::isnan(f)) return static_cast<std::uint16_t>((u >> 16) | 0x40);
-  const std::uint32_t round = 0x7fff + ((u >> 16) & 1);
-  return static_cast<std::uint16_t>((u + round) >> 16);
-}
+/// float -> bfloat16 bits, rounding to nearest even; NaN stays NaN (core/bf16.hpp).
+inline std::uint16_t float_to_bf16(float f) { return bf16(f).bits; }
 
 /// IEEE binary16 bits -> float (exact, subnormals included).
 inline float f16_to_float(std::uint16_t h) {

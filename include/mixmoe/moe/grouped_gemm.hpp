@@ -19,7 +19,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -28,23 +27,12 @@
 #include "mixmoe/backend/cpu/gemm.hpp"
 #include "mixmoe/core/tensor.hpp"
 #include "mixmoe/nn/config.hpp"
+#include "mixmoe/ops/bf16.hpp"
 #include "mixmoe/ops/shape_ops.hpp"
 
 namespace mixmoe {
 
 namespace detail {
-
-/// v rounded to the nearest bf16 (ties to even), as a float; NaN stays NaN.
-inline float round_to_bf16(float v) {
-  std::uint32_t u = 0;
-  std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return v;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  u &= 0xffff0000u;
-  float r = 0;
-  std::memcpy(&r, &u, sizeof r);
-  return r;
-}
 
 /// A rounded-to-bf16 copy of n float values (the host path of the bf16 GEMMs).
 inline std::vector<float> bf16_copy(const float* p, index_t n) {
@@ -219,6 +207,24 @@ Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const Tensor<in
 template <Scalar T, Device D>
 Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const GroupedRows<D>& rows) {
   return grouped_linear(x, w, rows.offsets, rows.precision);
+}
+
+/// grouped_linear on bf16 x and w (bf16 storage): the bf16 grouped GEMMs with fp32 accumulation, the
+/// result and the gradients rounded to bf16 (via_fp32, ops/bf16.hpp; the backward re-runs the forward
+/// GEMM). A GroupedRows' precision is bf16 here whatever it says.
+template <Device D>
+Var<bf16, D> grouped_linear(const Var<bf16, D>& x, const Var<bf16, D>& w, const Tensor<index_t, D>& offsets) {
+  return via_fp32(
+      "grouped_linear",
+      [offsets](const Var<float, D>& a, const Var<float, D>& b) {
+        return grouped_linear(a, b, offsets, MatmulPrecision::bf16);
+      },
+      x, w);
+}
+
+template <Device D>
+Var<bf16, D> grouped_linear(const Var<bf16, D>& x, const Var<bf16, D>& w, const GroupedRows<D>& rows) {
+  return grouped_linear(x, w, rows.offsets);
 }
 
 /// E Vars of one shape S -> (E, S...): the experts' weights side by side for grouped_linear (a copy;

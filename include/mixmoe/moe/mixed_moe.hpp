@@ -28,8 +28,10 @@
 // (any expert type; the row counts must come to the host). automatic: grouped on a device
 // when the expert types allow it, per_expert on Cpu (no weight copies).
 // cfg.moe.expert_precision bf16 (float models): the experts' grouped GEMMs, forward and
-// backward, take bf16 operands and sum in fp32 (weights, activations and gradients stay
-// float); it implies grouped execution (automatic means grouped then, on Cpu too).
+// backward, take bf16 operands and sum in fp32; the built-in experts (FeedForward, SwiGLU)
+// also keep their input, hidden activations and output in bf16 (ops/bf16.hpp), a custom
+// GroupedExpert gets the precision in GroupedRows. The weights, the routers and the combine
+// stay float. It implies grouped execution (automatic means grouped then, on Cpu too).
 //
 // Statistics: routing_records() holds, per router, the routing of the LAST forward call
 // (probs, logits, gates, tokens per expert, dropped count), for the auxiliary losses and

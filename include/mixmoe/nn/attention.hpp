@@ -10,10 +10,15 @@
 // With a KVCache (decoding, under no_grad), the new keys/values are appended and
 // the new queries attend to everything cached: positions continue where the
 // cache ends.
+//
+// A float layer also runs on bf16 activations (mixed precision): the projections are bf16 GEMMs
+// of the fp32 weights cast to bf16, rope and attention compute in fp32 on bf16 values; a KV
+// cache keeps the layer's scalar type.
 #pragma once
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixmoe/nn/config.hpp"
@@ -94,8 +99,10 @@ struct CausalSelfAttention {
     }
   }
 
-  /// x (B, T, C); with a cache, T new tokens after cache->length cached ones.
-  Var<T, D> operator()(const Var<T, D>& x, KVCache<T, D>* cache = nullptr) const {
+  /// x (B, T, C); with a cache, T new tokens after cache->length cached ones. x in T, or in bf16
+  /// for a float layer.
+  template <detail::ActivationOf<T> X>
+  Var<X, D> operator()(const Var<X, D>& x, KVCache<T, D>* cache = nullptr) const {
     MIXMOE_CHECK(x.dim() == 3 && x.size(2) == heads * head_dim, "CausalSelfAttention", "input must be (B, T, ",
                  heads * head_dim, "), got ", x.shape());
     const index_t b = x.size(0), t = x.size(1);
@@ -104,12 +111,22 @@ struct CausalSelfAttention {
     auto q = rope(reshape(qk ? q_norm(wq(x)) : wq(x), Shape{b, t, heads, head_dim}), offset, rope_theta);  // (B,T,H,Dh)
     auto k = rope(reshape(qk ? k_norm(wk(x)) : wk(x), Shape{b, t, kv_heads, head_dim}), offset, rope_theta);
     auto v = reshape(wv(x), Shape{b, t, kv_heads, head_dim});  // (B, T, Hkv, Dh)
-    Var<T, D> o;
+    Var<X, D> o;
     if (cache) {
       MIXMOE_CHECK(!grad_enabled() || !x.requires_grad(), "CausalSelfAttention",
                    "the KV cache is for decoding: run it under no_grad");
-      cache->append(k.value(), v.value());
-      const Var<T, D> k_all(cache->k.slice(1, 0, cache->length)), v_all(cache->v.slice(1, 0, cache->length));
+      // the cache in T: bf16 keys and values are widened into it and rounded back out (exact)
+      const auto in_cache = [](const Tensor<X, D>& kv) {
+        if constexpr (std::is_same_v<X, T>) return kv;
+        else return kv.template to<T>();
+      };
+      const auto from_cache = [](const Tensor<T, D>& kv) {
+        if constexpr (std::is_same_v<X, T>) return kv;  // a view of the filled part: no copy
+        else return kv.template to<X>();
+      };
+      cache->append(in_cache(k.value()), in_cache(v.value()));
+      const Var<X, D> k_all(from_cache(cache->k.slice(1, 0, cache->length))),
+          v_all(from_cache(cache->v.slice(1, 0, cache->length)));
       o = causal_attention(q, k_all, v_all);  // (B, T, H, Dh)
     } else {
       o = causal_attention(q, k, v);

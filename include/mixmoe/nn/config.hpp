@@ -32,6 +32,16 @@ enum class MatmulPrecision {
   bf16,
 };
 
+/// The storage type of a float model's activations (mixed precision, docs/mixed-precision.md):
+/// native (the model's scalar type), or bf16: each block's norms, attention, projections and dense
+/// FFN run on bf16 values with fp32 compute, the fp32 weights cast to bf16 for each op; the
+/// residual stream, the embeddings, the logits and the loss stay fp32. MoE layers see their input
+/// in fp32 (the routers run in fp32); moe.expert_precision bf16 puts their experts on bf16 too.
+enum class ActivationPrecision {
+  native,
+  bf16,
+};
+
 /// Sizes of the MoE FFN layers (read by MoE FFN types; dense models ignore it).
 struct MoEConfig {
   std::vector<index_t> experts_per_group{8};  // one entry per expert group, in the group order of the type
@@ -41,7 +51,7 @@ struct MoEConfig {
   GroupMix mix = GroupMix::group_gate;        // combination of the groups (ignored with one group)
   std::vector<double> fixed_mix{};            // GroupMix::fixed: one weight per group; empty = 1 / groups each
   ExpertExecution execution = ExpertExecution::automatic;  // grouped or per-expert GEMMs (a speed choice)
-  MatmulPrecision expert_precision = MatmulPrecision::native;  // bf16: the experts' grouped GEMMs in bf16
+  MatmulPrecision expert_precision = MatmulPrecision::native;  // bf16: the experts on bf16 (GEMMs and storage)
 };
 
 struct ModelConfig {
@@ -58,6 +68,7 @@ struct ModelConfig {
   bool attn_bias = false;      // biases on the q/k/v projections of attention (Qwen2 layout); o has none
   bool qk_norm = false;        // RMSNorm over the whole q and k projections before rotary positions (OLMoE)
   std::uint64_t seed = 0;     // initialisation
+  ActivationPrecision activations = ActivationPrecision::native;  // bf16: mixed precision (float models)
   MoEConfig moe{};
 
   [[nodiscard]] index_t kv_head_count() const { return kv_heads > 0 ? kv_heads : heads; }

@@ -9,9 +9,17 @@
 // also callable as ffn(x, RouteContext) (the MoE layers) gets the token ids of the
 // rows (hash routing needs them) and training = grad_enabled() (false under no_grad:
 // evaluation and decoding).
+//
+// cfg.activations bf16 (float models, mixed precision): each block runs norm1, attention, norm2
+// and a dense FFN on bf16 values (fp32 weights cast to bf16, fp32 compute); the residual stream
+// x stays fp32, so each sublayer's output is added in fp32. An MoE FFN gets its rows in fp32
+// (its routers run in fp32; moe.expert_precision bf16 runs its experts on bf16). The final norm
+// and the output projection run in bf16 too, and the logits come out in fp32 for the loss. An
+// attention or FFN type without a bf16 form runs in fp32 in such a model.
 #pragma once
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixmoe/moe/routing.hpp"
@@ -47,19 +55,23 @@ struct DecoderBlock {
                 "DecoderBlock: the attention and FFN types must have the same scalar type and device");
 
   DecoderBlock(const ModelConfig& cfg, Generator& gen)
-      : norm1(cfg.d_model, cfg.norm_eps), attn(cfg, gen), norm2(cfg.d_model, cfg.norm_eps), ffn(cfg, gen) {}
+      : norm1(cfg.d_model, cfg.norm_eps),
+        attn(cfg, gen),
+        norm2(cfg.d_model, cfg.norm_eps),
+        ffn(cfg, gen),
+        bf16_activations(cfg.activations == ActivationPrecision::bf16) {
+    MIXMOE_CHECK((!bf16_activations || std::is_same_v<T, float>), "DecoderBlock",
+                 "activations bf16 needs a float model (got ", sizeof(T) * 8, "-bit)");
+  }
 
   /// x (B, T, C) -> (B, T, C); route carries the (B*T) token ids for MoE FFNs.
   Var<T, D> operator()(const Var<T, D>& x, KVCache<T, D>* cache = nullptr, const RouteContext<D>* route = nullptr) const {
+    if constexpr (std::is_same_v<T, float>)
+      if (bf16_activations) return forward_bf16(x, cache, route);
     const index_t b = x.size(0), t = x.size(1), c = x.size(2);
     auto h = x + attn(norm1(x), cache);          // (B, T, C)
     auto rows = reshape(norm2(h), Shape{b * t, c});  // (B*T, C)
-    Var<T, D> f;
-    if constexpr (std::is_invocable_v<const FFN&, const Var<T, D>&, const RouteContext<D>&>)
-      f = route ? ffn(rows, *route) : ffn(rows);
-    else
-      f = ffn(rows);
-    return h + reshape(f, Shape{b, t, c});
+    return h + reshape(run_ffn(rows, route), Shape{b, t, c});
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
@@ -73,6 +85,35 @@ struct DecoderBlock {
   Attn attn;
   RMSNorm<T, D> norm2;
   FFN ffn;
+  bool bf16_activations = false;  // cfg.activations (float models)
+
+ private:
+  Var<T, D> run_ffn(const Var<T, D>& rows, const RouteContext<D>* route) const {
+    if constexpr (std::is_invocable_v<const FFN&, const Var<T, D>&, const RouteContext<D>&>)
+      return route ? ffn(rows, *route) : ffn(rows);
+    else
+      return ffn(rows);
+  }
+
+  /// The block with bf16 sublayers around the fp32 residual stream.
+  Var<T, D> forward_bf16(const Var<T, D>& x, KVCache<T, D>* cache, const RouteContext<D>* route) const {
+    using B = Var<bf16, D>;
+    const index_t b = x.size(0), t = x.size(1), c = x.size(2);
+    Var<T, D> h;
+    if constexpr (std::is_invocable_r_v<B, const Attn&, const B&, KVCache<T, D>*>)
+      h = x + cast<T>(attn(norm1(cast<bf16>(x)), cache));  // (B, T, C)
+    else
+      h = x + attn(norm1(x), cache);
+    const B rows = reshape(norm2(cast<bf16>(h)), Shape{b * t, c});  // (B*T, C)
+    Var<T, D> f;
+    if constexpr (!std::is_invocable_v<const FFN&, const Var<T, D>&, const RouteContext<D>&> &&
+                  std::is_invocable_r_v<B, const FFN&, const B&>)
+      f = cast<T>(ffn(rows));  // a dense FFN on bf16
+    else
+      f = run_ffn(cast<T>(rows), route);  // an MoE layer: fp32 rows for its routers
+    return h + reshape(f, Shape{b, t, c});
+  }
+
 };
 
 /// Per-layer KV caches for incremental decoding with a DecoderLM.
@@ -115,11 +156,24 @@ struct DecoderLM {
     const Tensor<Index, D> flat_ids = ids.reshape(Shape{ids.numel()});  // (B*T), the FFN's rows
     const RouteContext<D> route{&flat_ids, grad_enabled()};
     for (std::size_t i = 0; i < blocks.size(); ++i) x = blocks[i](x, state ? &state->layers[i] : nullptr, &route);
+    if constexpr (std::is_same_v<T, float>)
+      if (bf16_activations()) return cast<T>(norm(cast<bf16>(x)));
     return norm(x);
   }
 
-  /// The output projection of hidden states: (..., C) -> (..., V) (the tied embedding or `head`).
-  Var<T, D> logits(const Var<T, D>& h) const { return config.tie_embeddings ? linear(h, embed.weight) : head(h); }
+  /// The output projection of hidden states: (..., C) -> (..., V) (the tied embedding or `head`);
+  /// a bf16 GEMM with fp32 accumulation under activations bf16, the logits fp32 either way.
+  Var<T, D> logits(const Var<T, D>& h) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16_activations()) {
+        const Var<bf16, D> h16 = cast<bf16>(h);
+        return cast<T>(config.tie_embeddings ? linear(h16, cast<bf16>(embed.weight)) : head(h16));
+      }
+    }
+    return config.tie_embeddings ? linear(h, embed.weight) : head(h);
+  }
+
+  [[nodiscard]] bool bf16_activations() const { return config.activations == ActivationPrecision::bf16; }
 
   /// Logits over the vocabulary: ids (B, T) -> (B, T, V).
   Var<T, D> operator()(const Tensor<Index, D>& ids, DecodeState<T, D>* state = nullptr) const {

@@ -7,11 +7,16 @@
 // Constructible as an expert, (d_model, hidden, gen), or as a model's dense FFN,
 // (ModelConfig, gen). Parameter names follow the LLaMA/Qwen2 layout
 // (gate_proj/up_proj/down_proj) under our own names w_gate/w_up/w_down.
+//
+// Float blocks also run on bf16 activations (ops/bf16.hpp), the fp32 weights cast to bf16 for
+// each GEMM; so do their grouped (MoE expert) forms, and with moe.expert_precision bf16 the
+// grouped forms of a float layer keep their hidden activations in bf16.
 #pragma once
 
 #include <cmath>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixmoe/moe/grouped_gemm.hpp"
@@ -25,12 +30,22 @@ namespace mixmoe {
 namespace detail {
 
 /// The weights of one Linear member of every expert of a list, stacked: (E, out, in).
-template <class E, Scalar T, Device D>
-Var<T, D> stacked_weight(std::span<const E* const> experts, Linear<T, D> E::*member) {
+template <Floating X, class E, Scalar T, Device D>
+Var<X, D> stacked_weight(std::span<const E* const> experts, Linear<T, D> E::*member) {
   std::vector<Var<T, D>> ws;
   ws.reserve(experts.size());
   for (const E* e : experts) ws.push_back((e->*member).weight);
-  return stack_weights(std::span<const Var<T, D>>(ws.data(), ws.size()));
+  return cast<X>(stack_weights(std::span<const Var<T, D>>(ws.data(), ws.size())));
+}
+
+/// A grouped expert form run on bf16 storage when the rows ask for bf16 (a float layer with
+/// moe.expert_precision bf16): x cast to bf16, the block in bf16, the result cast back.
+template <class E, Scalar T, Device D>
+Var<T, D> grouped_maybe_bf16(std::span<const E* const> experts, const Var<T, D>& x, const GroupedRows<D>& rows) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows.precision == MatmulPrecision::bf16) return cast<float>(E::grouped(experts, cast<bf16>(x), rows));
+  }
+  return E::template grouped_as<T>(experts, x, rows);
 }
 
 }  // namespace detail
@@ -47,14 +62,29 @@ struct FeedForward {
       : FeedForward(cfg.d_model, cfg.d_ff, gen, cfg.init_std / std::sqrt(2.0 * static_cast<double>(cfg.layers))) {}
 
   [[nodiscard]] index_t hidden() const { return w_up.out_features(); }
-  Var<T, D> operator()(const Var<T, D>& x) const { return w_down(gelu(w_up(x))); }
+  /// x in T, or in bf16 for a float block.
+  template <detail::ActivationOf<T> X>
+  Var<X, D> operator()(const Var<X, D>& x) const {
+    return w_down(gelu(w_up(x)));
+  }
 
   /// Experts in one call (GroupedExpert, moe/expert_group.hpp): two grouped GEMMs over the stacked
   /// weights; rows outside every expert's range stay 0 (gelu(0) = 0).
   static Var<T, D> grouped(std::span<const FeedForward* const> experts, const Var<T, D>& x,
                            const GroupedRows<D>& rows) {
-    const Var<T, D> h = gelu(grouped_linear(x, detail::stacked_weight(experts, &FeedForward::w_up), rows));
-    return grouped_linear(h, detail::stacked_weight(experts, &FeedForward::w_down), rows);
+    return detail::grouped_maybe_bf16(experts, x, rows);
+  }
+  static Var<bf16, D> grouped(std::span<const FeedForward* const> experts, const Var<bf16, D>& x,
+                              const GroupedRows<D>& rows)
+    requires std::is_same_v<T, float>
+  {
+    return grouped_as<bf16>(experts, x, rows);
+  }
+  template <Floating X>
+  static Var<X, D> grouped_as(std::span<const FeedForward* const> experts, const Var<X, D>& x,
+                              const GroupedRows<D>& rows) {
+    const Var<X, D> h = gelu(grouped_linear(x, detail::stacked_weight<X>(experts, &FeedForward::w_up), rows));
+    return grouped_linear(h, detail::stacked_weight<X>(experts, &FeedForward::w_down), rows);
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
@@ -77,14 +107,27 @@ struct SwiGLU {
       : SwiGLU(cfg.d_model, cfg.d_ff, gen, cfg.init_std / std::sqrt(2.0 * static_cast<double>(cfg.layers))) {}
 
   [[nodiscard]] index_t hidden() const { return w_up.out_features(); }
-  Var<T, D> operator()(const Var<T, D>& x) const { return w_down(silu(w_gate(x)) * w_up(x)); }
+  /// x in T, or in bf16 for a float block.
+  template <detail::ActivationOf<T> X>
+  Var<X, D> operator()(const Var<X, D>& x) const {
+    return w_down(silu(w_gate(x)) * w_up(x));
+  }
 
   /// Experts in one call (GroupedExpert, moe/expert_group.hpp): three grouped GEMMs over the stacked
   /// weights; rows outside every expert's range stay 0 (silu(0) * 0 = 0).
   static Var<T, D> grouped(std::span<const SwiGLU* const> experts, const Var<T, D>& x, const GroupedRows<D>& rows) {
-    const Var<T, D> g = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_gate), rows);
-    const Var<T, D> u = grouped_linear(x, detail::stacked_weight(experts, &SwiGLU::w_up), rows);
-    return grouped_linear(silu(g) * u, detail::stacked_weight(experts, &SwiGLU::w_down), rows);
+    return detail::grouped_maybe_bf16(experts, x, rows);
+  }
+  static Var<bf16, D> grouped(std::span<const SwiGLU* const> experts, const Var<bf16, D>& x, const GroupedRows<D>& rows)
+    requires std::is_same_v<T, float>
+  {
+    return grouped_as<bf16>(experts, x, rows);
+  }
+  template <Floating X>
+  static Var<X, D> grouped_as(std::span<const SwiGLU* const> experts, const Var<X, D>& x, const GroupedRows<D>& rows) {
+    const Var<X, D> g = grouped_linear(x, detail::stacked_weight<X>(experts, &SwiGLU::w_gate), rows);
+    const Var<X, D> u = grouped_linear(x, detail::stacked_weight<X>(experts, &SwiGLU::w_up), rows);
+    return grouped_linear(silu(g) * u, detail::stacked_weight<X>(experts, &SwiGLU::w_down), rows);
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {

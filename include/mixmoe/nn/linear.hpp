@@ -3,17 +3,30 @@
 //   Linear:    x (..., in) -> (..., out), weight (out, in), optional bias (out)
 //   Embedding: ids (...) -> (..., dim), weight (vocab, dim)
 //   RMSNorm:   x (..., dim) -> (..., dim), weight (dim)
+//
+// Linear and RMSNorm of float also take bf16 inputs (mixed precision, ops/bf16.hpp): the fp32
+// parameters are cast to bf16 for the op and their gradients flow back to them in fp32.
 #pragma once
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "mixmoe/nn/module.hpp"
+#include "mixmoe/ops/bf16.hpp"
 #include "mixmoe/ops/embedding.hpp"
 #include "mixmoe/ops/matmul.hpp"
 #include "mixmoe/ops/norm.hpp"
 
 namespace mixmoe {
+
+namespace detail {
+
+/// The activation types a layer of scalar type T runs on: T, and bf16 for a float layer.
+template <class X, class T>
+concept ActivationOf = std::is_same_v<X, T> || (std::is_same_v<X, bf16> && std::is_same_v<T, float>);
+
+}  // namespace detail
 
 template <Scalar T, Device D = Cpu>
 struct Linear {
@@ -32,6 +45,12 @@ struct Linear {
   [[nodiscard]] index_t out_features() const { return weight.size(0); }
 
   Var<T, D> operator()(const Var<T, D>& x) const { return linear(x, weight, bias); }
+  /// bf16 activations, fp32 weights (cast for the op): a bf16 GEMM with fp32 accumulation.
+  Var<bf16, D> operator()(const Var<bf16, D>& x) const
+    requires std::is_same_v<T, float>
+  {
+    return linear(x, cast<bf16>(weight), bias.defined() ? cast<bf16>(bias) : Var<bf16, D>());
+  }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
     visit(join_name(prefix, "weight"), weight);
@@ -76,6 +95,12 @@ struct RMSNorm {
   }
 
   Var<T, D> operator()(const Var<T, D>& x) const { return rms_norm(x, weight, eps); }
+  /// bf16 activations, the fp32 weight cast for the op (fp32 statistics, bf16 result).
+  Var<bf16, D> operator()(const Var<bf16, D>& x) const
+    requires std::is_same_v<T, float>
+  {
+    return rms_norm(x, cast<bf16>(weight), eps);
+  }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
     visit(join_name(prefix, "weight"), weight);

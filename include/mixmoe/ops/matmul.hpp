@@ -35,29 +35,47 @@ void batched_gemm(index_t batch, bool ta, bool tb, index_t m, index_t n, index_t
     gemm_on<D>(ta, tb, m, n, k, T(1), a + i * a_batch_stride, lda, b + i * b_batch_stride, ldb, beta, c + i * m * n, n);
 }
 
+/// The sizes of matmul(a, b): batch count, output shape, M, N, K and the operands' batch strides
+/// (0 for an operand broadcast over the batch).
+struct MatmulSizes {
+  Shape out;
+  index_t m = 0, n = 0, k = 0, batch = 0, a_stride = 0, b_stride = 0;
+};
+
+inline MatmulSizes matmul_sizes(const Shape& as, const Shape& bs) {
+  MIXMOE_CHECK(as.rank() >= 2 && bs.rank() >= 2, "matmul", "needs at least 2-D operands, got ", as, " and ", bs);
+  MatmulSizes z;
+  z.m = as[as.rank() - 2];
+  z.k = as[as.rank() - 1];
+  z.n = bs[bs.rank() - 1];
+  MIXMOE_CHECK(bs[bs.rank() - 2] == z.k, "matmul", "inner dimensions differ: ", as, " x ", bs);
+  const Shape ba(std::span<const index_t>(as.begin(), as.end() - 2));
+  const Shape bb(std::span<const index_t>(bs.begin(), bs.end() - 2));
+  const Shape batch = broadcast_shapes(ba, bb, "matmul");
+  z.batch = batch.numel();
+  // Batch broadcasting is supported when an operand has all batch axes or none (or all 1).
+  MIXMOE_CHECK(ba.numel() == z.batch || ba.numel() == 1, "matmul", "batch axes of ", as, " and ", bs,
+               " broadcast only partially; expand one operand first");
+  MIXMOE_CHECK(bb.numel() == z.batch || bb.numel() == 1, "matmul", "batch axes of ", as, " and ", bs,
+               " broadcast only partially; expand one operand first");
+  z.out = batch;
+  z.out.push_back(z.m);
+  z.out.push_back(z.n);
+  z.a_stride = ba.numel() == 1 ? 0 : z.m * z.k;
+  z.b_stride = bb.numel() == 1 ? 0 : z.k * z.n;
+  return z;
+}
+
 }  // namespace detail
 
 /// a (M, K) x b (K, N), or batched (..., M, K) x (..., K, N) with broadcast batch axes.
 template <Scalar T, Device D>
 Var<T, D> matmul(const Var<T, D>& a, const Var<T, D>& b) {
-  MIXMOE_CHECK(a.dim() >= 2 && b.dim() >= 2, "matmul", "needs at least 2-D operands, got ", a.shape(), " and ", b.shape());
-  const index_t m = a.size(-2), k = a.size(-1), n = b.size(-1);
-  MIXMOE_CHECK(b.size(-2) == k, "matmul", "inner dimensions differ: ", a.shape(), " x ", b.shape());
-  const Shape ba(std::span<const index_t>(a.shape().begin(), a.shape().end() - 2));
-  const Shape bb(std::span<const index_t>(b.shape().begin(), b.shape().end() - 2));
-  const Shape batch = broadcast_shapes(ba, bb, "matmul");
-  const index_t nb = batch.numel();
-  // Batch broadcasting is supported when an operand has all batch axes or none (or all 1).
-  MIXMOE_CHECK(ba.numel() == nb || ba.numel() == 1, "matmul", "batch axes of ", a.shape(), " and ", b.shape(),
-               " broadcast only partially; expand one operand first");
-  MIXMOE_CHECK(bb.numel() == nb || bb.numel() == 1, "matmul", "batch axes of ", a.shape(), " and ", b.shape(),
-               " broadcast only partially; expand one operand first");
-  Shape oshape = batch;
-  oshape.push_back(m);
-  oshape.push_back(n);
+  const detail::MatmulSizes z = detail::matmul_sizes(a.shape(), b.shape());
+  const index_t m = z.m, n = z.n, k = z.k, nb = z.batch, sa = z.a_stride, sb = z.b_stride;
+  const Shape& oshape = z.out;
   const Tensor<T, D> av = a.value().contiguous(), bv = b.value().contiguous();
   Tensor<T, D> out = Tensor<T, D>::empty(oshape);
-  const index_t sa = ba.numel() == 1 ? 0 : m * k, sb = bb.numel() == 1 ? 0 : k * n;
   detail::batched_gemm<D>(nb, false, false, m, n, k, av.data(), sa, bv.data(), sb, T(0), out.data());
   return record("matmul", std::move(out), {a, b}, [av, bv, m, n, k, nb, sa, sb](autograd::BackwardContext<T, D>& ctx) {
     const T* g = ctx.grad_out().data();

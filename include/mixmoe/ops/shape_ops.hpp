@@ -3,7 +3,7 @@
 // reshape, transpose, permute and slice return views of the input's storage
 // where the Tensor allows (reshape of a non-contiguous input copies); their
 // backward puts the output gradient back into the input's row-major layout.
-// concat copies.
+// concat copies. They move elements without arithmetic, so they take bf16 Vars too.
 //
 // On a device (Cuda) all of them run there: the views and the contiguous copies through the
 // Tensor's device copies, the backwards of slice and concat through a strided add
@@ -71,7 +71,7 @@ Tensor<T, D> permute_view(const Tensor<T, D>& t, const AxisOrder& order) {
 }  // namespace detail
 
 /// Same elements in a new shape; one extent may be -1. A view when x is contiguous.
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> reshape(const Var<T, D>& x, const Shape& shape) {
   auto out = x.value().reshape(shape);
   return record("reshape", std::move(out), {x}, [xshape = x.shape()](autograd::BackwardContext<T, D>& ctx) {
@@ -81,7 +81,7 @@ Var<T, D> reshape(const Var<T, D>& x, const Shape& shape) {
 }
 
 /// Swaps axes a and b (a view).
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> transpose(const Var<T, D>& x, int a, int b) {
   const int ra = x.shape().axis(a, "transpose"), rb = x.shape().axis(b, "transpose");
   auto out = x.value().transpose(ra, rb);
@@ -92,7 +92,7 @@ Var<T, D> transpose(const Var<T, D>& x, int a, int b) {
 }
 
 /// Reorders axes: result axis i is x's axis order[i] (a view).
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> permute(const Var<T, D>& x, std::span<const int> order) {
   const detail::AxisOrder p = detail::checked_permutation(x.shape(), order, "permute");
   auto out = detail::permute_view(x.value(), p);
@@ -104,13 +104,13 @@ Var<T, D> permute(const Var<T, D>& x, std::span<const int> order) {
   });
 }
 
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> permute(const Var<T, D>& x, std::initializer_list<int> order) {
   return permute(x, std::span<const int>(order.begin(), order.size()));
 }
 
 /// Elements [begin, end) along one axis (a view).
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> slice(const Var<T, D>& x, int axis, index_t begin, index_t end) {
   auto out = x.value().slice(axis, begin, end);  // checks the axis and the range
   const Shape& s = x.shape();
@@ -137,7 +137,7 @@ Var<T, D> slice(const Var<T, D>& x, int axis, index_t begin, index_t end) {
 }
 
 /// Joins xs along `axis`; every other extent must agree.
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
   MIXMOE_CHECK(!xs.empty(), "concat", "needs at least one input");
   for (std::size_t k = 0; k < xs.size(); ++k)
@@ -218,12 +218,12 @@ Var<T, D> concat(std::span<const Var<T, D>> xs, int axis) {
                 });
 }
 
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> concat(const std::vector<Var<T, D>>& xs, int axis) {
   return concat(std::span<const Var<T, D>>(xs), axis);
 }
 
-template <Scalar T, Device D>
+template <Floating T, Device D>
 Var<T, D> concat(std::initializer_list<Var<T, D>> xs, int axis) {
   return concat(std::span<const Var<T, D>>(xs.begin(), xs.size()), axis);
 }

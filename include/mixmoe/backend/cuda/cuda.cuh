@@ -38,6 +38,14 @@ struct DeviceOps<Cuda> : cuda::ElementwiseOps,
     cuda::gemm<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
+  /// c (fp32) = op(a) op(b) + beta c with bf16 operands (mixmoe::bf16 has __nv_bfloat16's layout):
+  /// cuBLAS on the tensor cores, fp32 accumulation.
+  static void gemm_bf16(bool ta, bool tb, index_t m, index_t n, index_t k, const bf16* a, index_t lda, const bf16* b,
+                        index_t ldb, float beta, float* c, index_t ldc) {
+    cuda::gemm_bf16(ta, tb, m, n, k, 1.0f, reinterpret_cast<const __nv_bfloat16*>(a), lda,
+                    reinterpret_cast<const __nv_bfloat16*>(b), ldb, beta, c, ldc);
+  }
+
   /// dst += src (n elements, both contiguous).
   template <class T>
   static void add_into(T* dst, const T* src, index_t n) {
