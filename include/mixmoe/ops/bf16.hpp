@@ -208,22 +208,11 @@ Var<bf16, D> matmul(const Var<bf16, D>& a, const Var<bf16, D>& b) {
 /// added in fp32), the result rounded to bf16.
 template <Device D>
 Var<bf16, D> linear(const Var<bf16, D>& x, const Var<bf16, D>& w, const Var<bf16, D>& bias = Var<bf16, D>()) {
-  MIXMOE_CHECK(x.defined() && w.defined(), "linear", "x and w must be defined Vars");
-  MIXMOE_CHECK(w.dim() == 2, "linear", "weight must be (out, in), got ", w.shape());
-  MIXMOE_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear", "input ", x.shape(), " does not match weight ", w.shape());
-  const index_t k = w.size(1), n = w.size(0), rows = x.numel() / std::max<index_t>(k, 1);
-  if (bias.defined())
-    MIXMOE_CHECK(bias.dim() == 1 && bias.size(0) == n, "linear", "bias ", bias.shape(), " for weight ", w.shape());
+  const std::array<index_t, 3> sizes = detail::linear_sizes(x, w, bias);  // not a structured binding: captured below
+  const index_t k = sizes[0], n = sizes[1], rows = sizes[2];
   const Tensor<bf16, D> xv = x.value().contiguous(), wv = w.value().contiguous();
   Tensor<float, D> acc = Tensor<float, D>::empty(Shape{rows, n});
-  if (bias.defined()) {  // every row starts as the bias
-    const Tensor<float, D> bw = bias.value().template to<float>();
-    if constexpr (Tensor<float, D>::on_host) {
-      for (index_t r = 0; r < rows; ++r) std::copy(bw.data(), bw.data() + n, acc.data() + r * n);
-    } else {  // a copy from a view of the bias with a 0 stride on the rows
-      detail::DeviceBackend<D>::copy(bw.data(), Shape{0, 1}, acc.data(), Shape{n, 1}, Shape{rows, n});
-    }
-  }
+  if (bias.defined()) detail::fill_rows(acc, bias.value().template to<float>(), rows, n);  // rows start as the bias
   {
     const detail::GemmOperand<D> gx(xv), gw(wv);
     detail::gemm_bf16_on<D>(false, true, rows, n, k, gx, 0, k, gw, 0, k, bias.defined() ? 1.0f : 0.0f, acc.data(), n);

@@ -5,6 +5,9 @@
 //   linear: x (..., K) x w (N, K) [+ bias (N)] -> (..., N)
 #pragma once
 
+#include <algorithm>
+#include <array>
+
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/gemm.hpp"
 #include "mixmoe/ops/elementwise.hpp"
@@ -33,6 +36,28 @@ void batched_gemm(index_t batch, bool ta, bool tb, index_t m, index_t n, index_t
   const index_t lda = ta ? m : k, ldb = tb ? k : n;
   for (index_t i = 0; i < batch; ++i)
     gemm_on<D>(ta, tb, m, n, k, T(1), a + i * a_batch_stride, lda, b + i * b_batch_stride, ldb, beta, c + i * m * n, n);
+}
+
+/// Checks linear(x, w, bias)'s operands; returns {K, N, rows of x}.
+template <class T, class D>
+std::array<index_t, 3> linear_sizes(const Var<T, D>& x, const Var<T, D>& w, const Var<T, D>& bias) {
+  MIXMOE_CHECK(x.defined() && w.defined(), "linear", "x and w must be defined Vars");
+  MIXMOE_CHECK(w.dim() == 2, "linear", "weight must be (out, in), got ", w.shape());
+  MIXMOE_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear", "input ", x.shape(), " does not match weight ", w.shape());
+  const index_t k = w.size(1), n = w.size(0);
+  if (bias.defined())
+    MIXMOE_CHECK(bias.dim() == 1 && bias.size(0) == n, "linear", "bias ", bias.shape(), " for weight ", w.shape());
+  return {k, n, x.numel() / std::max<index_t>(k, 1)};
+}
+
+/// Every row of out (rows, n), contiguous, = b (n), contiguous.
+template <class T, class D>
+void fill_rows(const Tensor<T, D>& out, const Tensor<T, D>& b, index_t rows, index_t n) {
+  if constexpr (Tensor<T, D>::on_host) {
+    for (index_t r = 0; r < rows; ++r) std::copy(b.data(), b.data() + n, out.data() + r * n);
+  } else {  // a copy from a view of b with a 0 stride on the rows
+    DeviceBackend<D>::copy(b.data(), Shape{0, 1}, out.data(), Shape{n, 1}, Shape{rows, n});
+  }
 }
 
 /// The sizes of matmul(a, b): batch count, output shape, M, N, K and the operands' batch strides
@@ -95,23 +120,12 @@ Var<T, D> matmul(const Var<T, D>& a, const Var<T, D>& b) {
 /// x (..., K) W^T with w (N, K), plus bias (N) when given: the Linear layer's op.
 template <Scalar T, Device D>
 Var<T, D> linear(const Var<T, D>& x, const Var<T, D>& w, const Var<T, D>& bias = Var<T, D>()) {
-  MIXMOE_CHECK(w.dim() == 2, "linear", "weight must be (out, in), got ", w.shape());
-  MIXMOE_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear", "input ", x.shape(), " does not match weight ", w.shape());
-  const index_t k = w.size(1), n = w.size(0), rows = x.numel() / std::max<index_t>(k, 1);
-  if (bias.defined())
-    MIXMOE_CHECK(bias.dim() == 1 && bias.size(0) == n, "linear", "bias ", bias.shape(), " for weight ", w.shape());
+  const std::array<index_t, 3> sizes = detail::linear_sizes(x, w, bias);  // not a structured binding: captured below
+  const index_t k = sizes[0], n = sizes[1], rows = sizes[2];
   const Tensor<T, D> xv = x.value().contiguous(), wv = w.value().contiguous();
   Shape oshape = x.shape().with(-1, n);
   Tensor<T, D> out = Tensor<T, D>::empty(oshape);
-  if (bias.defined()) {
-    const Tensor<T, D> bv = bias.value().contiguous();
-    if constexpr (Tensor<T, D>::on_host) {
-      const T* pb = bv.data();
-      for (index_t r = 0; r < rows; ++r) std::copy(pb, pb + n, out.data() + r * n);
-    } else {  // every row of out = bias: a copy from a view of bias with a 0 stride on the rows
-      detail::DeviceBackend<D>::copy(bv.data(), Shape{0, 1}, out.data(), Shape{n, 1}, Shape{rows, n});
-    }
-  }
+  if (bias.defined()) detail::fill_rows(out, bias.value().contiguous(), rows, n);
   detail::gemm_on<D>(false, true, rows, n, k, T(1), xv.data(), k, wv.data(), k, bias.defined() ? T(1) : T(0), out.data(), n);
   return record("linear", std::move(out), {x, w, bias}, [xv, wv, rows, n, k](autograd::BackwardContext<T, D>& ctx) {
     const T* g = ctx.grad_out().data();
