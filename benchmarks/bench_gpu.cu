@@ -17,7 +17,8 @@
 //       model's all, tied embedding counted once as the output head; an MoE model's active experts
 //       only) and the attention FLOPs are PaLM's 12 * layers * d_model * seq per token (forward and
 //       backward, the causal mask not discounted). MFU is given against the datasheet peak and
-//       against the best raw cuBLAS rate of (a) in the same precision.
+//       against the best raw cuBLAS rate of (a) in the same precision. A third row per model runs it
+//       in mixed precision (ModelConfig::activations bf16, bf16 experts): against the bf16 peaks.
 //
 // Peaks (dense, TFLOP/s) default to the H100 / H200 SXM datasheet values: --peak-bf16 989,
 // --peak-tf32 494, --peak-fp32 67; pass the values of another GPU. Parts (b) and (c) run twice:
@@ -400,71 +401,91 @@ struct LmShape {
   index_t batch, seq;
 };
 
-/// Builds the model once and times its training step with FP32 GEMMs, then with TF32; one row each.
+/// Times the training step of a model of type Model: built from cfg, with FP32 GEMMs, then with TF32
+/// (the same model), then built again in mixed precision (activations bf16, and bf16 experts for an
+/// MoE model; see docs/mixed-precision.md); one row each.
 template <class Model>
 void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, const LmShape& sh, double unused_params,
                     const GemmBest& best, json& rows) {
-  Model model(cfg);
-  const double total_params = static_cast<double>(count_parameters(model));
-  const double active_params = total_params - unused_params;
-  const auto params = parameters(model);
-  AdamW<float, Cuda> opt(params, {.lr = 3e-4});
-  const bool moe = count_moe_layers(model) > 0;
   Generator gen(5);
   std::vector<Index> ids(static_cast<std::size_t>(sh.batch * (sh.seq + 1)));
   for (auto& v : ids) v = static_cast<Index>(gen.below(static_cast<std::uint64_t>(cfg.vocab)));
   const auto all = Tensor<Index, Cuda>::from(ids, {sh.batch, sh.seq + 1});
   const Tensor<Index, Cuda> in = all.slice(1, 0, sh.seq).contiguous(), target = all.slice(1, 1, sh.seq + 1).contiguous();
-  float last_loss = 0;
-  auto step = [&] {
-    auto loss = cross_entropy(model(in), target);
-    if (moe) loss = loss + load_balance_loss(model) * 0.01 + router_z_loss(model) * 0.001;
-    loss.backward();
-    (void)clip_grad_norm(params, 1.0);
-    opt.step();
-    opt.zero_grad();
-    release_routing_graphs(model);
-    last_loss = loss.item();
-  };
   const double tokens = static_cast<double>(sh.batch * sh.seq);
   const double attn = 12.0 * static_cast<double>(cfg.layers) * static_cast<double>(cfg.d_model) *
                       static_cast<double>(sh.seq) * tokens;
-  const double model_flops = 6.0 * active_params * tokens + attn;
-  for (int tf = 0; tf < 2; ++tf) {
-    const char* mode = tf ? "tf32" : "fp32";
+
+  // one row: the step of `model` timed in `mode` (fp32, tf32 or bf16)
+  const auto run = [&](Model& model, const char* mode) {
+    const double total_params = static_cast<double>(count_parameters(model));
+    const double active_params = total_params - unused_params;
+    const double model_flops = 6.0 * active_params * tokens + attn;
+    const auto params = parameters(model);
+    AdamW<float, Cuda> opt(params, {.lr = 3e-4});
+    const bool moe = count_moe_layers(model) > 0;
+    float last_loss = 0;
+    auto step = [&] {
+      auto loss = cross_entropy(model(in), target);
+      if (moe) loss = loss + load_balance_loss(model) * 0.01 + router_z_loss(model) * 0.001;
+      loss.backward();
+      (void)clip_grad_norm(params, 1.0);
+      opt.step();
+      opt.zero_grad();
+      release_routing_graphs(model);
+      last_loss = loss.item();
+    };
+    const std::string m = mode;
+    const double ms = time_ms(step, a.quick ? 3 : 5, 2, false);
+    const double achieved = tflops(model_flops, ms);
+    const double peak = m == "tf32" ? a.peak_tf32 : m == "bf16" ? a.peak_bf16 : a.peak_fp32;
+    const double best_raw = m == "tf32" ? best.tf32 : m == "bf16" ? best.bf16 : best.fp32;
+    const std::string vs_raw =
+        best_raw > 0 ? std::to_string(static_cast<int>(std::lround(100 * achieved / best_raw))) + "%" : "n/a";
+    std::printf("%-6s %-10s %9.1fM %9.1fM %10.1f %12.0f %9.1f %9.1f%% %11s\n", mode, name, total_params / 1e6,
+                active_params / 1e6, ms, tokens / (ms * 1e-3), achieved, 100 * achieved / peak, vs_raw.c_str());
+    std::fflush(stdout);
+    rows.push_back({{"model", name},
+                    {"gemm", mode},
+                    {"params", total_params},
+                    {"active_params", active_params},
+                    {"batch", sh.batch},
+                    {"seq", sh.seq},
+                    {"step_ms", ms},
+                    {"tokens_per_s", tokens / (ms * 1e-3)},
+                    {"model_tflop_per_step", model_flops / 1e12},
+                    {"achieved_tflops", achieved},
+                    {"peak_tflops", peak},
+                    {"mfu_vs_peak", achieved / peak},
+                    {"mfu_vs_bf16_peak", achieved / a.peak_bf16},
+                    {"mfu_vs_best_raw_cublas", best_raw > 0 ? json(achieved / best_raw) : json(nullptr)},
+                    {"final_loss", last_loss}});
+  };
+  const auto guarded = [&](const char* mode, auto&& body) {
     try {
-      set_library_tf32(tf == 1);
-      const double ms = time_ms(step, a.quick ? 3 : 5, 2, false);
-      const double achieved = tflops(model_flops, ms);
-      const double peak = tf ? a.peak_tf32 : a.peak_fp32;
-      const double best_raw = tf ? best.tf32 : best.fp32;
-      const std::string vs_raw =
-          best_raw > 0 ? std::to_string(static_cast<int>(std::lround(100 * achieved / best_raw))) + "%" : "n/a";
-      std::printf("%-6s %-10s %9.1fM %9.1fM %10.1f %12.0f %9.1f %9.1f%% %11s\n", mode, name, total_params / 1e6,
-                  active_params / 1e6, ms, tokens / (ms * 1e-3), achieved, 100 * achieved / peak, vs_raw.c_str());
-      std::fflush(stdout);
-      rows.push_back({{"model", name},
-                      {"gemm", mode},
-                      {"params", total_params},
-                      {"active_params", active_params},
-                      {"batch", sh.batch},
-                      {"seq", sh.seq},
-                      {"step_ms", ms},
-                      {"tokens_per_s", tokens / (ms * 1e-3)},
-                      {"model_tflop_per_step", model_flops / 1e12},
-                      {"achieved_tflops", achieved},
-                      {"peak_tflops", peak},
-                      {"mfu_vs_peak", achieved / peak},
-                      {"mfu_vs_bf16_peak", achieved / a.peak_bf16},
-                      {"mfu_vs_best_raw_cublas", best_raw > 0 ? json(achieved / best_raw) : json(nullptr)},
-                      {"final_loss", last_loss}});
+      body();
     } catch (const std::exception& e) {
       std::printf("%-6s %-10s FAILED: %s\n", mode, name, e.what());
       ++g_row_failures;
       rows.push_back({{"model", name}, {"gemm", mode}, {"error", e.what()}});
     }
+    set_library_tf32(false);
+  };
+  {
+    Model model(cfg);
+    guarded("fp32", [&] { run(model, "fp32"); });
+    guarded("tf32", [&] {
+      set_library_tf32(true);
+      run(model, "tf32");
+    });
   }
-  set_library_tf32(false);
+  guarded("bf16", [&] {
+    ModelConfig mixed = cfg;
+    mixed.activations = ActivationPrecision::bf16;
+    mixed.moe.expert_precision = MatmulPrecision::bf16;  // a dense model ignores it
+    Model model(mixed);
+    run(model, "bf16");
+  });
 }
 
 json bench_lm(const Args& a, const GemmBest& best) {
@@ -480,9 +501,9 @@ json bench_lm(const Args& a, const GemmBest& best) {
               "layers, vocab %ld; MFU = (6 P tokens + 12 L d T tokens) / time / peak\n",
               static_cast<long>(sh.batch), static_cast<long>(sh.seq), static_cast<long>(cfg.d_model),
               static_cast<long>(cfg.layers), static_cast<long>(cfg.vocab));
-  std::printf("MFU peak: against the datasheet peak of the row's GEMMs (fp32 %.0f, tf32 %.0f); MFU cuBLAS: against the "
-              "best raw cuBLAS rate of (a) in that precision\n",
-              a.peak_fp32, a.peak_tf32);
+  std::printf("MFU peak: against the datasheet peak of the row's GEMMs (fp32 %.0f, tf32 %.0f, bf16 %.0f: mixed "
+              "precision); MFU cuBLAS: against the best raw cuBLAS rate of (a) in that precision\n",
+              a.peak_fp32, a.peak_tf32, a.peak_bf16);
   std::printf("%-6s %-10s %10s %10s %10s %12s %9s %10s %11s\n", "gemm", "model", "params", "active", "step ms",
               "tokens/s", "TFLOP/s", "MFU peak", "MFU cuBLAS");
   json rows = json::array();

@@ -1,6 +1,8 @@
 // Trains a small decoder LM for a few steps and reports tokens/s and peak memory:
 // the mixmoe side of the comparison with PyTorch (benchmarks/torch_lm.py builds
-// the same models). One JSON line on stdout.
+// the same models). One JSON line on stdout. graph_mib is the memory the autodiff graph holds
+// for the backward (allocator bytes in use after the forward and the loss, less before them).
+// --activations bf16 runs the model in mixed precision (ModelConfig::activations, bf16 experts).
 //
 //   dense          SwiGLU FFN of width d_ff
 //   moe            one group of E SwiGLU experts (width expert_hidden), softmax top-k router
@@ -36,6 +38,7 @@ struct Args {
   index_t experts = 8, expert_hidden = 512, top_k = 2, group_top_k = 1;
   index_t seq = 64, batch = 32;
   int steps = 10, warmup = 2;
+  std::string activations = "native";
 };
 
 Args parse(int argc, char** argv) {
@@ -63,16 +66,21 @@ Args parse(int argc, char** argv) {
     else if (k == "--batch") a.batch = std::stol(next());
     else if (k == "--steps") a.steps = std::stoi(next());
     else if (k == "--warmup") a.warmup = std::stoi(next());
+    else if (k == "--activations") a.activations = next();
     else {
       std::fprintf(stderr,
                    "usage: bench_lm [--model dense|moe|mixed-fourier] [--vocab N] [--d-model N] [--layers N] [--heads N]\n"
                    "                [--d-ff N] [--experts N] [--expert-hidden N] [--top-k N] [--group-top-k N]\n"
-                   "                [--seq N] [--batch N] [--steps N] [--warmup N]\n");
+                   "                [--seq N] [--batch N] [--steps N] [--warmup N] [--activations native|bf16]\n");
       std::exit(k == "--help" ? 0 : 2);
     }
   }
   if (a.model != "dense" && a.model != "moe" && a.model != "mixed-fourier") {
     std::fprintf(stderr, "bench_lm: unknown --model '%s' (dense, moe, mixed-fourier)\n", a.model.c_str());
+    std::exit(2);
+  }
+  if (a.activations != "native" && a.activations != "bf16") {
+    std::fprintf(stderr, "bench_lm: unknown --activations '%s' (native, bf16)\n", a.activations.c_str());
     std::exit(2);
   }
   return a;
@@ -92,13 +100,16 @@ int run(const Args& a, ModelConfig cfg) {
   Generator gen(0);
   std::vector<double> times;
   float loss_value = 0;
+  double graph_bytes = 0;
   const double load = bench::load_average();
   for (int step = 0; step < a.warmup + a.steps; ++step) {
     auto ids = Tensor<Index>::empty({a.batch, a.seq + 1});
     for (index_t i = 0; i < ids.numel(); ++i) ids.data()[i] = static_cast<Index>(gen.below(static_cast<std::uint64_t>(a.vocab)));
     const Tensor<Index> in = ids.slice(1, 0, a.seq).contiguous(), target = ids.slice(1, 1, a.seq + 1).contiguous();
     const double t0 = bench::now_s();
+    const std::size_t before = CachingHostAllocator::instance().stats().bytes_in_use;
     auto loss = cross_entropy(model(in), target);
+    graph_bytes = static_cast<double>(CachingHostAllocator::instance().stats().bytes_in_use) - static_cast<double>(before);
     loss.backward();
     opt.step();
     opt.zero_grad();
@@ -107,12 +118,13 @@ int run(const Args& a, ModelConfig cfg) {
   }
   const double med = bench::median(times);
   std::printf(
-      "{\"impl\": \"mixmoe\", \"model\": \"%s\", \"threads\": %d, \"gemm\": \"%s\", \"tokens_per_s\": %.1f, "
-      "\"step_ms_median\": %.2f, \"step_ms_min\": %.2f, \"peak_rss_mib\": %.1f, \"params\": %ld, \"final_loss\": %.4f, "
-      "\"load_at_start\": %.2f}\n",
-      a.model.c_str(), cpu::ThreadPool::instance().num_threads(), cpu::gemm_backend(),
+      "{\"impl\": \"mixmoe\", \"model\": \"%s\", \"activations\": \"%s\", \"threads\": %d, \"gemm\": \"%s\", "
+      "\"tokens_per_s\": %.1f, \"step_ms_median\": %.2f, \"step_ms_min\": %.2f, \"peak_rss_mib\": %.1f, "
+      "\"graph_mib\": %.1f, \"params\": %ld, \"final_loss\": %.4f, \"load_at_start\": %.2f}\n",
+      a.model.c_str(), a.activations.c_str(), cpu::ThreadPool::instance().num_threads(), cpu::gemm_backend(),
       static_cast<double>(a.batch * a.seq) / med, med * 1e3, *std::min_element(times.begin(), times.end()) * 1e3,
-      bench::peak_rss_mib(), static_cast<long>(count_parameters(model)), static_cast<double>(loss_value), load);
+      bench::peak_rss_mib(), graph_bytes / (1024.0 * 1024.0), static_cast<long>(count_parameters(model)),
+      static_cast<double>(loss_value), load);
   return 0;
 }
 
@@ -127,6 +139,10 @@ int main(int argc, char** argv) {
   cfg.heads = a.heads;
   cfg.d_ff = a.d_ff;
   cfg.moe.expert_hidden = a.expert_hidden;
+  if (a.activations == "bf16") {
+    cfg.activations = ActivationPrecision::bf16;
+    cfg.moe.expert_precision = MatmulPrecision::bf16;  // grouped bf16 experts (a dense model ignores it)
+  }
   try {
     if (a.model == "dense") return run<DenseLM>(a, cfg);
     if (a.model == "moe") {

@@ -25,9 +25,9 @@
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/gemm.hpp"
+#include "mixmoe/core/bf16.hpp"
 #include "mixmoe/core/tensor.hpp"
 #include "mixmoe/nn/config.hpp"
-#include "mixmoe/ops/bf16.hpp"
 #include "mixmoe/ops/shape_ops.hpp"
 
 namespace mixmoe {
@@ -209,17 +209,33 @@ Var<T, D> grouped_linear(const Var<T, D>& x, const Var<T, D>& w, const GroupedRo
   return grouped_linear(x, w, rows.offsets, rows.precision);
 }
 
-/// grouped_linear on bf16 x and w (bf16 storage): the bf16 grouped GEMMs with fp32 accumulation, the
-/// result and the gradients rounded to bf16 (via_fp32, ops/bf16.hpp; the backward re-runs the forward
-/// GEMM). A GroupedRows' precision is bf16 here whatever it says.
+/// grouped_linear on bf16 x and w (bf16 storage): the bf16 grouped GEMMs with fp32 accumulation (on
+/// fp32 copies of the operands that live for one call), the result and the gradients rounded to bf16.
+/// A GroupedRows' precision is bf16 here whatever it says.
 template <Device D>
 Var<bf16, D> grouped_linear(const Var<bf16, D>& x, const Var<bf16, D>& w, const Tensor<index_t, D>& offsets) {
-  return via_fp32(
-      "grouped_linear",
-      [offsets](const Var<float, D>& a, const Var<float, D>& b) {
-        return grouped_linear(a, b, offsets, MatmulPrecision::bf16);
-      },
-      x, w);
+  const char* op = "grouped_linear";
+  MIXMOE_CHECK(x.defined() && w.defined(), op, "x and w must be defined Vars");
+  detail::check_grouped(x.value(), w.value(), offsets, true, op);
+  const index_t m = x.size(0), k = x.size(1), e = w.size(0), n = w.size(1);
+  const Tensor<bf16, D> xv = x.value().contiguous(), wv = w.value().contiguous();
+  const Tensor<index_t, D> oc = offsets.contiguous();
+  const Tensor<float, D> y = detail::grouped_matmul_as(xv.template to<float>(), wv.template to<float>(), oc, true, true, op);
+  return record(op, y.template to<bf16>(), {x, w}, [xv, wv, oc, m, n, k, e, op](autograd::BackwardContext<bf16, D>& ctx) {
+    const Tensor<float, D> dy = ctx.grad_out().template to<float>();  // (M, N)
+    if (ctx.needs_grad(0)) {  // dx (M, K) = dy[rows of e] w[e]
+      const Tensor<float, D> wf = wv.template to<float>();
+      Tensor<float, D> dx = Tensor<float, D>::zeros({m, k});
+      detail::grouped_gemm_into<float, D>(m, k, n, e, oc.data(), dy.data(), wf.data(), false, dx.data(), true, true, op);
+      ctx.accumulate(0, dx.template to<bf16>());
+    }
+    if (ctx.needs_grad(1)) {  // dw[e] = dy[rows of e]^T x[rows of e]
+      const Tensor<float, D> xf = xv.template to<float>();
+      Tensor<float, D> dw = Tensor<float, D>::zeros({e, n, k});
+      detail::grouped_wgrad_into<float, D>(m, n, k, e, oc.data(), dy.data(), xf.data(), dw.data(), true, op);
+      ctx.accumulate(1, dw.template to<bf16>());
+    }
+  });
 }
 
 template <Device D>

@@ -11,7 +11,7 @@
 //   rms_norm, layer_norm, causal_attention, rope, add, mul, silu, gelu, operators + and *
 //                              through via_fp32 (below)
 //   reshape, transpose, permute, slice, concat (ops/shape_ops.hpp) take bf16 Vars as they are
-//   grouped_linear (moe/grouped_gemm.hpp) has a bf16 form too
+//   grouped_linear (moe/grouped_gemm.hpp) has a bf16 form too (the bf16 grouped GEMMs, no recomputation)
 //
 // via_fp32(op, f, x...) makes any fp32 op a bf16 op: the forward runs f on fp32 copies of the
 // bf16 inputs (without recording a graph) and stores the rounded result; the backward widens
