@@ -272,6 +272,80 @@ TEST_CASE("bf16 matmul and linear: fp32 accumulation of bf16 operands, against d
     REQUIRE(rel_err(bias.grad(), gbias) <= 0x1p-8);
   }
 
+  SECTION("fp32 master weights: rounded for the GEMM only, fp32 weight gradients; fp32 logits") {
+    const Vb x = bf16_leaf({6, 16}, 11);
+    Generator g(12);
+    const Vf w(Tf::randn({5, 16}, g), true), bias(Tf::randn({5}, g), true);
+    const Vb wb(w.value().to<bf16>(), false);
+    {
+      no_grad ng;  // the same as linear on the rounded weights (the fp32 bias is added unrounded)
+      const Tb want = linear(x, wb).value();
+      const Tb got = linear(x, w).value();
+      for (index_t i = 0; i < got.numel(); ++i) REQUIRE(got.data()[i].bits == want.data()[i].bits);
+    }
+    const Vf y = linear_fp32_out(x, w, bias);  // fp32 result: the same sums, not rounded
+    const Td xd = x.value().to<double>(), wd = wb.value().to<double>();
+    Td want = gemm_ref(xd, wd, false, true);
+    for (index_t r = 0; r < 6; ++r)
+      for (index_t j = 0; j < 5; ++j) want(r, j) += static_cast<double>(bias.value()(j));
+    for (index_t i = 0; i < want.numel(); ++i)
+      REQUIRE(std::fabs(y.value().data()[i] - want.data()[i]) <= 1e-5 * (1 + std::fabs(want.data()[i])));
+    Generator gg(13);
+    const Tf gy = Td::randn({6, 5}, gg).to<float>();
+    y.backward(gy);
+    // dw in fp32 from the bf16-rounded output gradient: close to double, and not rounded to bf16
+    const Td gd = gy.to<bf16>().to<double>();
+    const Td dw = gemm_ref(gd, xd, true, false);
+    bool any_off_bf16 = false;
+    for (index_t i = 0; i < dw.numel(); ++i) {
+      REQUIRE(std::fabs(w.grad().data()[i] - dw.data()[i]) <= 1e-5 * (1 + std::fabs(dw.data()[i])));
+      any_off_bf16 = any_off_bf16 || round_to_bf16(w.grad().data()[i]) != w.grad().data()[i];
+    }
+    REQUIRE(any_off_bf16);
+    REQUIRE(rel_err(x.grad(), gemm_ref(gd, wd)) <= 0x1p-8);
+    for (index_t j = 0; j < 5; ++j) {  // the bias gradient sums the fp32 gradient, unrounded
+      double s = 0;
+      for (index_t r = 0; r < 6; ++r) s += gy(r, j);
+      REQUIRE(std::fabs(bias.grad()(j) - s) <= 1e-5 * (1 + std::fabs(s)));
+    }
+  }
+
+  SECTION("add(fp32, bf16) with broadcast: an fp32 sum, gradients in each operand's type") {
+    Generator g(14);
+    const Vf a(Tf::randn({4, 6}, g), true);
+    const Vb b = bf16_leaf({6}, 15);
+    const Vf y = add(a, b);
+    for (index_t r = 0; r < 4; ++r)
+      for (index_t j = 0; j < 6; ++j) REQUIRE(y.value()(r, j) == a.value()(r, j) + float(b.value()(j)));
+    const Tf gy = Tf::randn({4, 6}, g);
+    y.backward(gy);
+    for (index_t i = 0; i < a.numel(); ++i) REQUIRE(a.grad().data()[i] == gy.data()[i]);
+    for (index_t j = 0; j < 6; ++j) {
+      float s = 0;
+      for (index_t r = 0; r < 4; ++r) s += gy(r, j);
+      REQUIRE(std::fabs(float(b.grad()(j)) - s) <= 0x1p-8f * std::fabs(s) + 1e-6f);
+    }
+  }
+
+  SECTION("stack_weights_bf16: one bf16 stack of fp32 weights, each weight's gradient its slice") {
+    Generator g(16);
+    const std::vector<Vf> ws{Vf(Tf::randn({3, 4}, g), true), Vf(Tf::randn({3, 4}, g), false),
+                             Vf(Tf::randn({3, 4}, g), true)};
+    const Vb st = stack_weights_bf16(std::span<const Vf>(ws));
+    REQUIRE(st.shape() == Shape{3, 3, 4});
+    for (index_t e = 0; e < 3; ++e)
+      for (index_t i = 0; i < 3; ++i)
+        for (index_t j = 0; j < 4; ++j) REQUIRE(float(st.value()(e, i, j)) == round_to_bf16(ws[e].value()(i, j)));
+    const Tb gst = Td::randn({3, 3, 4}, g).to<bf16>();
+    st.backward(gst);
+    REQUIRE_FALSE(ws[1].grad().defined());
+    for (index_t e : {0, 2})
+      for (index_t i = 0; i < 3; ++i)
+        for (index_t j = 0; j < 4; ++j) REQUIRE(ws[e].grad()(i, j) == float(gst(e, i, j)));
+    MIXMOE_REQUIRE_ERROR(stack_weights_bf16(std::span<const Vf>(std::vector<Vf>{ws[0], Vf(Tf::ones({2, 4}))})),
+                         "weight 1 has shape (2, 4), weight 0 has (3, 4)");
+  }
+
   SECTION("the result is the bf16 rounding of the fp32 op on the widened operands, bit for bit") {
     const Vb x = bf16_leaf({7, 16}, 8), w = bf16_leaf({9, 16}, 9);
     no_grad ng;

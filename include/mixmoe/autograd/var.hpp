@@ -132,6 +132,34 @@ class BackwardContext {
   Node<T, D>& node_;
 };
 
+/// What the backward of an op with inputs of other floating types sees (record_mixed): the output
+/// gradient in the output's type, and accumulate<In>(i, g) for input i of type In.
+template <Floating Out, Device D>
+class MixedBackwardContext {
+ public:
+  explicit MixedBackwardContext(Node<Out, D>& node) : node_(node) {}
+  [[nodiscard]] const Tensor<Out, D>& grad_out() const { return node_.grad; }
+  [[nodiscard]] bool needs_grad(std::size_t i) const { return node_.inputs[i] && node_.inputs[i]->requires_grad; }
+  /// Adds g into input i's gradient; In must be input i's scalar type (the op knows its inputs).
+  template <Floating In>
+  void accumulate(std::size_t i, Tensor<In, D> g) const {
+    if (needs_grad(i)) input_node<In>(node_, i).accumulate(std::move(g));
+  }
+
+ private:
+  Node<Out, D>& node_;
+};
+
+template <Floating Out, Device D, class F>
+struct MixedFunctionNode final : Node<Out, D> {
+  explicit MixedFunctionNode(F f) : fn(std::move(f)) {}
+  void run_backward() override {
+    MixedBackwardContext<Out, D> ctx(*this);
+    fn(ctx);
+  }
+  F fn;
+};
+
 template <Floating T, Device D, class F>
 struct FunctionNode final : Node<T, D> {
   explicit FunctionNode(F f) : fn(std::move(f)) {}
@@ -300,6 +328,43 @@ Var<T, D> record(const char* op, Tensor<T, D> out, std::span<const Var<T, D>> in
 template <Floating T, Device D, class F>
 Var<T, D> record(const char* op, Tensor<T, D> out, std::initializer_list<Var<T, D>> inputs, F&& backward) {
   return record(op, std::move(out), std::span<const Var<T, D>>(inputs.begin(), inputs.size()), std::forward<F>(backward));
+}
+
+/// An input of record_mixed: a Var of any floating type (undefined: no input).
+template <Device D>
+struct AnyVar {
+  template <Floating T>
+  AnyVar(const Var<T, D>& v)  // NOLINT(google-explicit-constructor): any Var is an input
+      : node(v.defined() ? std::shared_ptr<autograd::NodeBase<D>>(v.node()) : nullptr) {}
+  std::shared_ptr<autograd::NodeBase<D>> node;
+};
+
+/// record() for an op whose inputs have other floating types than its output (cast, a bf16 GEMM
+/// of fp32 weights, ...): backward(MixedBackwardContext<Out, D>&) calls ctx.accumulate<In>(i, g)
+/// with input i's own type In.
+template <Floating Out, Device D, class F>
+Var<Out, D> record_mixed(const char* op, Tensor<Out, D> out, std::span<const AnyVar<D>> inputs, F&& backward) {
+  static_assert(std::is_invocable_v<F&, autograd::MixedBackwardContext<Out, D>&>,
+                "mixmoe::record_mixed: the backward must be callable as backward(MixedBackwardContext<Out, D>&)");
+  bool any = false;
+  if (grad_enabled())
+    for (const auto& in : inputs) any = any || (in.node && in.node->requires_grad);
+  if (!any) return Var<Out, D>(std::move(out), false);
+  using NodeT = autograd::MixedFunctionNode<Out, D, std::decay_t<F>>;
+  auto node = std::allocate_shared<NodeT>(PoolAllocator<NodeT>{}, std::forward<F>(backward));
+  node->value = std::move(out);
+  node->op = op;
+  node->requires_grad = true;
+  node->inputs.reserve(inputs.size());
+  for (const auto& in : inputs) node->inputs.push_back(in.node);
+  return Var<Out, D>(std::shared_ptr<autograd::Node<Out, D>>(std::move(node)));
+}
+
+template <Floating Out, Device D, class F>
+Var<Out, D> record_mixed(const char* op, Tensor<Out, D> out, std::initializer_list<std::type_identity_t<AnyVar<D>>> inputs,
+                         F&& backward) {
+  return record_mixed(op, std::move(out), std::span<const AnyVar<D>>(inputs.begin(), inputs.size()),
+                      std::forward<F>(backward));
 }
 
 }  // namespace mixmoe

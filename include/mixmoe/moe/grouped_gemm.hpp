@@ -243,10 +243,11 @@ Var<bf16, D> grouped_linear(const Var<bf16, D>& x, const Var<bf16, D>& w, const 
   return grouped_linear(x, w, rows.offsets);
 }
 
-/// E Vars of one shape S -> (E, S...): the experts' weights side by side for grouped_linear (a copy;
-/// the gradient flows back to each weight). One Var is reshaped, not copied.
-template <Scalar T, Device D>
-Var<T, D> stack_weights(std::span<const Var<T, D>> ws) {
+namespace detail {
+
+/// The shape (E, S...) of E weights of one shape S; errors name the odd one out.
+template <Floating T, Device D>
+Shape stacked_shape(std::span<const Var<T, D>> ws) {
   MIXMOE_CHECK(!ws.empty(), "stack_weights", "needs at least one weight");
   const Shape& s = ws.front().shape();
   for (std::size_t i = 1; i < ws.size(); ++i)
@@ -256,7 +257,37 @@ Var<T, D> stack_weights(std::span<const Var<T, D>> ws) {
                " cannot be stacked (rank 1 to ", kMaxDims - 1, ")");
   index_t dims[kMaxDims] = {static_cast<index_t>(ws.size())};
   for (int d = 0; d < s.rank(); ++d) dims[d + 1] = s[d];
-  const Shape out(std::span<const index_t>(dims, static_cast<std::size_t>(s.rank()) + 1));
+  return Shape(std::span<const index_t>(dims, static_cast<std::size_t>(s.rank()) + 1));
+}
+
+}  // namespace detail
+
+/// E fp32 weights of one shape S -> a bf16 (E, S...) stack in one op (the experts' weights for the
+/// bf16 grouped GEMMs): neither an fp32 stack nor bf16 copies of the single weights are kept; the
+/// gradient of weight i is slice i of the stack's gradient, widened to fp32.
+template <Device D>
+Var<bf16, D> stack_weights_bf16(std::span<const Var<float, D>> ws) {
+  const Shape shape = detail::stacked_shape(ws);
+  Tensor<bf16, D> out = Tensor<bf16, D>::empty(shape);
+  std::vector<AnyVar<D>> inputs;
+  inputs.reserve(ws.size());
+  for (std::size_t i = 0; i < ws.size(); ++i) {
+    out[static_cast<index_t>(i)].copy_from(ws[i].value().template to<bf16>());
+    inputs.emplace_back(ws[i]);
+  }
+  return record_mixed("stack_weights", std::move(out), std::span<const AnyVar<D>>(inputs),
+                      [e = ws.size()](autograd::MixedBackwardContext<bf16, D>& ctx) {
+                        for (std::size_t i = 0; i < e; ++i)
+                          if (ctx.needs_grad(i))
+                            ctx.template accumulate<float>(i, ctx.grad_out()[static_cast<index_t>(i)].template to<float>());
+                      });
+}
+
+/// E Vars of one shape S -> (E, S...): the experts' weights side by side for grouped_linear (a copy;
+/// the gradient flows back to each weight). One Var is reshaped, not copied.
+template <Scalar T, Device D>
+Var<T, D> stack_weights(std::span<const Var<T, D>> ws) {
+  const Shape out = detail::stacked_shape(ws);
   return reshape(ws.size() == 1 ? ws.front() : concat(ws, 0), out);
 }
 

@@ -100,18 +100,17 @@ struct DecoderBlock {
     using B = Var<bf16, D>;
     const index_t b = x.size(0), t = x.size(1), c = x.size(2);
     Var<T, D> h;
+    // add(fp32, bf16) widens the sublayer's output for the sum only: no fp32 copy of it is kept
     if constexpr (std::is_invocable_r_v<B, const Attn&, const B&, KVCache<T, D>*>)
-      h = x + cast<T>(attn(norm1(cast<bf16>(x)), cache));  // (B, T, C)
+      h = add(x, attn(norm1(cast<bf16>(x)), cache));  // (B, T, C)
     else
       h = x + attn(norm1(x), cache);
     const B rows = reshape(norm2(cast<bf16>(h)), Shape{b * t, c});  // (B*T, C)
-    Var<T, D> f;
     if constexpr (!std::is_invocable_v<const FFN&, const Var<T, D>&, const RouteContext<D>&> &&
                   std::is_invocable_r_v<B, const FFN&, const B&>)
-      f = cast<T>(ffn(rows));  // a dense FFN on bf16
+      return add(h, reshape(ffn(rows), Shape{b, t, c}));  // a dense FFN on bf16
     else
-      f = run_ffn(cast<T>(rows), route);  // an MoE layer: fp32 rows for its routers
-    return h + reshape(f, Shape{b, t, c});
+      return h + reshape(run_ffn(cast<T>(rows), route), Shape{b, t, c});  // an MoE layer: fp32 rows for its routers
   }
 
 };
@@ -165,9 +164,9 @@ struct DecoderLM {
   /// a bf16 GEMM with fp32 accumulation under activations bf16, the logits fp32 either way.
   Var<T, D> logits(const Var<T, D>& h) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (bf16_activations()) {
+      if (bf16_activations()) {  // bf16 operands, fp32 logits (no bf16 copy of them)
         const Var<bf16, D> h16 = cast<bf16>(h);
-        return cast<T>(config.tie_embeddings ? linear(h16, cast<bf16>(embed.weight)) : head(h16));
+        return config.tie_embeddings ? linear_fp32_out(h16, embed.weight) : linear_fp32_out(h16, head.weight, head.bias);
       }
     }
     return config.tie_embeddings ? linear(h, embed.weight) : head(h);

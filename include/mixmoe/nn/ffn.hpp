@@ -35,7 +35,11 @@ Var<X, D> stacked_weight(std::span<const E* const> experts, Linear<T, D> E::*mem
   std::vector<Var<T, D>> ws;
   ws.reserve(experts.size());
   for (const E* e : experts) ws.push_back((e->*member).weight);
-  return cast<X>(stack_weights(std::span<const Var<T, D>>(ws.data(), ws.size())));
+  const std::span<const Var<T, D>> list(ws.data(), ws.size());
+  if constexpr (std::is_same_v<X, bf16> && std::is_same_v<T, float>)
+    return stack_weights_bf16(list);  // one bf16 stack, no fp32 stack kept
+  else
+    return cast<X>(stack_weights(list));
 }
 
 /// A grouped expert form run on bf16 storage when the rows ask for bf16 (a float layer with

@@ -45,11 +45,12 @@ struct Linear {
   [[nodiscard]] index_t out_features() const { return weight.size(0); }
 
   Var<T, D> operator()(const Var<T, D>& x) const { return linear(x, weight, bias); }
-  /// bf16 activations, fp32 weights (cast for the op): a bf16 GEMM with fp32 accumulation.
+  /// bf16 activations, fp32 weights rounded for the GEMM (no bf16 copy kept): a bf16 GEMM with fp32
+  /// accumulation, the weight gradients in fp32.
   Var<bf16, D> operator()(const Var<bf16, D>& x) const
     requires std::is_same_v<T, float>
   {
-    return linear(x, cast<bf16>(weight), bias.defined() ? cast<bf16>(bias) : Var<bf16, D>());
+    return linear(x, weight, bias);
   }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {

@@ -52,19 +52,6 @@
 
 namespace mixmoe {
 
-namespace autograd {
-
-/// The node of cast(): its input is a Node<From, D>, its value a U tensor.
-template <Floating U, Floating From, Device D>
-struct CastNode final : Node<U, D> {
-  void run_backward() override {
-    auto& in = static_cast<Node<From, D>&>(*this->inputs[0]);
-    if (in.requires_grad) in.accumulate(this->grad.template to<From>());
-  }
-};
-
-}  // namespace autograd
-
 /// x converted to the floating type U (rounded to nearest even when U is narrower); differentiable:
 /// the gradient is converted back to x's type. cast<T>(x) of a Var<T> is x itself.
 template <Floating U, Floating T, Device D>
@@ -73,15 +60,9 @@ Var<U, D> cast(const Var<T, D>& x) {
   if constexpr (std::is_same_v<U, T>) {
     return x;
   } else {
-    Tensor<U, D> out = x.value().template to<U>();
-    if (!grad_enabled() || !x.requires_grad()) return Var<U, D>(std::move(out), false);
-    using NodeT = autograd::CastNode<U, T, D>;
-    auto node = std::allocate_shared<NodeT>(PoolAllocator<NodeT>{});
-    node->value = std::move(out);
-    node->op = "cast";
-    node->requires_grad = true;
-    node->inputs.push_back(x.node());
-    return Var<U, D>(std::shared_ptr<autograd::Node<U, D>>(std::move(node)));
+    return record_mixed("cast", x.value().template to<U>(), {x}, [](autograd::MixedBackwardContext<U, D>& ctx) {
+      ctx.template accumulate<T>(0, ctx.grad_out().template to<T>());
+    });
   }
 }
 
@@ -204,46 +185,115 @@ Var<bf16, D> matmul(const Var<bf16, D>& a, const Var<bf16, D>& b) {
                 });
 }
 
+namespace detail {
+
+/// A weight as the bf16 GEMMs read it: bf16 as it is, an fp32 master rounded (a copy for one call).
+template <Floating W, Device D>
+Tensor<bf16, D> as_bf16(const Tensor<W, D>& w) {
+  if constexpr (std::is_same_v<W, bf16>)
+    return w.contiguous();
+  else
+    return w.template to<bf16>();
+}
+
+/// linear on bf16 x with weights of type W (bf16, or fp32 masters rounded for the GEMM: no bf16
+/// copy of them is kept, and their gradients are accumulated in fp32 without rounding), the result
+/// of type Out (bf16, or fp32 for logits). fp32 accumulation, the bias added in fp32.
+template <Floating Out, Floating W, Device D>
+Var<Out, D> linear_bf16(const Var<bf16, D>& x, const Var<W, D>& w, const Var<W, D>& bias) {
+  const std::array<index_t, 3> sizes = linear_sizes(x, w, bias);  // not a structured binding: captured below
+  const index_t k = sizes[0], n = sizes[1], rows = sizes[2];
+  const Tensor<bf16, D> xv = x.value().contiguous();
+  const Tensor<W, D> wv = w.value();  // shared, not copied: an fp32 master is rounded again in the backward
+  Tensor<float, D> acc = Tensor<float, D>::empty(Shape{rows, n});
+  if (bias.defined()) fill_rows(acc, bias.value().template to<float>(), rows, n);  // rows start as the bias
+  {
+    const GemmOperand<D> gx(xv), gw(as_bf16(wv));
+    gemm_bf16_on<D>(false, true, rows, n, k, gx, 0, k, gw, 0, k, bias.defined() ? 1.0f : 0.0f, acc.data(), n);
+  }
+  const Shape oshape = x.shape().with(-1, n);
+  Tensor<Out, D> out;
+  if constexpr (std::is_same_v<Out, float>)
+    out = acc.reshape(oshape);
+  else
+    out = acc.template to<bf16>().reshape(oshape);
+  // the weight's gradient in its own type: fp32 masters get the fp32 sums
+  const auto to_w = [](Tensor<float, D> t) {
+    if constexpr (std::is_same_v<W, float>)
+      return t;
+    else
+      return t.template to<W>();
+  };
+  return record_mixed("linear", std::move(out), {x, w, bias},
+                      [xv, wv, rows, n, k, to_w](autograd::MixedBackwardContext<Out, D>& ctx) {
+                        const Tensor<bf16, D> g16 = as_bf16(ctx.grad_out());  // the tensor cores read bf16
+                        const GemmOperand<D> g(g16);
+                        if (ctx.needs_grad(0)) {  // dx (rows, K) = dy (rows, N) w (N, K)
+                          const GemmOperand<D> gw(as_bf16(wv));
+                          Tensor<float, D> dx = Tensor<float, D>::empty(Shape{rows, k});
+                          gemm_bf16_on<D>(false, false, rows, k, n, g, 0, n, gw, 0, k, 0.0f, dx.data(), k);
+                          ctx.template accumulate<bf16>(0, dx.template to<bf16>().reshape(xv.shape()));
+                        }
+                        if (ctx.needs_grad(1)) {  // dw (N, K) = dy^T x
+                          const GemmOperand<D> gx(xv);
+                          Tensor<float, D> dw = Tensor<float, D>::empty(Shape{n, k});
+                          gemm_bf16_on<D>(true, false, n, k, rows, g, 0, n, gx, 0, k, 0.0f, dw.data(), k);
+                          ctx.template accumulate<W>(1, to_w(std::move(dw)));
+                        }
+                        if (ctx.needs_grad(2)) {  // dbias = column sums of dy, in fp32
+                          const Tensor<float, D> gy = ctx.grad_out().template to<float>().reshape(Shape{rows, n});
+                          Tensor<float, D> db = Tensor<float, D>::zeros(Shape{n});
+                          if constexpr (Tensor<float, D>::on_host) {
+                            for (index_t r = 0; r < rows; ++r)
+                              for (index_t j = 0; j < n; ++j) db.data()[j] += gy.data()[r * n + j];
+                          } else {
+                            DeviceOps<D>::add_column_sums(db.data(), gy.data(), rows, n);
+                          }
+                          ctx.template accumulate<W>(2, to_w(std::move(db)));
+                        }
+                      });
+}
+
+}  // namespace detail
+
 /// x (..., K) w^T with w (N, K), plus bias (N) when given, in bf16: fp32 accumulation (the bias
 /// added in fp32), the result rounded to bf16.
 template <Device D>
 Var<bf16, D> linear(const Var<bf16, D>& x, const Var<bf16, D>& w, const Var<bf16, D>& bias = Var<bf16, D>()) {
-  const std::array<index_t, 3> sizes = detail::linear_sizes(x, w, bias);  // not a structured binding: captured below
-  const index_t k = sizes[0], n = sizes[1], rows = sizes[2];
-  const Tensor<bf16, D> xv = x.value().contiguous(), wv = w.value().contiguous();
-  Tensor<float, D> acc = Tensor<float, D>::empty(Shape{rows, n});
-  if (bias.defined()) detail::fill_rows(acc, bias.value().template to<float>(), rows, n);  // rows start as the bias
+  return detail::linear_bf16<bf16>(x, w, bias);
+}
+
+/// linear of bf16 x with fp32 (master) weights: the weights rounded to bf16 for the GEMM only (no
+/// bf16 copy is kept for the backward), their gradients accumulated in fp32; bf16 result.
+template <Device D>
+Var<bf16, D> linear(const Var<bf16, D>& x, const Var<float, D>& w, const Var<float, D>& bias = Var<float, D>()) {
+  return detail::linear_bf16<bf16>(x, w, bias);
+}
+
+/// linear of bf16 x with an fp32 result (no bf16 rounding of it): logits for an fp32 loss without a
+/// bf16 copy of them. w and bias fp32 masters or bf16.
+template <Floating W, Device D>
+Var<float, D> linear_fp32_out(const Var<bf16, D>& x, const Var<W, D>& w, const Var<W, D>& bias = Var<W, D>()) {
+  return detail::linear_bf16<float>(x, w, bias);
+}
+
+/// a (fp32) + b (bf16, broadcast as add's): fp32 result, b widened for the sum only (no fp32 copy of
+/// it is kept), its gradient rounded to bf16. The residual add of a block with bf16 sublayers.
+template <Device D>
+Var<float, D> add(const Var<float, D>& a, const Var<bf16, D>& b) {
+  MIXMOE_CHECK(a.defined() && b.defined(), "add", "both operands must be defined Vars");
+  Tensor<float, D> out;
   {
-    const detail::GemmOperand<D> gx(xv), gw(wv);
-    detail::gemm_bf16_on<D>(false, true, rows, n, k, gx, 0, k, gw, 0, k, bias.defined() ? 1.0f : 0.0f, acc.data(), n);
+    no_grad ng;
+    out = add(Var<float, D>(a.value()), Var<float, D>(b.value().template to<float>())).value();
   }
-  return record("linear", acc.template to<bf16>().reshape(x.shape().with(-1, n)), {x, w, bias},
-                [xv, wv, rows, n, k](autograd::BackwardContext<bf16, D>& ctx) {
-                  const detail::GemmOperand<D> g(ctx.grad_out());
-                  if (ctx.needs_grad(0)) {  // dx (rows, K) = dy (rows, N) w (N, K)
-                    const detail::GemmOperand<D> gw(wv);
-                    Tensor<float, D> dx = Tensor<float, D>::empty(Shape{rows, k});
-                    detail::gemm_bf16_on<D>(false, false, rows, k, n, g, 0, n, gw, 0, k, 0.0f, dx.data(), k);
-                    ctx.accumulate(0, dx.template to<bf16>().reshape(xv.shape()));
-                  }
-                  if (ctx.needs_grad(1)) {  // dw (N, K) = dy^T x
-                    const detail::GemmOperand<D> gx(xv);
-                    Tensor<float, D> dw = Tensor<float, D>::empty(Shape{n, k});
-                    detail::gemm_bf16_on<D>(true, false, n, k, rows, g, 0, n, gx, 0, k, 0.0f, dw.data(), k);
-                    ctx.accumulate(1, dw.template to<bf16>());
-                  }
-                  if (ctx.needs_grad(2)) {  // dbias = column sums of dy, in fp32
-                    const Tensor<float, D> gy = ctx.grad_out().template to<float>().reshape(Shape{rows, n});
-                    Tensor<float, D> db = Tensor<float, D>::zeros(Shape{n});
-                    if constexpr (Tensor<float, D>::on_host) {
-                      for (index_t r = 0; r < rows; ++r)
-                        for (index_t j = 0; j < n; ++j) db.data()[j] += gy.data()[r * n + j];
-                    } else {
-                      detail::DeviceOps<D>::add_column_sums(db.data(), gy.data(), rows, n);
-                    }
-                    ctx.accumulate(2, db.template to<bf16>());
-                  }
-                });
+  return record_mixed("add", std::move(out), {a, b},
+                      [as = a.shape(), bs = b.shape()](autograd::MixedBackwardContext<float, D>& ctx) {
+                        // the gradient of a broadcast operand is the output gradient summed to its shape
+                        if (ctx.needs_grad(0)) ctx.template accumulate<float>(0, detail::sum_to_shape(ctx.grad_out(), as));
+                        if (ctx.needs_grad(1))
+                          ctx.template accumulate<bf16>(1, detail::sum_to_shape(ctx.grad_out(), bs).template to<bf16>());
+                      });
 }
 
 /// RMSNorm of a bf16 x (fp32 statistics and arithmetic, bf16 result); weight optional.

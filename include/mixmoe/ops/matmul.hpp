@@ -39,8 +39,8 @@ void batched_gemm(index_t batch, bool ta, bool tb, index_t m, index_t n, index_t
 }
 
 /// Checks linear(x, w, bias)'s operands; returns {K, N, rows of x}.
-template <class T, class D>
-std::array<index_t, 3> linear_sizes(const Var<T, D>& x, const Var<T, D>& w, const Var<T, D>& bias) {
+template <class X, class W, class D>
+std::array<index_t, 3> linear_sizes(const Var<X, D>& x, const Var<W, D>& w, const Var<W, D>& bias) {
   MIXMOE_CHECK(x.defined() && w.defined(), "linear", "x and w must be defined Vars");
   MIXMOE_CHECK(w.dim() == 2, "linear", "weight must be (out, in), got ", w.shape());
   MIXMOE_CHECK(x.dim() >= 1 && x.size(-1) == w.size(1), "linear", "input ", x.shape(), " does not match weight ", w.shape());

@@ -64,6 +64,9 @@ inline int to_int(index_t v, const char* what) {
   return static_cast<int>(v);
 }
 inline cublasOperation_t op_of(bool t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
+/// An operand's leading dimension for cuBLAS, which wants at least 1 even for a matrix with no
+/// elements (K = 0: lda = K); such an operand is not read, and C becomes beta C.
+inline index_t ld_of(index_t ld) { return ld < 1 ? 1 : ld; }
 }  // namespace detail
 
 /// Row-major GEMM of device pointers (float or double), on current_stream().
@@ -74,7 +77,7 @@ void gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, 
   if (m == 0 || n == 0) return;
   using detail::to_int;
   const int im = to_int(m, "m"), in = to_int(n, "n"), ik = to_int(k, "k");
-  const int la = to_int(lda, "lda"), lb = to_int(ldb, "ldb"), lc = to_int(ldc, "ldc");
+  const int la = to_int(detail::ld_of(lda), "lda"), lb = to_int(detail::ld_of(ldb), "ldb"), lc = to_int(ldc, "ldc");
   if constexpr (std::is_same_v<T, float>)
     MIXMOE_CUBLAS_CHECK(cublasSgemm(cublas_handle(), detail::op_of(trans_b), detail::op_of(trans_a), in, im, ik, &alpha,
                                     b, lb, a, la, &beta, c, lc));
@@ -92,7 +95,7 @@ void gemm_strided_batched(bool trans_a, bool trans_b, index_t m, index_t n, inde
   if (m == 0 || n == 0 || batch == 0) return;
   using detail::to_int;
   const int im = to_int(m, "m"), in = to_int(n, "n"), ik = to_int(k, "k"), nb = to_int(batch, "batch");
-  const int la = to_int(lda, "lda"), lb = to_int(ldb, "ldb"), lc = to_int(ldc, "ldc");
+  const int la = to_int(detail::ld_of(lda), "lda"), lb = to_int(detail::ld_of(ldb), "ldb"), lc = to_int(ldc, "ldc");
   if constexpr (std::is_same_v<T, float>)
     MIXMOE_CUBLAS_CHECK(cublasSgemmStridedBatched(cublas_handle(), detail::op_of(trans_b), detail::op_of(trans_a), in,
                                                   im, ik, &alpha, b, lb, stride_b, a, la, stride_a, &beta, c, lc,
@@ -109,8 +112,9 @@ inline void gemm_bf16(bool trans_a, bool trans_b, index_t m, index_t n, index_t 
   if (m == 0 || n == 0) return;
   using detail::to_int;
   MIXMOE_CUBLAS_CHECK(cublasGemmEx(cublas_handle(), detail::op_of(trans_b), detail::op_of(trans_a), to_int(n, "n"),
-                                   to_int(m, "m"), to_int(k, "k"), &alpha, b, CUDA_R_16BF, to_int(ldb, "ldb"), a,
-                                   CUDA_R_16BF, to_int(lda, "lda"), &beta, c, CUDA_R_32F, to_int(ldc, "ldc"),
+                                   to_int(m, "m"), to_int(k, "k"), &alpha, b, CUDA_R_16BF,
+                                   to_int(detail::ld_of(ldb), "ldb"), a, CUDA_R_16BF, to_int(detail::ld_of(lda), "lda"),
+                                   &beta, c, CUDA_R_32F, to_int(ldc, "ldc"),
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
