@@ -299,6 +299,31 @@ Var<T, D> stop_gradient(const Var<T, D>& x) {
   return x.detach();
 }
 
+namespace detail {
+
+/// What record and record_mixed share: a node of type NodeT (it holds the backward) with value
+/// `out` and the nodes of `inputs` (peek: a raw pointer or null, to test; share: the shared_ptr
+/// to keep); or a leaf without gradient when recording is off or no input needs a gradient.
+template <class NodeT, Floating Out, Device D, class Inputs, class Peek, class Share, class F>
+Var<Out, D> record_node(const char* op, Tensor<Out, D> out, const Inputs& inputs, Peek peek, Share share, F&& backward) {
+  bool any = false;
+  if (grad_enabled())
+    for (const auto& in : inputs) {
+      const autograd::NodeBase<D>* n = peek(in);
+      any = any || (n && n->requires_grad);
+    }
+  if (!any) return Var<Out, D>(std::move(out), false);
+  auto node = std::allocate_shared<NodeT>(PoolAllocator<NodeT>{}, std::forward<F>(backward));
+  node->value = std::move(out);
+  node->op = op;
+  node->requires_grad = true;
+  node->inputs.reserve(inputs.size());
+  for (const auto& in : inputs) node->inputs.push_back(share(in));
+  return Var<Out, D>(std::shared_ptr<autograd::Node<Out, D>>(std::move(node)));
+}
+
+}  // namespace detail
+
 /// Records an op: `out` is its value, `inputs` its differentiable inputs, and
 /// `backward(BackwardContext&)` adds dL/d(input i) into ctx.grad_in(i) (or calls
 /// ctx.accumulate(i, g)) for every i with ctx.needs_grad(i).
@@ -311,18 +336,11 @@ template <Floating T, Device D, class F>
 Var<T, D> record(const char* op, Tensor<T, D> out, std::span<const Var<T, D>> inputs, F&& backward) {
   static_assert(std::is_invocable_v<F&, autograd::BackwardContext<T, D>&>,
                 "mixmoe::record: the backward must be callable as backward(BackwardContext<T, D>&)");
-  bool any = false;
-  if (grad_enabled())
-    for (const auto& in : inputs) any = any || (in.defined() && in.requires_grad());
-  if (!any) return Var<T, D>(std::move(out), false);
-  using NodeT = autograd::FunctionNode<T, D, std::decay_t<F>>;
-  auto node = std::allocate_shared<NodeT>(PoolAllocator<NodeT>{}, std::forward<F>(backward));
-  node->value = std::move(out);
-  node->op = op;
-  node->requires_grad = true;
-  node->inputs.reserve(inputs.size());
-  for (const auto& in : inputs) node->inputs.push_back(in.defined() ? in.node() : nullptr);
-  return Var<T, D>(std::shared_ptr<autograd::Node<T, D>>(std::move(node)));
+  return detail::record_node<autograd::FunctionNode<T, D, std::decay_t<F>>>(
+      op, std::move(out), inputs,
+      [](const Var<T, D>& in) { return in.defined() ? in.node().get() : nullptr; },
+      [](const Var<T, D>& in) { return std::shared_ptr<autograd::NodeBase<D>>(in.defined() ? in.node() : nullptr); },
+      std::forward<F>(backward));
 }
 
 template <Floating T, Device D, class F>
@@ -346,18 +364,9 @@ template <Floating Out, Device D, class F>
 Var<Out, D> record_mixed(const char* op, Tensor<Out, D> out, std::span<const AnyVar<D>> inputs, F&& backward) {
   static_assert(std::is_invocable_v<F&, autograd::MixedBackwardContext<Out, D>&>,
                 "mixmoe::record_mixed: the backward must be callable as backward(MixedBackwardContext<Out, D>&)");
-  bool any = false;
-  if (grad_enabled())
-    for (const auto& in : inputs) any = any || (in.node && in.node->requires_grad);
-  if (!any) return Var<Out, D>(std::move(out), false);
-  using NodeT = autograd::MixedFunctionNode<Out, D, std::decay_t<F>>;
-  auto node = std::allocate_shared<NodeT>(PoolAllocator<NodeT>{}, std::forward<F>(backward));
-  node->value = std::move(out);
-  node->op = op;
-  node->requires_grad = true;
-  node->inputs.reserve(inputs.size());
-  for (const auto& in : inputs) node->inputs.push_back(in.node);
-  return Var<Out, D>(std::shared_ptr<autograd::Node<Out, D>>(std::move(node)));
+  return detail::record_node<autograd::MixedFunctionNode<Out, D, std::decay_t<F>>>(
+      op, std::move(out), inputs, [](const AnyVar<D>& in) { return in.node.get(); },
+      [](const AnyVar<D>& in) { return in.node; }, std::forward<F>(backward));
 }
 
 template <Floating Out, Device D, class F>
