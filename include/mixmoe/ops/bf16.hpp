@@ -243,12 +243,7 @@ Var<Out, D> linear_bf16(const Var<bf16, D>& x, const Var<W, D>& w, const Var<W, 
                         if (ctx.needs_grad(2)) {  // dbias = column sums of dy, in fp32
                           const Tensor<float, D> gy = ctx.grad_out().template to<float>().reshape(Shape{rows, n});
                           Tensor<float, D> db = Tensor<float, D>::zeros(Shape{n});
-                          if constexpr (Tensor<float, D>::on_host) {
-                            for (index_t r = 0; r < rows; ++r)
-                              for (index_t j = 0; j < n; ++j) db.data()[j] += gy.data()[r * n + j];
-                          } else {
-                            DeviceOps<D>::add_column_sums(db.data(), gy.data(), rows, n);
-                          }
+                          add_column_sums<D>(db.data(), gy.data(), rows, n);
                           ctx.template accumulate<W>(2, to_w(std::move(db)));
                         }
                       });

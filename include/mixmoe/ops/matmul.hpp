@@ -50,6 +50,17 @@ std::array<index_t, 3> linear_sizes(const Var<X, D>& x, const Var<W, D>& w, cons
   return {k, n, x.numel() / std::max<index_t>(k, 1)};
 }
 
+/// out (n) += the column sums of g (rows, n), both contiguous on device D (a bias's gradient).
+template <class D, class T>
+void add_column_sums(T* out, const T* g, index_t rows, index_t n) {
+  if constexpr (is_host_device<D>) {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t j = 0; j < n; ++j) out[j] += g[r * n + j];
+  } else {
+    DeviceOps<D>::add_column_sums(out, g, rows, n);
+  }
+}
+
 /// Every row of out (rows, n), contiguous, = b (n), contiguous.
 template <class T, class D>
 void fill_rows(const Tensor<T, D>& out, const Tensor<T, D>& b, index_t rows, index_t n) {
@@ -133,13 +144,7 @@ Var<T, D> linear(const Var<T, D>& x, const Var<T, D>& w, const Var<T, D>& bias =
       detail::gemm_on<D>(false, false, rows, k, n, T(1), g, n, wv.data(), k, T(1), ctx.grad_in(0).data(), k);
     if (ctx.needs_grad(1))
       detail::gemm_on<D>(true, false, n, k, rows, T(1), g, n, xv.data(), k, T(1), ctx.grad_in(1).data(), k);
-    if constexpr (!Tensor<T, D>::on_host) {
-      if (ctx.needs_grad(2)) detail::DeviceOps<D>::add_column_sums(ctx.grad_in(2).data(), g, rows, n);
-    } else if (ctx.needs_grad(2)) {
-      T* gb = ctx.grad_in(2).data();
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t j = 0; j < n; ++j) gb[j] += g[r * n + j];
-    }
+    if (ctx.needs_grad(2)) detail::add_column_sums<D>(ctx.grad_in(2).data(), g, rows, n);
   });
 }
 
