@@ -1,4 +1,5 @@
 // Indexing ops: index_select, gather, scatter_add.
+#include <mixmoe/ops/embedding.hpp>
 #include <mixmoe/ops/index.hpp>
 #include <mixmoe/ops/shape_ops.hpp>
 
@@ -234,5 +235,25 @@ TEST_CASE("index ops name the bad index, its position and the extent", "[ops][in
       scatter_add(x, 0, Ti::zeros({1, 4}), rand_var({1, 4}, 3)),
       "[scatter_add] index of shape (1, 4) is larger than x of shape (4, 3) on axis 1 (only the scatter axis 0");
   MIXMOE_REQUIRE_ERROR(scatter_add(x, 2, Ti::zeros({1, 1}), src), "[scatter_add] axis 2 out of range for shape (4, 3)");
+}
+
+TEST_CASE("on the CPU every IndexCheck checks at once", "[ops][index][errors]") {
+  auto x = rand_var({4, 3}, 1);
+  for (const IndexCheck c : {IndexCheck::checked, IndexCheck::deferred, IndexCheck::trusted}) {
+    MIXMOE_REQUIRE_ERROR(
+        index_select(x, 0, Ti::from({0, 5, 1}, {3}), c),
+        "[index_select] index 5 at position (1) is out of range for axis 0 of extent 4 (x of shape (4, 3))");
+    MIXMOE_REQUIRE_ERROR(
+        gather(x, 1, Ti::from({0, 1, 2, 3}, {2, 2}), c),
+        "[gather] index 3 at position (1, 1) is out of range for axis 1 of extent 3 (x of shape (4, 3))");
+    MIXMOE_REQUIRE_ERROR(
+        scatter_add(x, 0, Ti::from({0, 4}, {1, 2}), rand_var({4, 3}, 2), c),
+        "[scatter_add] index 4 at position (0, 1) is out of range for axis 0 of extent 4 (x of shape (4, 3))");
+    MIXMOE_REQUIRE_ERROR(embedding(x, Ti::from({2, 4, 7}, {3}), c),
+                         "[embedding] id 4 at position (1) is out of range for a vocabulary of V = 4");
+    // a good index gives the same values whatever the mode
+    REQUIRE(max_abs_diff(embedding(x, Ti::from({3, 0}, {2}), c).value(),
+                         index_select(x, 0, Ti::from({3, 0}, {2})).value()) == 0);
+  }
 }
 }  // namespace test_ops_index

@@ -145,6 +145,24 @@ TEST_CASE("clip_grad_norm scales to exactly max_norm and leaves small gradients 
   CHECK(c.grad()(0) == Approx(1.0 / 3.0).epsilon(1e-15));
 }
 
+TEST_CASE("clip_grad_norm_async: clip_grad_norm's norm and scale as a tensor", "[train][clip]") {
+  const Vd a = param_with_grad({3.0, 4.0}), b = param_with_grad({12.0});
+  const std::vector<Vd> params{a, b};
+  Td r = clip_grad_norm_async(params, 6.5);
+  CHECK(r.shape() == Shape{2});
+  CHECK(r.to_vector() == std::vector<double>{13.0, 0.5});
+  CHECK(a.grad().to_vector() == std::vector<double>{1.5, 2.0});
+  r = clip_grad_norm_async(params, 100.0);
+  CHECK(r.to_vector() == std::vector<double>{6.5, 1.0});
+  a.grad().data()[0] = std::numeric_limits<double>::quiet_NaN();
+  r = clip_grad_norm_async(params, 1.0);
+  CHECK(std::isnan(r.to_vector()[0]));
+  CHECK(r.to_vector()[1] == 1.0);
+  CHECK(b.grad().to_vector() == std::vector<double>{6.0});  // nothing scaled
+  MIXMOE_REQUIRE_ERROR(clip_grad_norm_async(params, std::numeric_limits<double>::quiet_NaN()),
+                       "[clip_grad_norm_async] max_norm is nan");
+}
+
 TEST_CASE("grad_norm accumulates float gradients in double and survives overflow of the squares", "[train][clip]") {
   Vf f(Tf::zeros({2}), true);
   f.set_grad(Tf::from({3.0f, 4.0f}, {2}));

@@ -17,6 +17,7 @@
 #include <mixmoe/ops/dropout.hpp>
 #include <mixmoe/ops/embedding.hpp>
 #include <mixmoe/ops/index.hpp>
+#include <mixmoe/ops/reduce.hpp>
 #include <mixmoe/ops/shape_ops.hpp>
 
 #include "parity.hpp"
@@ -266,6 +267,40 @@ void range_error_cases(Results& r) {
     // the device is still usable, and the check passes a valid index
     Var<T, D> y = embedding(w, rand_index<D>({3, 5}, 0, 10, 5004));
     put(r, t + " embedding after an error y", y, 0);
+
+    // Deferred checks: on a device the call returns and the next read of the device throws the
+    // same message (the CPU throws at the call); the first failed check is the one named.
+    error_case(r, t + " deferred embedding error message",
+               "[embedding] id 10 at position (543, 21) is out of range for a vocabulary of V = 10", [&] {
+                 Var<T, D> bad = embedding(w, ids, IndexCheck::deferred);
+                 Var<T, D> later = embedding(w, indices<D>({0, 11}, {2}), IndexCheck::deferred);  // fails too
+                 (void)sum(later).value().item();
+               });
+    Var<T, D> y2 = embedding(w, rand_index<D>({3, 5}, 0, 10, 5004), IndexCheck::deferred);
+    put(r, t + " deferred embedding after an error y", y2, 0);
+  }
+  error_case(r, t + " deferred index_select error message",
+             "[index_select] index 5 at position (1) is out of range for axis 0 of extent 4 (x of shape (4, 3))", [&] {
+               (void)index_select(x, 0, indices<D>({0, 5, 1, 7}, {4}), IndexCheck::deferred).value().to_vector();
+             });
+  error_case(r, t + " deferred gather error message",
+             "[gather] index 3 at position (1, 1) is out of range for axis 1 of extent 3 (x of shape (4, 3))", [&] {
+               (void)gather(x, 1, indices<D>({0, 1, 2, 3}, {2, 2}), IndexCheck::deferred).value().to_vector();
+             });
+  error_case(r, t + " deferred scatter_add error message",
+             "[scatter_add] index 4 at position (0, 1) is out of range for axis 0 of extent 4 (x of shape (4, 3))",
+             [&] {
+               (void)scatter_add(x, 0, indices<D>({0, 4}, {1, 2}), leaf<T, D>({4, 3}, 5001), IndexCheck::deferred)
+                   .value()
+                   .to_vector();
+             });
+  // A deferred check that passes: the values are the checked op's.
+  {
+    const auto idx = indices<D>({3, 0, 3, 1}, {4});
+    Var<T, D> ys = index_select(x, 0, idx, IndexCheck::deferred);
+    put(r, t + " deferred index_select y", ys, 0);
+    backward_random(ys, 5005);
+    put(r, t + " deferred index_select dx", x.grad(), tol<T>(1e-5, 1e-12));
   }
 }
 

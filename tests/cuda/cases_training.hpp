@@ -174,6 +174,30 @@ void clip_cases(Results& r) {
     put(r, "f64 clip of 1e200 gradients: scale * 1e200", host_scalar(gn.scale * 1e200), 1e-12);
     put(r, "f64 clip of 1e200 gradients: grad 3", ps[3].grad(), 1e-12);
   }
+  // clip_grad_norm_async on the same gradients: {norm, scale} left on the device, the same clipping.
+  const auto async_case = [&](const std::string& n, std::uint64_t seed, double scale, double max_norm_factor,
+                              double max_norm, double bad = 0.0) {
+    auto ps = make_params<T, D>(seed);
+    set_grads(ps, seed + 100, scale);
+    if (bad != 0.0) {
+      std::vector<T> g = ps[5].grad().to_vector();
+      g[123457] = static_cast<T>(bad);
+      ps[5].set_grad(Tensor<T, D>::from(g, ps[5].shape()));
+    }
+    const double m = max_norm_factor > 0 ? max_norm_factor * grad_norm(ps) : max_norm;
+    const Tensor<double, D> ns = clip_grad_norm_async(ps, m);  // (2): norm, scale
+    const std::vector<double> v = ns.to_vector();
+    put(r, n + " async norm / scale", host_scalar(v[0] / scale), tl);
+    put(r, n + " async scale * scale", host_scalar(v[1] * scale), tl);
+    put(r, n + " async grad 3", ps[3].grad(), bad != 0.0 ? 0.0 : tl);
+    put(r, n + " async grad 5", ps[5].grad(), bad != 0.0 ? 0.0 : tl);
+  };
+  async_case(t + " clip", 3000, 0.3, 0.5, 0.0);
+  async_case(t + " clip max_norm 1e6", 4000, 1.0, 0.0, 1e6);
+  async_case(t + " clip max_norm 0", 4000, 1.0, 0.0, 0.0);
+  async_case(t + " clip with a nan", 5000, 1.0, 0.0, 1.0, std::numeric_limits<double>::quiet_NaN());
+  async_case(t + " clip with an inf", 5000, 1.0, 0.0, 1.0, std::numeric_limits<double>::infinity());
+  if constexpr (std::is_same_v<T, double>) async_case("f64 clip of 1e200 gradients", 6000, 1e200, 0.0, 1.0);
 }
 
 // ---- the end-to-end model -----------------------------------------------------------------

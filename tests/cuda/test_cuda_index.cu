@@ -1,5 +1,14 @@
-// GPU parity of the index family (cases_index.hpp) against the CPU backend.
+// GPU parity of the index family (cases_index.hpp) against the CPU backend, then device-only
+// checks of what has no CPU counterpart: deferred checks and uploads that do not wait.
 #include "parity_main.cuh"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <mixmoe/nn/linear.hpp>
+#include <mixmoe/train/clip.hpp>
 
 #include "cases_index.hpp"
 
@@ -7,7 +16,123 @@ namespace mixmoe_parity {
 void cpu_cases_index(Results& r);
 }
 
+namespace {
+
+int device_failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("  %s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  if (!ok) ++device_failures;
+}
+
+std::uint64_t syncs() { return mixmoe::cuda::synchronization_count(); }
+
+/// A deferred embedding check waits for nothing; a bad id's row is NaN and its gradient dropped
+/// until the next synchronisation throws the error; a passing check leaves nothing pending.
+void deferred_embedding() {
+  using namespace mixmoe;
+  const index_t v = 6, c = 5;
+  const std::vector<Index> host_ids = {0, 3, 9, 5, 3, -1};  // positions 2 and 5 are bad
+  const auto ids = Tensor<Index, Cuda>::from(host_ids, {2, 3});
+  Var<float, Cuda> w(Tensor<float, Cuda>::from(std::vector<float>(v * c, 1.0f), {v, c}), true);
+  const std::uint64_t before = syncs();
+  Var<float, Cuda> y = embedding(w, ids, IndexCheck::deferred);  // (2, 3, C)
+  Var<float, Cuda> g(Tensor<float, Cuda>::ones({2, 3, c}));
+  sum(y * g).backward();
+  expect(syncs() == before, "a deferred embedding, forward and backward, waits 0 times (got " +
+                                std::to_string(syncs() - before) + ")");
+  expect(cuda::pending_checks() == 1, "one deferred check pending (got " + std::to_string(cuda::pending_checks()) + ")");
+  std::string message;
+  try {
+    (void)y.value().to_vector();
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  expect(message == "[embedding] id 9 at position (0, 2) is out of range for a vocabulary of V = 6",
+         "the next read throws the first bad id's error (got '" + message + "')");
+  expect(cuda::pending_checks() == 0, "nothing pending after the report");
+  const std::vector<float> out = y.value().to_vector();  // the record was cleared: reads work again
+  bool rows_ok = true;
+  for (index_t p = 0; p < 6; ++p)
+    for (index_t k = 0; k < c; ++k) {
+      const float e = out[static_cast<std::size_t>(p * c + k)];
+      const bool bad = p == 2 || p == 5;
+      rows_ok = rows_ok && (bad ? std::isnan(e) : e == 1.0f);
+    }
+  expect(rows_ok, "the rows of the bad ids are NaN, the others the table's");
+  const std::vector<float> gw = w.grad().to_vector();  // row r: its count among the good ids
+  const float counts[6] = {1, 0, 0, 2, 0, 1};
+  bool grad_ok = true;
+  for (index_t r = 0; r < v; ++r)
+    for (index_t k = 0; k < c; ++k) grad_ok = grad_ok && gw[static_cast<std::size_t>(r * c + k)] == counts[r];
+  expect(grad_ok, "the gradient drops the bad ids and counts the good ones");
+
+  // a passing check: nothing thrown, nothing left pending after a synchronisation
+  Var<float, Cuda> ok = embedding(w, Tensor<Index, Cuda>::from({1, 2, 3}, {3}), IndexCheck::deferred);
+  cuda::synchronize();
+  expect(cuda::pending_checks() == 0, "a passing deferred check is forgotten at the next synchronisation");
+  // the module's default is deferred
+  Embedding<float, Cuda> module;
+  module.weight = w;
+  expect(module.check == IndexCheck::deferred, "nn::Embedding checks deferred by default");
+}
+
+/// Uploads go through pinned staging without waiting, and arrive intact, also when blocks are
+/// reused many times over and sizes vary.
+void staged_uploads() {
+  using namespace mixmoe;
+  const std::uint64_t before = syncs();
+  std::vector<Tensor<Index, Cuda>> up;
+  std::vector<std::vector<Index>> want;
+  for (int i = 0; i < 200; ++i) {
+    const std::size_t n = 1 + static_cast<std::size_t>((i * 7919) % 5000);
+    std::vector<Index> h(n);
+    for (std::size_t j = 0; j < n; ++j) h[j] = static_cast<Index>(i * 100003 + static_cast<int>(j));
+    up.push_back(Tensor<Index, Cuda>::from(h, {static_cast<index_t>(n)}));
+    want.push_back(std::move(h));  // the host buffer is gone (moved) before the device reads it
+  }
+  expect(syncs() == before, "200 uploads wait 0 times (got " + std::to_string(syncs() - before) + ")");
+  bool same = true;
+  for (std::size_t i = 0; i < up.size(); ++i) same = same && up[i].to_vector() == want[i];
+  expect(same, "every staged upload arrives intact");
+  expect(cuda::PinnedStaging::instance().pinned_bytes() <= cuda::PinnedStaging::kMaxPinnedBytes,
+         "the staging stays within its bound");
+}
+
+/// clip_grad_norm_async leaves its result on the device: 0 waits, the host call's numbers.
+void async_clipping() {
+  using namespace mixmoe;
+  std::vector<Var<float, Cuda>> ps;
+  for (index_t n : {3, 1000, 70000}) {
+    Var<float, Cuda> p(Tensor<float, Cuda>::zeros({n}), true);
+    p.set_grad(cuda::randn<float>({n}, 40 + static_cast<std::uint64_t>(n)));
+    ps.push_back(p);
+  }
+  const double norm = grad_norm(ps);
+  const std::uint64_t before = syncs();
+  const Tensor<double, Cuda> ns = clip_grad_norm_async(ps, 0.25 * norm);
+  expect(syncs() == before, "clip_grad_norm_async waits 0 times");
+  const std::vector<double> v = ns.to_vector();
+  expect(std::abs(v[0] - norm) <= 1e-9 * norm && std::abs(v[1] - 0.25) <= 1e-9,
+         "its norm and scale are grad_norm's and max_norm / norm (got " + std::to_string(v[0]) + ", " +
+             std::to_string(v[1]) + ")");
+  expect(std::abs(grad_norm(ps) - 0.25 * norm) <= 1e-5 * norm, "the gradients are clipped to max_norm");
+}
+
+}  // namespace
+
 int main() {
   using namespace mixmoe_parity;
-  return parity_main("test_cuda_index", cases_index<mixmoe::Cuda>, cpu_cases_index);
+  const int rc = parity_main("test_cuda_index", cases_index<mixmoe::Cuda>, cpu_cases_index);
+  if (rc == 77) return rc;
+  std::printf("test_cuda_index: device-only checks\n");
+  try {
+    deferred_embedding();
+    staged_uploads();
+    async_clipping();
+  } catch (const std::exception& e) {
+    expect(false, std::string("threw ") + e.what());
+  }
+  std::printf("test_cuda_index: device-only checks: %d failed\n", device_failures);
+  return rc != 0 ? rc : (device_failures == 0 ? 0 : 1);
 }

@@ -98,9 +98,9 @@ struct HashRouter {
     MIXMOE_CHECK(ctx.token_ids->numel() == n, op, "token_ids of shape ", ctx.token_ids->shape(),
                  " must have one id per row of x of shape ", x.shape());
     const Tensor<Index, D> ids = ctx.token_ids->contiguous();  // (N)
-    const auto out_of_range = [&](index_t row, Index id) {
-      MIXMOE_CHECK(false, op, "token id ", id, " at row ", row, " is out of range [0, ",
-                   vocab == 0 ? std::string("inf") : std::to_string(vocab), ")");
+    const auto message = [op, vocab = vocab](long long row, long long id) {
+      return std::string("[") + op + "] token id " + std::to_string(id) + " at row " + std::to_string(row) +
+             " is out of range [0, " + (vocab == 0 ? std::string("inf") : std::to_string(vocab)) + ")";
     };
     Routing<T, D> r;
     r.token = detail::repeat_rows<D>(n, k);                   // (M)
@@ -108,17 +108,16 @@ struct HashRouter {
     Tensor<T, D> probs = Tensor<T, D>::zeros({n, experts_});  // (N, E)
     const T share = T(1) / static_cast<T>(k);
     if constexpr (!Tensor<Index, D>::on_host) {
-      // One thread per row; the kernel checks the ids, and the first bad row comes back (a
-      // synchronisation: the ids are only known on the device, and a bad id must be an error).
+      // One thread per row; the kernel checks the ids without a wait: a bad id is thrown by the
+      // next synchronisation (a deferred check, ops/index.hpp), its layer's output NaN meanwhile.
       mixmoe::detail::require_device_ops<D>();
-      const index_t bad = mixmoe::detail::DeviceOps<D>::moe_hash_route(ids.data(), n, k, experts_, vocab,
-                                                                       detail::HashRouterExperts{seed, k, experts_},
-                                                                       r.expert.data(), probs.data(), share);
-      if (bad >= 0) out_of_range(bad, ids[bad].item());
+      mixmoe::detail::DeviceOps<D>::moe_hash_route(ids.data(), n, k, experts_, vocab,
+                                                   detail::HashRouterExperts{seed, k, experts_}, r.expert.data(),
+                                                   probs.data(), share, message);
     } else {
       const Index* pid = ids.data();
       for (index_t i = 0; i < n; ++i)
-        if (pid[i] < 0 || (vocab != 0 && pid[i] >= vocab)) out_of_range(i, pid[i]);
+        if (pid[i] < 0 || (vocab != 0 && pid[i] >= vocab)) throw Error(message(i, pid[i]));
       Index* pe = r.expert.data();
       T* pp = probs.data();
       for (index_t i = 0; i < n; ++i) {

@@ -75,13 +75,16 @@ struct Embedding {
   [[nodiscard]] index_t vocab() const { return weight.size(0); }
   [[nodiscard]] index_t dim() const { return weight.size(1); }
 
-  Var<T, D> operator()(const Tensor<Index, D>& ids) const { return embedding(weight, ids); }
+  Var<T, D> operator()(const Tensor<Index, D>& ids) const { return embedding(weight, ids, check); }
 
   void visit_parameters(const ParameterVisitor<T, D>& visit, const std::string& prefix) {
     visit(join_name(prefix, "weight"), weight);
   }
 
   Var<T, D> weight;  // (vocab, dim)
+  /// How a device checks the ids (the CPU checks at once): deferred, so that a training step does
+  /// not wait for the device; a bad id is thrown by the next synchronisation (ops/index.hpp).
+  IndexCheck check = IndexCheck::deferred;
 };
 
 template <Scalar T, Device D = Cpu>

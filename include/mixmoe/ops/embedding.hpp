@@ -6,11 +6,15 @@
 // The backward scatter-adds each output row's gradient into the weight row of its
 // id; ids that repeat (the same token twice in a batch) accumulate.
 //
-// On a device (Cuda) the forward and the backward run there (backend/cuda/index.cuh): the ids
-// are range-checked in a kernel whose first bad position is read back (one small copy, a
-// synchronisation, per call; the error is the CPU's), and the backward adds with atomics, so a
-// float gradient row of a repeated id may differ in its last bits from the CPU's.
+// On a device (Cuda) the forward and the backward run there (backend/cuda/index.cuh), and the
+// backward adds with atomics, so a float gradient row of a repeated id may differ in its last bits
+// from the CPU's. The ids are range-checked as IndexCheck says (ops/index.hpp): by default the
+// first bad position is read back at once (one small copy, a synchronisation, per call);
+// IndexCheck::deferred (what nn::Embedding uses) waits for nothing and the next synchronisation
+// throws the same error, the output rows of bad ids being NaN meanwhile. The CPU checks at once.
 #pragma once
+
+#include <sstream>
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/ops/index.hpp"
@@ -19,28 +23,19 @@ namespace mixmoe {
 
 /// out[..., :] = weight[ids[...], :].
 template <Scalar T, Device D>
-Var<T, D> embedding(const Var<T, D>& weight, const Tensor<Index, D>& ids) {
+Var<T, D> embedding(const Var<T, D>& weight, const Tensor<Index, D>& ids, IndexCheck check = IndexCheck::checked) {
   MIXMOE_CHECK(weight.dim() == 2, "embedding", "weight must be (V, C), got ", weight.shape());
   MIXMOE_CHECK(ids.dim() < kMaxDims, "embedding", "ids of shape ", ids.shape(),
                " leave no room for the channel axis (at most ", kMaxDims, " axes)");
   const index_t v = weight.size(0), c = weight.size(1);
   const Tensor<Index, D> ic = ids.contiguous();  // (...)
   const Index* pi = ic.data();
-  if constexpr (!Tensor<T, D>::on_host) {
-    // The first bad id is found on the device and read back (a synchronisation): the price of an
-    // error that names it, as on the CPU, instead of an out-of-bounds read.
-    detail::require_device_ops<D>();
-    const index_t bad = detail::DeviceOps<D>::index_first_out_of_range(pi, ic.numel(), v);
-    if (bad >= 0) {
-      const Index id = ic.reshape(Shape{ic.numel()})[bad].item();
-      detail::fail("embedding", "id ", id, " at position ", detail::index_position(ic.shape(), bad),
-                   " is out of range for a vocabulary of V = ", v);
-    }
-  } else {
-    for (index_t i = 0, n = ic.numel(); i < n; ++i)
-      MIXMOE_CHECK(pi[i] >= 0 && pi[i] < v, "embedding", "id ", pi[i], " at position ",
-                   detail::index_position(ic.shape(), i), " is out of range for a vocabulary of V = ", v);
-  }
+  detail::check_indices(ic, v, check, [v, ishape = ic.shape()](long long at, long long id) {
+    std::ostringstream os;
+    os << "[embedding] id " << id << " at position " << detail::index_position(ishape, at)
+       << " is out of range for a vocabulary of V = " << v;
+    return os.str();
+  });
   Shape oshape = ic.shape();
   oshape.push_back(c);
   const index_t tokens = ic.numel();

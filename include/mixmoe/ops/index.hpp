@@ -16,18 +16,25 @@
 // "lines" along the axis: lines at different positions off the axis touch
 // different elements of x, so they run in parallel without races.
 //
-// On a device (Cuda) every op runs there, forward and backward (backend/cuda/index.cuh). The
-// range check runs in a kernel and reads the first bad position back to the host: one small
-// copy, which synchronises the stream, per call; the error is the CPU's, word for word.
-// index_select and gather take IndexCheck::trusted for indices that are in range by
-// construction (top-k picks, a routing's tokens): then a device skips the check and its wait
-// (an index out of range would read out of bounds); the CPU checks either way. The
-// accumulations of repeated indices (the backwards, scatter_add's forward) use atomic adds:
+// On a device (Cuda) every op runs there, forward and backward (backend/cuda/index.cuh). How
+// the range check runs there is the IndexCheck argument (the CPU checks at once in every case):
+//   checked   (default) a kernel finds the first bad position, which is read back to the host:
+//             one small copy, which synchronises the stream, per call; the error is the CPU's,
+//             word for word, thrown by the call
+//   deferred  the same kernel, but nothing waits: the first bad position and value are recorded
+//             on the device and the next synchronisation of the stream (item(), to_vector(),
+//             cuda::synchronize(), ...) throws the same error. Meanwhile the op reads NaN for a
+//             bad index and drops its gradient. For indices from the data (token ids) in a
+//             training step that should not wait for the device
+//   trusted   no check: for indices in range by construction (top-k picks, a routing's tokens);
+//             a bad one would still read NaN, not out of bounds
+// The accumulations of repeated indices (the backwards, scatter_add's forward) use atomic adds:
 // a float sum of a repeated index's terms may differ in its last bits from the CPU's.
 #pragma once
 
 #include <algorithm>
 #include <cstring>
+#include <sstream>
 #include <string>
 
 #include "mixmoe/autograd/var.hpp"
@@ -35,8 +42,8 @@
 
 namespace mixmoe {
 
-/// Whether an index op range-checks its indices on a device (always on the CPU), see above.
-enum class IndexCheck { checked, trusted };
+/// How an index op range-checks its indices on a device (the CPU checks at once always), see above.
+enum class IndexCheck { checked, deferred, trusted };
 
 namespace detail {
 
@@ -55,27 +62,39 @@ inline std::string index_position(const Shape& shape, index_t flat) {
   return s + ")";
 }
 
-/// Checks every value of a contiguous index tensor against [0, extent).
-template <class D>
-void check_index_range(const Tensor<Index, D>& ic, index_t extent, const char* op, int axis, const Shape& xshape,
-                       IndexCheck check = IndexCheck::checked) {
+/// Checks every value of a contiguous index tensor against [0, extent); a bad one throws
+/// Error(message(position, value)), at once or, `deferred` on a device, at the next synchronisation.
+template <class D, class Message>
+void check_indices(const Tensor<Index, D>& ic, index_t extent, IndexCheck check, Message message) {
   if constexpr (!Tensor<Index, D>::on_host) {
     if (check == IndexCheck::trusted) return;
-    // The first bad position is found on the device and read back (a synchronisation): the price
-    // of an error that names the bad index, as on the CPU, instead of an out-of-bounds access.
     require_device_ops<D>();
-    const index_t bad = DeviceOps<D>::index_first_out_of_range(ic.data(), ic.numel(), extent);
-    if (bad >= 0) {
-      const Index v = ic.reshape(Shape{ic.numel()})[bad].item();
-      fail(op, "index ", v, " at position ", index_position(ic.shape(), bad), " is out of range for axis ", axis,
-           " of extent ", extent, " (x of shape ", xshape, ")");
+    if (check == IndexCheck::deferred) {
+      DeviceOps<D>::index_check_deferred(ic.data(), ic.numel(), extent, std::move(message));
+      return;
     }
+    // The first bad position is found on the device and read back (a synchronisation): the price
+    // of an error that names the bad index, as on the CPU, instead of NaN where it was used.
+    const index_t bad = DeviceOps<D>::index_first_out_of_range(ic.data(), ic.numel(), extent);
+    if (bad >= 0) throw Error(message(bad, ic.reshape(Shape{ic.numel()})[bad].item()));
     return;
   }
   const Index* p = ic.data();
   for (index_t i = 0, n = ic.numel(); i < n; ++i)
-    MIXMOE_CHECK(p[i] >= 0 && p[i] < extent, op, "index ", p[i], " at position ", index_position(ic.shape(), i),
-                 " is out of range for axis ", axis, " of extent ", extent, " (x of shape ", xshape, ")");
+    if (p[i] < 0 || p[i] >= extent) [[unlikely]]
+      throw Error(message(i, p[i]));
+}
+
+/// check_indices with the message of index_select, gather and scatter_add.
+template <class D>
+void check_index_range(const Tensor<Index, D>& ic, index_t extent, const char* op, int axis, const Shape& xshape,
+                       IndexCheck check = IndexCheck::checked) {
+  check_indices(ic, extent, check, [op, axis, extent, xshape, ishape = ic.shape()](long long at, long long v) {
+    std::ostringstream os;
+    os << '[' << op << "] index " << v << " at position " << index_position(ishape, at) << " is out of range for axis "
+       << axis << " of extent " << extent << " (x of shape " << xshape << ")";
+    return os.str();
+  });
 }
 
 /// out[o, j, :] = x[o, index[j], :] for x (outer, n, inner) and out (outer, m, inner).
@@ -191,7 +210,7 @@ Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index, In
   const detail::AxisLines lines(ic.shape(), a);
   Tensor<T, D> out = Tensor<T, D>::empty(ic.shape());  // index's shape
   if constexpr (!Tensor<T, D>::on_host) {
-    detail::DeviceOps<D>::index_gather_axis(out.data(), is, xc.data(), xs, ic.data(), ic.shape(), a);
+    detail::DeviceOps<D>::index_gather_axis(out.data(), is, xc.data(), xs, ic.data(), ic.shape(), a, s[a]);
   } else {
     const T* px = xc.data();
     const Index* pi = ic.data();
@@ -211,7 +230,8 @@ Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index, In
   return record("gather", std::move(out), {x}, [ic, s, xs, is, lines, a](autograd::BackwardContext<T, D>& ctx) {
     Tensor<T, D> gx = Tensor<T, D>::zeros(s);
     if constexpr (!Tensor<T, D>::on_host) {
-      detail::DeviceOps<D>::index_scatter_add_axis(gx.data(), xs, ctx.grad_out().data(), is, ic.data(), ic.shape(), a);
+      detail::DeviceOps<D>::index_scatter_add_axis(gx.data(), xs, ctx.grad_out().data(), is, ic.data(), ic.shape(), a,
+                                                   s[a]);
       ctx.accumulate(0, std::move(gx));
       return;
     }
@@ -236,7 +256,8 @@ Var<T, D> gather(const Var<T, D>& x, int axis, const Tensor<Index, D>& index, In
 /// torch.Tensor.scatter_add: x with src[.., j, ..] added at x[.., index[.., j, ..], ..] along
 /// `axis`, for every position of index (src may be larger than index; the rest is unused).
 template <Scalar T, Device D>
-Var<T, D> scatter_add(const Var<T, D>& x, int axis, const Tensor<Index, D>& index, const Var<T, D>& src) {
+Var<T, D> scatter_add(const Var<T, D>& x, int axis, const Tensor<Index, D>& index, const Var<T, D>& src,
+                      IndexCheck check = IndexCheck::checked) {
   const Shape& s = x.shape();
   const int a = s.axis(axis, "scatter_add");
   MIXMOE_CHECK(index.dim() == s.rank() && src.dim() == s.rank(), "scatter_add", "x ", s, ", index ", index.shape(),
@@ -248,13 +269,13 @@ Var<T, D> scatter_add(const Var<T, D>& x, int axis, const Tensor<Index, D>& inde
                  " is larger than x of shape ", s, " on axis ", d, " (only the scatter axis ", axis, " may be larger)");
   }
   const Tensor<Index, D> ic = index.contiguous();
-  detail::check_index_range(ic, s[a], "scatter_add", axis, s);
+  detail::check_index_range(ic, s[a], "scatter_add", axis, s, check);
   const Tensor<T, D> sc = src.value().contiguous();
   const Shape xs = contiguous_strides(s), is = contiguous_strides(ic.shape()), ss = contiguous_strides(sc.shape());
   const detail::AxisLines lines(ic.shape(), a);
   Tensor<T, D> out = x.value().clone();  // x's shape, contiguous
   if constexpr (!Tensor<T, D>::on_host) {
-    detail::DeviceOps<D>::index_scatter_add_axis(out.data(), xs, sc.data(), ss, ic.data(), ic.shape(), a);
+    detail::DeviceOps<D>::index_scatter_add_axis(out.data(), xs, sc.data(), ss, ic.data(), ic.shape(), a, s[a]);
   } else {
     const T* ps = sc.data();
     const Index* pi = ic.data();
@@ -269,14 +290,14 @@ Var<T, D> scatter_add(const Var<T, D>& x, int axis, const Tensor<Index, D>& inde
     });
   }
   return record("scatter_add", std::move(out), {x, src},
-                [ic, sshape = sc.shape(), xs, is, ss, lines, a](autograd::BackwardContext<T, D>& ctx) {
+                [ic, sshape = sc.shape(), xs, is, ss, lines, a, extent = s[a]](autograd::BackwardContext<T, D>& ctx) {
                   if (ctx.needs_grad(0)) ctx.accumulate(0, ctx.grad_out().clone());  // out = x + scattered src
                   if (!ctx.needs_grad(1)) return;
                   // Each used src element was added to exactly one output element: it reads that gradient.
                   Tensor<T, D> gs = Tensor<T, D>::zeros(sshape);
                   if constexpr (!Tensor<T, D>::on_host) {
                     detail::DeviceOps<D>::index_gather_axis(gs.data(), ss, ctx.grad_out().data(), xs, ic.data(),
-                                                            ic.shape(), a);
+                                                            ic.shape(), a, extent);
                     ctx.accumulate(1, std::move(gs));
                     return;
                   }

@@ -12,7 +12,9 @@
 // On a device (Var<T, Cuda>) the norm is a device reduction over all the gradients
 // (DeviceOps<D>::train_sum_squares, backend/cuda/train.cuh) and the clipping scale is applied by
 // a kernel; the norm comes back as a host double: one small device->host copy (a synchronisation)
-// per grad_norm / clip_grad_norm call, and one flag per grads_finite call.
+// per grad_norm / clip_grad_norm call, and one flag per grads_finite call. clip_grad_norm_async
+// does the same without the copy: the norm and scale stay on the device, to be read later with
+// the step's other numbers (train_loop reads them with the loss, in one copy per step).
 #pragma once
 
 #include <algorithm>
@@ -162,6 +164,34 @@ GradNorm clip_grad_norm(const std::vector<Var<T, D>>& params, double max_norm) {
     }
   }
   return out;
+}
+
+/// clip_grad_norm without a host value: the same norm and the same clipping, and a (2) double
+/// tensor on D holding {norm before clipping, scale applied} (scale 1: not clipped). On a device
+/// nothing waits for the device; on the CPU it is clip_grad_norm's result as a tensor.
+template <Scalar T, Device D>
+Tensor<double, D> clip_grad_norm_async(const std::vector<Var<T, D>>& params, double max_norm) {
+  MIXMOE_CHECK(!std::isnan(max_norm), "clip_grad_norm_async", "max_norm is nan");
+  if constexpr (!Tensor<T, D>::on_host) {
+    detail::require_device_ops<D>();
+    std::vector<T*> xs;
+    std::vector<index_t> ns;
+    for (const auto& p : params) {
+      const Tensor<T, D>* g = detail::contiguous_grad(p);
+      if (!g) continue;
+      xs.push_back(g->data());
+      ns.push_back(g->numel());
+    }
+    auto out = Tensor<double, D>::empty({2});
+    detail::DeviceOps<D>::train_clip_norm(xs, ns, max_norm, out.data());
+    return out;
+  } else {
+    const GradNorm gn = clip_grad_norm(params, max_norm);
+    auto out = Tensor<double, D>::empty({2});
+    out.data()[0] = gn.norm;
+    out.data()[1] = gn.scale;
+    return out;
+  }
 }
 
 }  // namespace mixmoe

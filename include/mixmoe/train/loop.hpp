@@ -24,10 +24,12 @@
 // given, as JSON lines {"stage", "step", "split", ...}.
 //
 // On a device (a model and AdamW of Var<T, Cuda>) the same loop runs: the batches (host tensors)
-// are copied up by supervised_logits, the optimizer and clipping run as device kernels, and each
-// step reads back three host values (the loss, the cross-entropy, the gradient norm: small
-// synchronising copies that the progress line, the log and StepGuard need); checkpoints are
-// written from host copies of the tensors (train/checkpoint.hpp).
+// are copied up by supervised_logits (without waiting), the optimizer and clipping run as device
+// kernels, and each step waits for the device once: after the forward, the backward and the
+// clipping are issued, one copy brings back the loss, the cross-entropy, the extra loss and the
+// gradient norm, which StepGuard needs before the optimizer step (and the progress line and the
+// log after it). Token ids are checked by deferred checks, so a bad id is reported by that copy.
+// Checkpoints are written from host copies of the tensors (train/checkpoint.hpp).
 #pragma once
 
 #include <algorithm>
@@ -130,6 +132,22 @@ inline BatcherState load_batcher_state(const TrainState& st, const std::string& 
   s.batch = j.at("batch").get<std::uint64_t>();
   s.generator = st.rng.at("data");
   return s;
+}
+
+/// {loss, ce, extra (0 without), gradient norm, clipping scale} as host doubles, read in one copy
+/// (on a device: one synchronisation). norm_scale is clip_grad_norm_async's (2) tensor.
+template <Scalar T, Device D>
+std::vector<double> step_numbers(const Tensor<T, D>& loss, const Tensor<T, D>& ce, const Tensor<T, D>* extra,
+                                 const Tensor<double, D>& norm_scale) {
+  auto pack = Tensor<double, D>::zeros({5});
+  const auto put = [&](index_t at, const Tensor<T, D>& v) {
+    pack.slice(0, at, at + 1).copy_from(v.reshape(Shape{1}).template to<double>());
+  };
+  put(0, loss);
+  put(1, ce);
+  if (extra) put(2, *extra);
+  pack.slice(0, 3, 5).copy_from(norm_scale);
+  return pack.to_vector();
 }
 
 }  // namespace detail
@@ -273,18 +291,20 @@ LoopResult train_loop(Model& model, AdamW<T, D>& opt, Source& data, const LoopOp
         loss = loss + z * o.z_loss;
       }
     }
-    double extra_value = 0.0;
+    Var<T, D> extra;
     if (extra_loss) {
-      Var<T, D> extra = extra_loss(model, batch);
+      extra = extra_loss(model, batch);
       MIXMOE_CHECK(extra.value().numel() == 1, where, "extra_loss must return a scalar, got shape ",
                    extra.value().shape());
-      extra_value = static_cast<double>(extra.value().item());
       loss = loss + extra;
     }
-    const double loss_value = static_cast<double>(loss.value().item());
-    const double ce_value = static_cast<double>(ce.value().item());
     loss.backward();
-    const GradNorm gn = clip_grad_norm(params, o.clip_norm);
+    // The step's numbers, read together: on a device the step's one synchronisation.
+    const std::vector<double> numbers =
+        detail::step_numbers(loss.value(), ce.value(), extra_loss ? &extra.value() : nullptr,
+                             clip_grad_norm_async(params, o.clip_norm));
+    const double loss_value = numbers[0], ce_value = numbers[1], extra_value = numbers[2];
+    const GradNorm gn{numbers[3], numbers[4] != 1.0, numbers[4]};
     if (guard.check(loss_value, gn.norm, params, step)) {
       opt.step();
       interval_loss += loss_value;

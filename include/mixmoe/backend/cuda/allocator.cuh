@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -101,6 +102,83 @@ class CachingDeviceAllocator {
   mutable std::mutex mutex_;
   std::array<std::vector<void*>, mixmoe::detail::SizeClasses::kClasses> free_{};
   AllocatorStats stats_{};
+};
+
+/// Uploads that do not wait for the device. A host->device copy from ordinary (pageable) memory
+/// must be staged, and the host buffer may be reused once the call returns, so a plain upload
+/// waits for the stream. Here the bytes are copied into a pinned staging block, the DMA copy is
+/// queued behind the stream's work and an event marks when the block is free again: the call
+/// returns at once (a batch's token ids go up while the previous step still runs). Blocks are
+/// cached by size class and reused when their event has passed; an upload above kMaxBytes (a
+/// model's weights) or beyond kMaxPinnedBytes of blocks in flight takes the waiting path.
+class PinnedStaging {
+ public:
+  static constexpr std::size_t kMaxBytes = std::size_t{16} << 20;
+  static constexpr std::size_t kMaxPinnedBytes = std::size_t{256} << 20;
+
+  static PinnedStaging& instance() {
+    static PinnedStaging* s = new PinnedStaging;  // left to the driver at exit, as the device blocks
+    return *s;
+  }
+
+  /// Queues the copy of `bytes` from host `src` to device `dst` on `stream`; false when it did not
+  /// (too large, or too much staging in flight): then the caller copies and waits.
+  bool upload(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
+    if (bytes == 0 || bytes > kMaxBytes) return false;
+    const int cls = mixmoe::detail::SizeClasses::of(bytes);
+    const std::size_t size = mixmoe::detail::SizeClasses::bytes_of(cls);
+    std::lock_guard<std::mutex> lock(mutex_);
+    reclaim_locked();
+    auto& list = free_[static_cast<std::size_t>(cls)];
+    Block b{};
+    if (!list.empty()) {
+      b = list.back();
+      list.pop_back();
+    } else {
+      if (pinned_bytes_ + size > kMaxPinnedBytes) return false;
+      check(cudaHostAlloc(&b.p, size, cudaHostAllocDefault), "cudaHostAlloc (upload staging)", __FILE__, __LINE__);
+      check(cudaEventCreateWithFlags(&b.done, cudaEventDisableTiming), "cudaEventCreateWithFlags (upload staging)",
+            __FILE__, __LINE__);
+      b.cls = cls;
+      pinned_bytes_ += size;
+    }
+    std::memcpy(b.p, src, bytes);
+    check(cudaMemcpyAsync(dst, b.p, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync (staged upload)",
+          __FILE__, __LINE__);
+    check(cudaEventRecord(b.done, stream), "cudaEventRecord (staged upload)", __FILE__, __LINE__);
+    busy_.push_back(b);
+    return true;
+  }
+
+  /// Bytes of pinned staging blocks held (in flight or cached).
+  [[nodiscard]] std::size_t pinned_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return pinned_bytes_;
+  }
+
+ private:
+  struct Block {
+    void* p = nullptr;
+    cudaEvent_t done = nullptr;
+    int cls = 0;
+  };
+  PinnedStaging() = default;
+
+  /// Moves the blocks whose copies have finished back to the free lists (no waiting).
+  void reclaim_locked() {
+    std::erase_if(busy_, [&](const Block& b) {
+      const cudaError_t e = cudaEventQuery(b.done);
+      if (e == cudaErrorNotReady) return false;
+      check(e, "cudaEventQuery (upload staging)", __FILE__, __LINE__);
+      free_[static_cast<std::size_t>(b.cls)].push_back(b);
+      return true;
+    });
+  }
+
+  mutable std::mutex mutex_;
+  std::array<std::vector<Block>, mixmoe::detail::SizeClasses::kClasses> free_{};
+  std::vector<Block> busy_;
+  std::size_t pinned_bytes_ = 0;
 };
 
 }  // namespace mixmoe::cuda

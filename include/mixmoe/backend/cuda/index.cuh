@@ -4,14 +4,16 @@
 //
 //   index_first_out_of_range(p, n, extent)     the first position i (row-major) with p[i] outside
 //                                              [0, extent), or -1; reads one value back (a sync)
+//   index_check_deferred(p, n, extent, message) the same check, enqueued: a bad index is reported
+//                                              by the next synchronisation (runtime.cuh)
 //   index_select_rows(x, outer, n, inner, index, m, out)
 //                                              out[o, j, :] = x[o, index[j], :]
 //   index_select_rows_backward(g, outer, n, inner, index, m, gx)
 //                                              gx[o, index[j], :] += g[o, j, :]      (atomicAdd)
-//   index_gather_axis(out, so, x, sx, index, ishape, axis)
+//   index_gather_axis(out, so, x, sx, index, ishape, axis, extent)
 //                                              out[p . so] = x[p . sx, axis coordinate -> index[p]]
 //                                              for every position p of the contiguous index
-//   index_scatter_add_axis(dst, sd, src, ss, index, ishape, axis)
+//   index_scatter_add_axis(dst, sd, src, ss, index, ishape, axis, extent)
 //                                              dst[p . sd, axis coordinate -> index[p]] += src[p . ss]
 //                                              (atomicAdd)
 //   index_add_strided(dst, sd, src, ss, shape) dst view += src view (the views of `shape` under
@@ -21,10 +23,13 @@
 //                                              u_i uniform in [0, 1) from Philox (seed, i)
 //
 // Every kernel is a grid-stride loop with one element per iteration, launched with 256-thread
-// blocks (blocks_for). Repeated indices make the scatters (the backwards of index_select, gather
-// and embedding, the forward of scatter_add) add into one element from several threads: they use
-// atomicAdd, so the order of a repeated index's terms, and so the last bits of a float sum, may
-// differ between runs and from the CPU (which adds them in index order).
+// blocks (blocks_for). The kernels that take an index stay in bounds whatever its value: an index
+// outside [0, extent) reads as NaN (forward) and its gradient is dropped (backward and scatter).
+// A checked or deferred check reports it; a trusted one (in range by construction) never sees one.
+// Repeated indices make the scatters (the backwards of index_select, gather and embedding, the
+// forward of scatter_add) add into one element from several threads: they use atomicAdd, so the
+// order of a repeated index's terms, and so the last bits of a float sum, may differ between runs
+// and from the CPU (which adds them in index order).
 #pragma once
 
 #include <cstdint>
@@ -37,6 +42,15 @@
 namespace mixmoe::cuda {
 
 namespace kernels {
+
+/// What a read at an out-of-range index gives: NaN (integers: 0).
+template <class T>
+__device__ inline T index_poison() {
+  if constexpr (std::numeric_limits<T>::has_quiet_NaN)
+    return std::numeric_limits<T>::quiet_NaN();
+  else
+    return T(0);
+}
 
 /// *first = min(*first, i) over the positions i whose index is outside [0, extent).
 template <class I>
@@ -56,7 +70,8 @@ __global__ void index_select_rows(const T* x, index_t n, index_t inner, const In
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t k = i % inner, r = i / inner;
     const index_t j = r % m, o = r / m;
-    out[i] = x[(o * n + static_cast<index_t>(index[j])) * inner + k];
+    const index_t id = index[j];
+    out[i] = id >= 0 && id < n ? x[(o * n + id) * inner + k] : index_poison<T>();
   }
 }
 
@@ -69,28 +84,33 @@ __global__ void index_select_rows_backward(const T* g, index_t n, index_t inner,
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t k = i % inner, r = i / inner;
     const index_t j = r % m, o = r / m;
-    atomicAdd(gx + (o * n + static_cast<index_t>(index[j])) * inner + k, g[i]);
+    const index_t id = index[j];
+    if (id >= 0 && id < n) atomicAdd(gx + (o * n + id) * inner + k, g[i]);
   }
 }
 
 /// out[off(ov, i)] = x[off(xv, i) + index[i] * x_axis_stride] for the n positions i of the index.
-/// xv has the index's shape and x's strides with 0 on the axis.
+/// xv has the index's shape and x's strides with 0 on the axis; x's axis has `extent` entries.
 template <class T>
 __global__ void index_gather_axis(T* out, ViewDesc ov, const T* x, ViewDesc xv, index_t x_axis_stride,
-                                  const Index* index, index_t n) {
+                                  const Index* index, index_t n, index_t extent) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    out[view_offset(ov, i)] = x[view_offset(xv, i) + static_cast<index_t>(index[i]) * x_axis_stride];
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t id = index[i];
+    out[view_offset(ov, i)] = id >= 0 && id < extent ? x[view_offset(xv, i) + id * x_axis_stride] : index_poison<T>();
+  }
 }
 
 /// dst[off(dv, i) + index[i] * dst_axis_stride] += src[off(sv, i)]. atomicAdd: positions with the
 /// same index along the axis (and the same coordinates off it) add into one element.
 template <class T>
 __global__ void index_scatter_add_axis(T* dst, ViewDesc dv, index_t dst_axis_stride, const T* src, ViewDesc sv,
-                                       const Index* index, index_t n) {
+                                       const Index* index, index_t n, index_t extent) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    atomicAdd(dst + view_offset(dv, i) + static_cast<index_t>(index[i]) * dst_axis_stride, src[view_offset(sv, i)]);
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const index_t id = index[i];
+    if (id >= 0 && id < extent) atomicAdd(dst + view_offset(dv, i) + id * dst_axis_stride, src[view_offset(sv, i)]);
+  }
 }
 
 /// dst view += src view (n elements); no two i share a dst element, so no atomics.
@@ -140,6 +160,21 @@ struct IndexOps {
     return at == std::numeric_limits<std::int64_t>::max() ? -1 : static_cast<index_t>(at);
   }
 
+  /// The same check without waiting: the first bad position is found and recorded on the device,
+  /// and the next synchronisation of this stream throws mixmoe::Error(message(position, value))
+  /// (runtime.cuh). The kernels that read the indices meanwhile stay in bounds (see the top).
+  static void index_check_deferred(const Index* p, index_t n, index_t extent,
+                                   detail::DeferredChecks::Message message) {
+    if (n == 0) return;
+    auto first = Tensor<std::int64_t, Cuda>::full(Shape{1}, std::numeric_limits<std::int64_t>::max());
+    static_assert(sizeof(std::int64_t) == sizeof(long long) && sizeof(Index) == sizeof(std::int32_t));
+    auto* f = reinterpret_cast<long long*>(first.data());
+    kernels::index_first_out_of_range<<<blocks_for(n), 256, 0, current_stream()>>>(p, n, extent, f);
+    MIXMOE_CUDA_CHECK_LAUNCH("index_first_out_of_range");
+    // `first` goes back to the cache when this returns; the stream order keeps it until the commit ran
+    detail::DeferredChecks::instance().enqueue(f, n, p, std::move(message));
+  }
+
   template <class T>
   static void index_select_rows(const T* x, index_t outer, index_t n, index_t inner, const Index* index, index_t m,
                                 T* out) {
@@ -163,12 +198,12 @@ struct IndexOps {
   /// x[p . x_strides with p's coordinate on `axis` replaced by index[p]].
   template <class T>
   static void index_gather_axis(T* out, const Shape& out_strides, const T* x, const Shape& x_strides,
-                                const Index* index, const Shape& ishape, int axis) {
+                                const Index* index, const Shape& ishape, int axis, index_t extent) {
     const index_t n = ishape.numel();
     if (n == 0) return;
     kernels::index_gather_axis<<<blocks_for(n), 256, 0, current_stream()>>>(
         out, view_desc(ishape, out_strides), x, index_off_axis_view(ishape, x_strides, axis), x_strides[axis], index,
-        n);
+        n, extent);
     MIXMOE_CUDA_CHECK_LAUNCH("index_gather_axis");
   }
 
@@ -176,12 +211,12 @@ struct IndexOps {
   /// coordinate on `axis` replaced by index[p]] += src[p . src_strides].
   template <class T>
   static void index_scatter_add_axis(T* dst, const Shape& dst_strides, const T* src, const Shape& src_strides,
-                                     const Index* index, const Shape& ishape, int axis) {
+                                     const Index* index, const Shape& ishape, int axis, index_t extent) {
     const index_t n = ishape.numel();
     if (n == 0) return;
     kernels::index_scatter_add_axis<<<blocks_for(n), 256, 0, current_stream()>>>(
         dst, index_off_axis_view(ishape, dst_strides, axis), dst_strides[axis], src, view_desc(ishape, src_strides),
-        index, n);
+        index, n, extent);
     MIXMOE_CUDA_CHECK_LAUNCH("index_scatter_add_axis");
   }
 

@@ -320,7 +320,8 @@ __global__ void moe_affine_index(const Index* in, index_t n, index_t bound, inde
 }
 
 /// Hash routing, one thread per row: experts_of(id, expert + i k) and probs[i, expert] = share; an id
-/// outside [0, vocab) (vocab 0: no upper bound) writes nothing and records its row in *first_bad.
+/// outside [0, vocab) (vocab 0: no upper bound) records its row in *first_bad and gets expert e
+/// (out of range: the layer's dispatch plan then makes its output NaN) and no probabilities.
 template <class T, class F>
 __global__ void moe_hash_route(const Index* ids, index_t n, index_t k, index_t e, index_t vocab, F experts_of,
                                Index* expert, T* probs, T share, unsigned long long* first_bad) {
@@ -329,6 +330,7 @@ __global__ void moe_hash_route(const Index* ids, index_t n, index_t k, index_t e
     const Index id = ids[i];
     if (id < 0 || (vocab > 0 && id >= vocab)) {
       atomicMin(first_bad, static_cast<unsigned long long>(i));
+      for (index_t j = 0; j < k; ++j) expert[i * k + j] = static_cast<Index>(e);
       continue;
     }
     Index* out = expert + i * k;
@@ -736,21 +738,21 @@ struct MoEOps {
     MIXMOE_CUDA_CHECK_LAUNCH("moe_affine_index");
   }
 
-  /// Hash routing of n ids (k experts each through experts_of, probs (n, e) zero-filled before);
-  /// returns the first row whose id is out of range, or -1. Reading that back is a synchronisation:
-  /// the library promises a clear error for a bad token id, and the ids are only known on the device.
+  /// Hash routing of n ids (k experts each through experts_of, probs (n, e) zero-filled before).
+  /// Nothing waits: the ids are checked on the device and the first row with one out of range is
+  /// reported by the next synchronisation, as the error message(row, id) (a deferred check,
+  /// runtime.cuh).
   template <class T, class F>
-  static index_t moe_hash_route(const Index* ids, index_t n, index_t k, index_t e, index_t vocab, F experts_of,
-                                Index* expert, T* probs, T share) {
-    if (n == 0) return -1;
+  static void moe_hash_route(const Index* ids, index_t n, index_t k, index_t e, index_t vocab, F experts_of,
+                             Index* expert, T* probs, T share, detail::DeferredChecks::Message message) {
+    if (n == 0) return;
     moe_detail::DeviceBuffer flag(sizeof(unsigned long long));
     MIXMOE_CUDA_CHECK(cudaMemsetAsync(flag.as<void>(), 0xff, sizeof(unsigned long long), current_stream()));
     kernels::moe_hash_route<<<blocks_for(n), 256, 0, current_stream()>>>(ids, n, k, e, vocab, experts_of, expert, probs,
                                                                          share, flag.as<unsigned long long>());
     MIXMOE_CUDA_CHECK_LAUNCH("moe_hash_route");
-    long long first_bad = -1;
-    mixmoe::detail::DeviceBackend<Cuda>::download(&first_bad, flag.as<void>(), sizeof(long long));
-    return first_bad;
+    // the flag's all-ones means "none": read as a signed position it is -1
+    detail::DeferredChecks::instance().enqueue(flag.as<long long>(), n, ids, std::move(message));
   }
 
   /// f (e) = assignments per expert / m (NaN everywhere when an expert id is out of range).

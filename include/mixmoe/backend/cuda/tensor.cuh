@@ -10,7 +10,9 @@
 //   auto r = cuda::randn<float>({B, C}, seed);          // drawn on the device (Philox)
 //
 // Copies between host and device are synchronous with respect to the host (the host buffer may
-// be reused when they return); kernels are asynchronous on cuda::current_stream().
+// be reused when they return); kernels are asynchronous on cuda::current_stream(). An upload of
+// up to 16 MiB does not wait for the device: it goes through a pinned staging block
+// (cuda::PinnedStaging); a larger one, and every download, waits.
 #pragma once
 
 #include <cstdint>
@@ -205,6 +207,8 @@ struct DeviceBackend<Cuda> {
   }
 
   static void upload(void* dst, const void* src, std::size_t bytes) {
+    // Through a pinned staging block, without waiting; a large one waits (allocator.cuh).
+    if (cuda::PinnedStaging::instance().upload(dst, src, bytes, cuda::current_stream())) return;
     MIXMOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda::current_stream()));
     cuda::synchronize();  // the caller may reuse its host buffer at once
   }
