@@ -429,14 +429,17 @@ void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, con
       auto loss = cross_entropy(model(in), target);
       if (moe) loss = loss + load_balance_loss(model) * 0.01 + router_z_loss(model) * 0.001;
       loss.backward();
-      (void)clip_grad_norm(params, 1.0);
+      (void)clip_grad_norm_async(params, 1.0);  // the norm stays on the device
       opt.step();
       opt.zero_grad();
       release_routing_graphs(model);
-      last_loss = loss.item();
+      last_loss = loss.item();  // the step's one wait, as in train_loop
     };
     const std::string m = mode;
     const double ms = time_ms(step, a.quick ? 3 : 5, 2, false);
+    const std::uint64_t syncs_before = mcuda::synchronization_count();
+    step();
+    const auto step_syncs = static_cast<long long>(mcuda::synchronization_count() - syncs_before);
     const double achieved = tflops(model_flops, ms);
     const double peak = m == "tf32" ? a.peak_tf32 : m == "bf16" ? a.peak_bf16 : a.peak_fp32;
     const double best_raw = m == "tf32" ? best.tf32 : m == "bf16" ? best.bf16 : best.fp32;
@@ -459,6 +462,7 @@ void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, con
                     {"mfu_vs_peak", achieved / peak},
                     {"mfu_vs_bf16_peak", achieved / a.peak_bf16},
                     {"mfu_vs_best_raw_cublas", best_raw > 0 ? json(achieved / best_raw) : json(nullptr)},
+                    {"syncs_per_step", step_syncs},
                     {"final_loss", last_loss}});
   };
   const auto guarded = [&](const char* mode, auto&& body) {

@@ -200,6 +200,25 @@ void rows_cross_entropy_cases(Results& r) {
     put(r, t + " cross_entropy transposed (8, 40) loss", loss, tl);
     put(r, t + " cross_entropy transposed (8, 40) dx", x.grad(), tl);
   }
+  // A target out of range: the CPU's error at the call, a device's when the loss is read (the
+  // first bad position in row-major order; ignore_index -1 passes, -2 does not).
+  {
+    auto x = leaf<T, D>({3, 4, 6}, 3200);
+    const Tensor<Index, D> targets = Tensor<Index, D>::from({0, -1, 5, 2, 3, -1, 6, 1, -2, 0, 0, 9}, {3, 4});
+    std::string got = "(no error)";
+    try {
+      CrossEntropyOptions opt;
+      opt.ignore_index = -1;
+      (void)cross_entropy(x, targets, opt).value().item();
+    } catch (const Error& e) {
+      got = e.what();
+    }
+    const std::string want = "[cross_entropy] target 6 at position (1, 2) is out of range for V = 6 classes "
+                             "(ignore_index is -1)";
+    if (got != want) std::printf("  [cross_entropy error] expected \"%s\", got \"%s\"\n", want.c_str(), got.c_str());
+    put(r, t + " cross_entropy out-of-range target error message", Tensor<double>::from({got == want ? 1.0 : 0.0}, {1}),
+        0.0);
+  }
 }
 
 template <class T, class D>

@@ -41,7 +41,7 @@ void deferred_embedding() {
   sum(y * g).backward();
   expect(syncs() == before, "a deferred embedding, forward and backward, waits 0 times (got " +
                                 std::to_string(syncs() - before) + ")");
-  expect(cuda::pending_checks() == 1, "one deferred check pending (got " + std::to_string(cuda::pending_checks()) + ")");
+  expect(mixmoe::cuda::pending_checks() == 1, "one deferred check pending (got " + std::to_string(mixmoe::cuda::pending_checks()) + ")");
   std::string message;
   try {
     (void)y.value().to_vector();
@@ -50,7 +50,7 @@ void deferred_embedding() {
   }
   expect(message == "[embedding] id 9 at position (0, 2) is out of range for a vocabulary of V = 6",
          "the next read throws the first bad id's error (got '" + message + "')");
-  expect(cuda::pending_checks() == 0, "nothing pending after the report");
+  expect(mixmoe::cuda::pending_checks() == 0, "nothing pending after the report");
   const std::vector<float> out = y.value().to_vector();  // the record was cleared: reads work again
   bool rows_ok = true;
   for (index_t p = 0; p < 6; ++p)
@@ -69,8 +69,8 @@ void deferred_embedding() {
 
   // a passing check: nothing thrown, nothing left pending after a synchronisation
   Var<float, Cuda> ok = embedding(w, Tensor<Index, Cuda>::from({1, 2, 3}, {3}), IndexCheck::deferred);
-  cuda::synchronize();
-  expect(cuda::pending_checks() == 0, "a passing deferred check is forgotten at the next synchronisation");
+  mixmoe::cuda::synchronize();
+  expect(mixmoe::cuda::pending_checks() == 0, "a passing deferred check is forgotten at the next synchronisation");
   // the module's default is deferred
   Embedding<float, Cuda> module;
   module.weight = w;
@@ -95,7 +95,7 @@ void staged_uploads() {
   bool same = true;
   for (std::size_t i = 0; i < up.size(); ++i) same = same && up[i].to_vector() == want[i];
   expect(same, "every staged upload arrives intact");
-  expect(cuda::PinnedStaging::instance().pinned_bytes() <= cuda::PinnedStaging::kMaxPinnedBytes,
+  expect(mixmoe::cuda::PinnedStaging::instance().pinned_bytes() <= mixmoe::cuda::PinnedStaging::kMaxPinnedBytes,
          "the staging stays within its bound");
 }
 
@@ -105,7 +105,7 @@ void async_clipping() {
   std::vector<Var<float, Cuda>> ps;
   for (index_t n : {3, 1000, 70000}) {
     Var<float, Cuda> p(Tensor<float, Cuda>::zeros({n}), true);
-    p.set_grad(cuda::randn<float>({n}, 40 + static_cast<std::uint64_t>(n)));
+    p.set_grad(mixmoe::cuda::randn<float>({n}, 40 + static_cast<std::uint64_t>(n)));
     ps.push_back(p);
   }
   const double norm = grad_norm(ps);

@@ -32,7 +32,7 @@ void step_synchronisations() {
     const Batch batch = random_batch(2, 10, 64, 4, 141);
     std::uint64_t used = 0;
     for (int step = 0; step < 3; ++step) {  // the first step warms the caches (cuFFT plans, blocks)
-      const std::uint64_t before = cuda::synchronization_count();
+      const std::uint64_t before = mixmoe::cuda::synchronization_count();
       auto sup = supervised_logits(model, batch, -100);
       auto loss = cross_entropy(sup.logits, sup.targets) + load_balance_loss(model) * 0.01;
       loss.backward();
@@ -40,9 +40,9 @@ void step_synchronisations() {
       opt.step();
       opt.zero_grad();
       release_routing_graphs(model);
-      used = cuda::synchronization_count() - before;
+      used = mixmoe::cuda::synchronization_count() - before;
     }
-    cuda::synchronize();
+    mixmoe::cuda::synchronize();
     expect(used == 0, "a Mix-MoE LM training step (upload, forward, backward, async clipping, AdamW) waits 0 times "
                       "(got " + std::to_string(used) + ")");
   }
@@ -56,9 +56,9 @@ void step_synchronisations() {
     o.steps = steps;
     o.log_every = 0;
     o.out = nullptr;
-    const std::uint64_t before = cuda::synchronization_count();
+    const std::uint64_t before = mixmoe::cuda::synchronization_count();
     (void)train_loop(model, opt, data, o);
-    return cuda::synchronization_count() - before;
+    return mixmoe::cuda::synchronization_count() - before;
   };
   const std::uint64_t two = loop_syncs(2), six = loop_syncs(6);
   expect(six - two == 4, "train_loop waits once per step (4 more steps: " + std::to_string(six - two) + " more waits)");

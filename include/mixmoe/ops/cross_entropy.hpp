@@ -12,14 +12,17 @@
 // NaN, when all are). The gradient of a row is scale * (softmax(x) - q).
 //
 // On a device (Cuda) a block per row computes the same (backend/cuda/rows.cuh) and the loss
-// stays on the device: the targets are not read back, so a target outside [0, V) that is not
-// ignore_index gives a NaN loss (and NaN gradients for its row) instead of an error.
+// stays on the device: the targets are checked by a deferred check (ops/index.hpp), so a target
+// outside [0, V) that is not ignore_index is the CPU's error, thrown by the next synchronisation
+// (reading the loss), and its row's loss and gradient are NaN until then.
 #pragma once
 
 #include <Eigen/Core>
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
+#include <string>
 
 #include "mixmoe/autograd/var.hpp"
 #include "mixmoe/backend/cpu/parallel.hpp"
@@ -38,10 +41,19 @@ struct CrossEntropyOptions {
 
 namespace detail {
 
+/// The error of a target outside [0, V) at flat position `at` of targets of `shape`.
+inline std::string target_error(long long target, const Shape& shape, long long at, index_t v, Index ignore) {
+  std::ostringstream os;
+  os << "[cross_entropy] target " << target << " at position " << index_position(shape, at)
+     << " is out of range for V = " << v << " classes (ignore_index is " << ignore << ")";
+  return os.str();
+}
+
 /// cross_entropy on a device (DeviceOps<D>::rows_cross_entropy*): the same loss and gradient as
 /// the host code below, with the targets and the loss kept on the device. The host code checks
-/// every target and throws; reading them here would synchronise, so a target outside [0, V)
-/// (other than ignore_index) gives a NaN loss for its row (and NaN gradients) instead.
+/// every target and throws; reading them here would synchronise, so the check is deferred
+/// (ops/index.hpp): the next synchronisation throws the host's error, and until then a target
+/// outside [0, V) (other than ignore_index) gives a NaN loss for its row (and NaN gradients).
 template <class T, class D>
 Var<T, D> cross_entropy_device(const Var<T, D>& logits, const Tensor<Index, D>& targets,
                                const CrossEntropyOptions& opt) {
@@ -50,6 +62,12 @@ Var<T, D> cross_entropy_device(const Var<T, D>& logits, const Tensor<Index, D>& 
   const Tensor<Index, D> tc = targets.contiguous();     // (N)
   const Tensor<T, D> xc = logits.value().contiguous();  // (N, V)
   const index_t rows = tc.numel();
+  DeviceOps<D>::index_check_deferred(
+      tc.data(), rows, v,
+      [v, ignore = opt.ignore_index, shape = tc.shape()](long long at, long long target) {
+        return target_error(target, shape, at, v, ignore);
+      },
+      static_cast<index_t>(opt.ignore_index));
   const double eps = opt.label_smoothing;
   const bool none = opt.reduction == Reduction::none;
   auto stats = Tensor<double, D>::empty({rows, 2});  // per row (max, log sum exp(x - max))
@@ -91,9 +109,8 @@ Var<T, D> cross_entropy(const Var<T, D>& logits, const Tensor<Index, D>& targets
   index_t count = 0;  // positions that are not ignored
   for (index_t r = 0; r < rows; ++r) {
     if (pt[r] == opt.ignore_index) continue;
-    MIXMOE_CHECK(pt[r] >= 0 && pt[r] < v, "cross_entropy", "target ", pt[r], " at position ",
-                 detail::index_position(tc.shape(), r), " is out of range for V = ", v, " classes (ignore_index is ",
-                 opt.ignore_index, ")");
+    if (pt[r] < 0 || pt[r] >= v) [[unlikely]]
+      throw Error(detail::target_error(pt[r], tc.shape(), r, v, opt.ignore_index));
     ++count;
   }
 

@@ -34,6 +34,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "mixmoe/backend/cuda/runtime.cuh"
 #include "mixmoe/backend/cuda/tensor.cuh"
@@ -53,12 +54,14 @@ __device__ inline T index_poison() {
 }
 
 /// *first = min(*first, i) over the positions i whose index is outside [0, extent).
+/// With `skip` set, the value *skip is allowed too (cross-entropy's ignore_index).
 template <class I>
-__global__ void index_first_out_of_range(const I* p, index_t n, index_t extent, long long* first) {
+__global__ void index_first_out_of_range(const I* p, index_t n, index_t extent, long long* first,
+                                         bool has_skip = false, index_t skip = 0) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t v = p[i];
-    if (v < 0 || v >= extent) atomicMin(first, static_cast<long long>(i));
+    if ((v < 0 || v >= extent) && !(has_skip && v == skip)) atomicMin(first, static_cast<long long>(i));
   }
 }
 
@@ -163,13 +166,16 @@ struct IndexOps {
   /// The same check without waiting: the first bad position is found and recorded on the device,
   /// and the next synchronisation of this stream throws mixmoe::Error(message(position, value))
   /// (runtime.cuh). The kernels that read the indices meanwhile stay in bounds (see the top).
-  static void index_check_deferred(const Index* p, index_t n, index_t extent,
-                                   detail::DeferredChecks::Message message) {
+  /// `allowed` (cross-entropy's ignore_index), when given, passes too.
+  static void index_check_deferred(const Index* p, index_t n, index_t extent, detail::DeferredChecks::Message message,
+                                   std::optional<index_t> allowed = std::nullopt) {
     if (n == 0) return;
     auto first = Tensor<std::int64_t, Cuda>::full(Shape{1}, std::numeric_limits<std::int64_t>::max());
     static_assert(sizeof(std::int64_t) == sizeof(long long) && sizeof(Index) == sizeof(std::int32_t));
     auto* f = reinterpret_cast<long long*>(first.data());
-    kernels::index_first_out_of_range<<<blocks_for(n), 256, 0, current_stream()>>>(p, n, extent, f);
+    kernels::index_first_out_of_range<<<blocks_for(n), 256, 0, current_stream()>>>(p, n, extent, f,
+                                                                                    allowed.has_value(),
+                                                                                    allowed.value_or(0));
     MIXMOE_CUDA_CHECK_LAUNCH("index_first_out_of_range");
     // `first` goes back to the cache when this returns; the stream order keeps it until the commit ran
     detail::DeferredChecks::instance().enqueue(f, n, p, std::move(message));
