@@ -72,9 +72,9 @@ void deferred_embedding() {
   mixmoe::cuda::synchronize();
   expect(mixmoe::cuda::pending_checks() == 0, "a passing deferred check is forgotten at the next synchronisation");
   // the module's default is deferred
-  Embedding<float, Cuda> module;
-  module.weight = w;
-  expect(module.check == IndexCheck::deferred, "nn::Embedding checks deferred by default");
+  Embedding<float, Cuda> layer;
+  layer.weight = w;
+  expect(layer.check == IndexCheck::deferred, "nn::Embedding checks deferred by default");
 }
 
 /// Uploads go through pinned staging without waiting, and arrive intact, also when blocks are

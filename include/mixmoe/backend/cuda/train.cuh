@@ -74,12 +74,13 @@ __device__ inline bool train_sum_overflowed(double sum) { return isinf(sum); }
 
 /// partial[blockIdx.x] = this block's share of the reduction of x (n elements); blockDim == 256.
 /// With `gate` (device memory: the first pass's sum), the scaled and max passes run only when
-/// that sum overflowed, and `amax` is read from amax_at when it is not null.
+/// that sum overflowed, and the scaled pass reads amax from amax_at when it is not null.
 template <class T, int Mode>
 __global__ void train_reduce_partials(const T* x, index_t n, double amax, double* partial, const double* gate = nullptr,
                                       const double* amax_at = nullptr) {
   if (gate != nullptr && !train_sum_overflowed(*gate)) return;
-  if (amax_at != nullptr) amax = *amax_at;
+  const double scale_by = Mode == kTrainScaledSumSquares && amax_at != nullptr ? *amax_at : amax;
+  (void)scale_by;  // read by the scaled mode only
   double acc = 0;
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
@@ -87,7 +88,7 @@ __global__ void train_reduce_partials(const T* x, index_t n, double amax, double
     if constexpr (Mode == kTrainAbsMax) {
       acc = fmax(acc, fabs(v));
     } else {
-      if constexpr (Mode == kTrainScaledSumSquares) v = v / amax;
+      if constexpr (Mode == kTrainScaledSumSquares) v = v / scale_by;
       acc += v * v;
     }
   }
