@@ -26,6 +26,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "mixmoe/backend/cuda/ops.cuh"
@@ -70,7 +71,7 @@ __global__ void train_sgd(T* w, const T* g, T* vel, index_t n, T lr, T wd, T mu)
 enum TrainReduce : int { kTrainSumSquares = 0, kTrainScaledSumSquares = 1, kTrainAbsMax = 2 };
 
 /// Whether a sum of squares needs the overflow-safe passes: +inf (NaN stays NaN, finite is right).
-__device__ inline bool train_sum_overflowed(double sum) { return isinf(sum); }
+__device__ inline bool train_sum_overflowed(double sum) { return std::isinf(sum); }
 
 /// partial[blockIdx.x] = this block's share of the reduction of x (n elements); blockDim == 256.
 /// With `gate` (device memory: the first pass's sum), the scaled and max passes run only when
@@ -141,10 +142,10 @@ __global__ void train_scale_at(T* x, index_t n, const double* s) {
 template <int = 0>
 __global__ void train_clip_finish(const double* r, double max_norm, double* out) {
   const double sum = r[0];
-  double norm = sqrt(sum);
-  if (train_sum_overflowed(sum)) norm = isinf(r[1]) ? r[1] : r[1] * sqrt(r[2]);
+  double norm = std::sqrt(sum);
+  if (train_sum_overflowed(sum)) norm = std::isinf(r[1]) ? r[1] : r[1] * std::sqrt(r[2]);
   out[0] = norm;
-  out[1] = max_norm > 0 && isfinite(norm) && norm > max_norm ? max_norm / norm : 1.0;
+  out[1] = max_norm > 0 && std::isfinite(norm) && norm > max_norm ? max_norm / norm : 1.0;
 }
 
 }  // namespace kernels
