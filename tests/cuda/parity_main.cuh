@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include <mixmoe/backend/cuda/cuda.cuh>
 
@@ -28,6 +29,33 @@ int parity_main(const char* family, DeviceRun device_run, CpuRun cpu_run) {
     std::printf("  FAILED: threw %s\n", e.what());
     return 1;
   }
+}
+
+/// Failed expect() calls of a test's device-only checks.
+inline int& device_check_failures() {
+  static int n = 0;
+  return n;
+}
+
+/// One device-only check: prints "ok" or "FAILED" with what was checked.
+inline void expect(bool ok, const std::string& what) {
+  std::printf("  %s: %s\n", ok ? "ok" : "FAILED", what.c_str());
+  if (!ok) ++device_check_failures();
+}
+
+/// Runs `checks` (calling expect) after a parity run whose status is parity_rc, unless that run
+/// was skipped (77: no device); the exit status fails when either part failed.
+template <class Checks>
+int with_device_checks(const char* family, int parity_rc, Checks&& checks) {
+  if (parity_rc == 77) return parity_rc;
+  std::printf("%s: device-only checks\n", family);
+  try {
+    checks();
+  } catch (const std::exception& e) {
+    expect(false, std::string("threw ") + e.what());
+  }
+  std::printf("%s: device-only checks: %d failed\n", family, device_check_failures());
+  return parity_rc != 0 ? parity_rc : (device_check_failures() == 0 ? 0 : 1);
 }
 
 }  // namespace mixmoe_parity

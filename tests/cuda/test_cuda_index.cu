@@ -18,12 +18,7 @@ void cpu_cases_index(Results& r);
 
 namespace {
 
-int device_failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  std::printf("  %s: %s\n", ok ? "ok" : "FAILED", what.c_str());
-  if (!ok) ++device_failures;
-}
+using mixmoe_parity::expect;
 
 std::uint64_t syncs() { return mixmoe::cuda::synchronization_count(); }
 
@@ -124,15 +119,9 @@ void async_clipping() {
 int main() {
   using namespace mixmoe_parity;
   const int rc = parity_main("test_cuda_index", cases_index<mixmoe::Cuda>, cpu_cases_index);
-  if (rc == 77) return rc;
-  std::printf("test_cuda_index: device-only checks\n");
-  try {
+  return with_device_checks("test_cuda_index", rc, [] {
     deferred_embedding();
     staged_uploads();
     async_clipping();
-  } catch (const std::exception& e) {
-    expect(false, std::string("threw ") + e.what());
-  }
-  std::printf("test_cuda_index: device-only checks: %d failed\n", device_failures);
-  return rc != 0 ? rc : (device_failures == 0 ? 0 : 1);
+  });
 }

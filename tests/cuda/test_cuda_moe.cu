@@ -17,12 +17,7 @@ void cpu_cases_moe(Results& r);
 
 namespace {
 
-int device_failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  std::printf("  %s: %s\n", ok ? "ok" : "FAILED", what.c_str());
-  if (!ok) ++device_failures;
-}
+using mixmoe_parity::expect;
 
 /// Host synchronisations of one training step of a layer (after a warm-up step: cuFFT plans, the
 /// caching allocator's first blocks).
@@ -103,14 +98,8 @@ void out_of_range_expert() {
 int main() {
   using namespace mixmoe_parity;
   const int rc = parity_main("test_cuda_moe", cases_moe<mixmoe::Cuda>, cpu_cases_moe);
-  if (rc == 77) return rc;
-  std::printf("test_cuda_moe: device-only checks\n");
-  try {
+  return with_device_checks("test_cuda_moe", rc, [] {
     synchronisation_free_layer();
     out_of_range_expert();
-  } catch (const std::exception& e) {
-    expect(false, std::string("threw ") + e.what());
-  }
-  std::printf("test_cuda_moe: device-only checks: %d failed\n", device_failures);
-  return rc != 0 ? rc : (device_failures == 0 ? 0 : 1);
+  });
 }

@@ -13,12 +13,7 @@ void cpu_cases_training(Results& r);
 
 namespace {
 
-int device_failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  std::printf("  %s: %s\n", ok ? "ok" : "FAILED", what.c_str());
-  if (!ok) ++device_failures;
-}
+using mixmoe_parity::expect;
 
 /// A hand-written step (batch upload, forward, losses, backward, clip_grad_norm_async, AdamW)
 /// waits 0 times; train_loop waits once per step (the step's numbers, read in one copy).
@@ -69,13 +64,7 @@ void step_synchronisations() {
 int main() {
   using namespace mixmoe_parity;
   const int rc = parity_main("test_cuda_training", cases_training<mixmoe::Cuda>, cpu_cases_training);
-  if (rc == 77) return rc;
-  std::printf("test_cuda_training: device-only checks\n");
-  try {
+  return with_device_checks("test_cuda_training", rc, [] {
     step_synchronisations();
-  } catch (const std::exception& e) {
-    expect(false, std::string("threw ") + e.what());
-  }
-  std::printf("test_cuda_training: device-only checks: %d failed\n", device_failures);
-  return rc != 0 ? rc : (device_failures == 0 ? 0 : 1);
+  });
 }
