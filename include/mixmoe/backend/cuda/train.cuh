@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "mixmoe/backend/cuda/ops.cuh"
@@ -207,7 +208,9 @@ struct TrainOps {
   static void train_clip_norm(const std::vector<T*>& xs, const std::vector<index_t>& ns, double max_norm,
                               double* out) {
     MIXMOE_CHECK(xs.size() == ns.size(), "cuda::train_clip_norm", xs.size(), " pointers for ", ns.size(), " sizes");
-    auto r = Tensor<double, Cuda>::zeros({3});  // sum, amax, scaled sum
+    // sum, amax, scaled sum. amax starts at inf: float gradients skip the passes below, and for
+    // them an overflowed sum means a true inf among them (the norm is inf, as grad_norm's).
+    auto r = Tensor<double, Cuda>::from({0.0, std::numeric_limits<double>::infinity(), 0.0}, {3});
     const std::vector<const T*> cxs(xs.begin(), xs.end());
     train_reduce_into<T, kernels::kTrainSumSquares>(cxs, ns, r.data(), nullptr, nullptr);
     if constexpr (sizeof(T) > sizeof(float)) {
