@@ -47,9 +47,9 @@ const Tensor<T, D>* contiguous_grad(const Var<T, D>& p) {
 }
 
 /// The device pointers and sizes of the parameters' gradients (made contiguous), for the device
-/// reductions of DeviceOps<D>.
-template <Scalar T, Device D>
-void device_grad_list(const std::vector<Var<T, D>>& params, std::vector<const T*>& xs, std::vector<index_t>& ns) {
+/// reductions of DeviceOps<D> (P: const T* to read them, T* to scale them).
+template <Scalar T, Device D, class P>
+void device_grad_list(const std::vector<Var<T, D>>& params, std::vector<P>& xs, std::vector<index_t>& ns) {
   for (const auto& p : params) {
     const Tensor<T, D>* g = contiguous_grad(p);
     if (!g) continue;
@@ -176,12 +176,7 @@ Tensor<double, D> clip_grad_norm_async(const std::vector<Var<T, D>>& params, dou
     detail::require_device_ops<D>();
     std::vector<T*> xs;
     std::vector<index_t> ns;
-    for (const auto& p : params) {
-      const Tensor<T, D>* g = detail::contiguous_grad(p);
-      if (!g) continue;
-      xs.push_back(g->data());
-      ns.push_back(g->numel());
-    }
+    detail::device_grad_list(params, xs, ns);
     auto out = Tensor<double, D>::empty({2});
     detail::DeviceOps<D>::train_clip_norm(xs, ns, max_norm, out.data());
     return out;

@@ -154,12 +154,7 @@ struct IndexOps {
   /// (as on the CPU) instead of reading or writing out of bounds in a later kernel.
   static index_t index_first_out_of_range(const Index* p, index_t n, index_t extent) {
     if (n == 0) return -1;
-    const auto first = Tensor<std::int64_t, Cuda>::full(Shape{1}, std::numeric_limits<std::int64_t>::max());
-    static_assert(sizeof(std::int64_t) == sizeof(long long));
-    kernels::index_first_out_of_range<<<blocks_for(n), 256, 0, current_stream()>>>(
-        p, n, extent, reinterpret_cast<long long*>(first.data()));
-    MIXMOE_CUDA_CHECK_LAUNCH("index_first_out_of_range");
-    const std::int64_t at = first.item();  // device -> host copy: the one synchronisation of the check
+    const std::int64_t at = first_out_of_range(p, n, extent).item();  // the one synchronisation of the check
     return at == std::numeric_limits<std::int64_t>::max() ? -1 : static_cast<index_t>(at);
   }
 
@@ -170,15 +165,11 @@ struct IndexOps {
   static void index_check_deferred(const Index* p, index_t n, index_t extent, detail::DeferredChecks::Message message,
                                    std::optional<index_t> allowed = std::nullopt) {
     if (n == 0) return;
-    auto first = Tensor<std::int64_t, Cuda>::full(Shape{1}, std::numeric_limits<std::int64_t>::max());
-    static_assert(sizeof(std::int64_t) == sizeof(long long) && sizeof(Index) == sizeof(std::int32_t));
-    auto* f = reinterpret_cast<long long*>(first.data());
-    kernels::index_first_out_of_range<<<blocks_for(n), 256, 0, current_stream()>>>(p, n, extent, f,
-                                                                                    allowed.has_value(),
-                                                                                    allowed.value_or(0));
-    MIXMOE_CUDA_CHECK_LAUNCH("index_first_out_of_range");
+    static_assert(sizeof(Index) == sizeof(std::int32_t));
+    const auto first = first_out_of_range(p, n, extent, allowed);
     // `first` goes back to the cache when this returns; the stream order keeps it until the commit ran
-    detail::DeferredChecks::instance().enqueue(f, n, p, std::move(message));
+    detail::DeferredChecks::instance().enqueue(reinterpret_cast<const long long*>(first.data()), n, p,
+                                               std::move(message));
   }
 
   template <class T>
@@ -248,6 +239,18 @@ struct IndexOps {
   }
 
  private:
+  /// A one-element device tensor holding the first position of n indices outside [0, extent)
+  /// (`allowed` passing too), or int64 max when there is none; nothing waits.
+  static Tensor<std::int64_t, Cuda> first_out_of_range(const Index* p, index_t n, index_t extent,
+                                                       std::optional<index_t> allowed = std::nullopt) {
+    auto first = Tensor<std::int64_t, Cuda>::full(Shape{1}, std::numeric_limits<std::int64_t>::max());
+    static_assert(sizeof(std::int64_t) == sizeof(long long));
+    kernels::index_first_out_of_range<<<blocks_for(n), 256, 0, current_stream()>>>(
+        p, n, extent, reinterpret_cast<long long*>(first.data()), allowed.has_value(), allowed.value_or(0));
+    MIXMOE_CUDA_CHECK_LAUNCH("index_first_out_of_range");
+    return first;
+  }
+
   /// ishape with `strides`, the stride of `axis` set to 0 (the kernel adds index * stride).
   static ViewDesc index_off_axis_view(const Shape& ishape, const Shape& strides, int axis) {
     ViewDesc v = view_desc(ishape, strides);
