@@ -1,12 +1,16 @@
 // GPU parity of the index family (cases_index.hpp) against the CPU backend, then device-only
-// checks of what has no CPU counterpart: deferred checks and uploads that do not wait.
+// checks of what has no CPU counterpart: deferred checks, uploads that do not wait, and host
+// threads running the backend at the same time, each on its own stream.
 #include "parity_main.cuh"
 
 #include <cmath>
 #include <cstdint>
+#include <future>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include <mixmoe/mixmoe.hpp>
 #include <mixmoe/nn/linear.hpp>
 #include <mixmoe/train/clip.hpp>
 
@@ -114,6 +118,92 @@ void async_clipping() {
   expect(std::abs(grad_norm(ps) - 0.25 * norm) <= 1e-5 * norm, "the gradients are clipped to max_norm");
 }
 
+/// Two host threads, each on its per-thread default stream (one handle, two streams): the caches
+/// that outlive a call are kept per stream, so neither thread sees the other's blocks in flight,
+/// deferred errors or cuFFT plans, and both compute what one thread alone computes.
+void two_threads() {
+  using namespace mixmoe;
+  auto& alloc = mixmoe::cuda::CachingDeviceAllocator::instance();
+  unsigned long long other_id = 0;
+  std::thread([&] { other_id = mixmoe::cuda::current_stream_id(); }).join();
+  expect(other_id != mixmoe::cuda::current_stream_id(), "two threads' per-thread streams have different ids");
+
+  // a freed block goes back to its stream's free list only
+  const std::size_t bytes = std::size_t{3} << 20;
+  void* mine = alloc.allocate(bytes);
+  alloc.deallocate(mine, bytes);
+  void* theirs = nullptr;
+  std::thread([&] {
+    theirs = alloc.allocate(bytes);
+    alloc.deallocate(theirs, bytes);
+  }).join();
+  void* again = alloc.allocate(bytes);
+  expect(theirs != mine, "a block freed on one thread's stream is not handed to another thread's");
+  expect(again == mine, "it is reused on the stream that freed it");
+  alloc.deallocate(again, bytes);
+
+  // a failed deferred check is reported by its own stream's synchronisation only
+  std::promise<void> enqueued, main_synced;
+  std::string their_message;
+  std::thread checker([&] {
+    try {
+      Var<float, Cuda> w(Tensor<float, Cuda>::ones({6, 4}), true);
+      Var<float, Cuda> y = embedding(w, Tensor<Index, Cuda>::from({1, 7}, {2}), IndexCheck::deferred);
+      enqueued.set_value();
+      main_synced.get_future().wait();
+      mixmoe::cuda::synchronize();
+    } catch (const Error& e) {
+      their_message = e.what();
+    }
+  });
+  enqueued.get_future().wait();
+  bool main_threw = false;
+  try {
+    mixmoe::cuda::synchronize();
+  } catch (const Error&) {
+    main_threw = true;
+  }
+  main_synced.set_value();
+  checker.join();
+  expect(!main_threw, "another thread's failed deferred check is not thrown by this thread's synchronisation");
+  expect(their_message == "[embedding] id 7 at position (1) is out of range for a vocabulary of V = 6",
+         "it is thrown by its own thread's (got '" + their_message + "')");
+  expect(mixmoe::cuda::pending_checks() == 0, "nothing pending afterwards");
+
+  // the same work on two threads at once gives one thread's results; each stream has its own plans
+  const auto work = [](std::uint64_t seed) {
+    Var<float, Cuda> xv = mixmoe_parity::leaf<float, Cuda>({96, 33}, seed);
+    Var<float, Cuda> wv = mixmoe_parity::leaf<float, Cuda>({33, 48}, seed + 1);
+    Var<float, Cuda> y = softmax(rfft_magnitude(matmul(xv, wv), 1e-6), -1);
+    Var<float, Cuda> g(mixmoe_parity::randn<float, Cuda>(y.value().shape(), seed + 2));
+    sum(y * g).backward();
+    std::vector<float> out = y.value().to_vector();
+    const std::vector<float> gx = xv.grad().to_vector();
+    out.insert(out.end(), gx.begin(), gx.end());
+    return out;
+  };
+  const std::vector<float> ref_a = work(71), ref_b = work(72);
+  const std::size_t plans = mixmoe::cuda::FftPlanCache::instance().size();
+  std::vector<float> got_a, got_b;
+  bool same = true;
+  for (int round = 0; round < 20; ++round) {
+    std::thread ta([&] { got_a = work(71); });
+    std::thread tb([&] { got_b = work(72); });
+    ta.join();
+    tb.join();
+    const auto close = [](const std::vector<float>& u, const std::vector<float>& v) {
+      if (u.size() != v.size()) return false;
+      for (std::size_t i = 0; i < u.size(); ++i)
+        if (!(std::abs(u[i] - v[i]) <= 1e-5f * (1.0f + std::abs(v[i])))) return false;
+      return true;
+    };
+    same = same && close(got_a, ref_a) && close(got_b, ref_b);
+  }
+  expect(same, "matmul, rfft_magnitude and softmax, forward and backward, on two threads at once (20 rounds) "
+               "give one thread's results");
+  expect(mixmoe::cuda::FftPlanCache::instance().size() > plans, "the other threads' streams got plans of their own");
+}
+
 }  // namespace
 
 int main() {
@@ -123,5 +213,6 @@ int main() {
     deferred_embedding();
     staged_uploads();
     async_clipping();
+    two_threads();
   });
 }

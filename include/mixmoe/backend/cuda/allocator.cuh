@@ -1,12 +1,15 @@
 // Caching allocator for device memory. cudaMalloc and cudaFree synchronise the device and cost
 // tens of microseconds; a training step allocates the same sizes every time, so freed blocks
 // are kept in the host allocator's size classes (core/allocator.hpp) and handed out again. Once
-// warm, a step makes no cudaMalloc or cudaFree call. Reuse is stream-ordered: see runtime.cuh.
+// warm, a step makes no cudaMalloc or cudaFree call. Reuse is stream-ordered (see runtime.cuh):
+// a freed block goes to the free lists of the stream that freed it, and only an allocation on
+// that stream takes it again, so two host threads (two streams) never share a block in flight.
 #pragma once
 
 #include <array>
 #include <cstring>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "mixmoe/backend/cuda/runtime.cuh"
@@ -17,21 +20,22 @@ namespace mixmoe::cuda {
 class CachingDeviceAllocator {
  public:
   static CachingDeviceAllocator& instance() {
-    static CachingDeviceAllocator a;
-    return a;
+    // Never destroyed: a device tensor held by a static object may be freed after any destructor
+    // of this header's objects has run. The cached blocks are left to the driver at exit (the
+    // CUDA context may already be torn down then, and cudaFree would fail).
+    static CachingDeviceAllocator* a = new CachingDeviceAllocator;
+    return *a;
   }
   CachingDeviceAllocator(const CachingDeviceAllocator&) = delete;
   CachingDeviceAllocator& operator=(const CachingDeviceAllocator&) = delete;
-  // The cached blocks are left to the driver at exit: the CUDA context may already be torn
-  // down when static destructors run, and cudaFree would then fail.
-  ~CachingDeviceAllocator() = default;
 
   /// A device block of at least `bytes` bytes (256-byte aligned, as cudaMalloc's are).
   void* allocate(std::size_t bytes) {
     const int cls = mixmoe::detail::SizeClasses::of(bytes);
     const std::size_t size = mixmoe::detail::SizeClasses::bytes_of(cls);
+    const unsigned long long sid = current_stream_id();
     std::lock_guard<std::mutex> lock(mutex_);
-    auto& list = free_[static_cast<std::size_t>(cls)];
+    auto& list = free_[sid][static_cast<std::size_t>(cls)];
     void* p = nullptr;
     if (!list.empty()) {
       p = list.back();
@@ -57,7 +61,8 @@ class CachingDeviceAllocator {
     return p;
   }
 
-  /// Takes back a block from allocate(bytes) with the same `bytes`.
+  /// Takes back a block from allocate(bytes) with the same `bytes`, for reuse on current_stream()
+  /// (the stream whose work, issued so far, is the last to use it).
   void deallocate(void* p, std::size_t bytes) noexcept {
     if (!p) return;
     const int cls = mixmoe::detail::SizeClasses::of(bytes);
@@ -65,9 +70,11 @@ class CachingDeviceAllocator {
     std::lock_guard<std::mutex> lock(mutex_);
     stats_.bytes_in_use -= size;
     try {
-      free_[static_cast<std::size_t>(cls)].push_back(p);
+      free_[current_stream_id()][static_cast<std::size_t>(cls)].push_back(p);
       stats_.bytes_cached += size;
     } catch (...) {
+      // No memory for the list, or no stream id (the context is going away): back to the driver
+      // (cudaFree waits for the device first).
       (void)cudaFree(p);
       ++stats_.system_frees;
     }
@@ -89,18 +96,21 @@ class CachingDeviceAllocator {
 
   void release_cache_locked() {
     (void)cudaDeviceSynchronize();  // no kernel may still use a block handed back to the driver
-    for (auto& list : free_) {
-      for (void* p : list) {
-        (void)cudaFree(p);
-        ++stats_.system_frees;
+    for (auto& [sid, lists] : free_) {
+      for (auto& list : lists) {
+        for (void* p : list) {
+          (void)cudaFree(p);
+          ++stats_.system_frees;
+        }
       }
-      list.clear();
     }
+    free_.clear();
     stats_.bytes_cached = 0;
   }
 
+  using FreeLists = std::array<std::vector<void*>, mixmoe::detail::SizeClasses::kClasses>;
   mutable std::mutex mutex_;
-  std::array<std::vector<void*>, mixmoe::detail::SizeClasses::kClasses> free_{};
+  std::unordered_map<unsigned long long, FreeLists> free_;  // by stream_id() of the freeing stream
   AllocatorStats stats_{};
 };
 
@@ -143,9 +153,14 @@ class PinnedStaging {
       pinned_bytes_ += size;
     }
     std::memcpy(b.p, src, bytes);
-    check(cudaMemcpyAsync(dst, b.p, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync (staged upload)",
-          __FILE__, __LINE__);
-    check(cudaEventRecord(b.done, stream), "cudaEventRecord (staged upload)", __FILE__, __LINE__);
+    busy_.reserve(busy_.size() + 1);  // no allocation failure after the copy is queued
+    cudaError_t e = cudaMemcpyAsync(dst, b.p, bytes, cudaMemcpyHostToDevice, stream);
+    if (e == cudaSuccess) e = cudaEventRecord(b.done, stream);
+    if (e != cudaSuccess) {  // the block is free once whatever was queued has run
+      (void)cudaStreamSynchronize(stream);
+      free_[static_cast<std::size_t>(b.cls)].push_back(b);
+      check(e, "cudaMemcpyAsync / cudaEventRecord (staged upload)", __FILE__, __LINE__);
+    }
     busy_.push_back(b);
     return true;
   }

@@ -514,12 +514,6 @@ struct AttentionOps {
   /// y (R, F, 2) = rfft of the rows of x (R, N), both contiguous.
   template <class T>
   static void fft_rfft_rows(const T* x, T* y, index_t rows, index_t n) {
-    if (rows == 0 || n == 0) return;
-    if (n == 1) {  // Y_0 = (x_0, 0): a strided copy, without a length-1 cuFFT plan
-      ::mixmoe::detail::DeviceBackend<Cuda>::fill(y, 2 * rows, T(0));
-      ::mixmoe::detail::DeviceBackend<Cuda>::copy(x, Shape{1}, y, Shape{2}, Shape{rows});
-      return;
-    }
     rfft_rows(x, y, rows, n);
   }
 
@@ -531,7 +525,7 @@ struct AttentionOps {
     auto z = Tensor<T, Cuda>::empty(Shape{rows, f, 2});  // c2r overwrites its input: a scratch spectrum
     attn_kernels::rfft_adjoint_spectrum<<<blocks_for(rows * f), 256, 0, current_stream()>>>(g, z.data(), rows, f, n);
     MIXMOE_CUDA_CHECK_LAUNCH("rfft_adjoint_spectrum");
-    fft_c2r(z.data(), gx, rows, n);
+    c2r_rows(z.data(), gx, rows, n);
   }
 
   /// m (count) = sqrt(re^2 + im^2 + eps) of the spectrum (count, 2).
@@ -552,22 +546,7 @@ struct AttentionOps {
     kernels::magnitude_adjoint_spectrum<<<blocks_for(rows * f), 256, 0, current_stream()>>>(g, spec, m, z.data(), rows,
                                                                                             f, n);
     MIXMOE_CUDA_CHECK_LAUNCH("magnitude_adjoint_spectrum");
-    fft_c2r(z.data(), gx, rows, n);
-  }
-
- private:
-  /// x (R, N) = unnormalised c2r of z (R, F, 2) (z is overwritten).
-  template <class T>
-  static void fft_c2r(T* z, T* x, index_t rows, index_t n) {
-    if (n == 1) {  // x_0 = Re Z_0
-      ::mixmoe::detail::DeviceBackend<Cuda>::copy(static_cast<const T*>(z), Shape{2}, x, Shape{1}, Shape{rows});
-      return;
-    }
-    const cufftHandle plan = FftPlanCache::instance().get<T>(FftDirection::c2r, n, rows);
-    if constexpr (std::is_same_v<T, float>)
-      MIXMOE_CUFFT_CHECK(cufftExecC2R(plan, reinterpret_cast<cufftComplex*>(z), x));
-    else
-      MIXMOE_CUFFT_CHECK(cufftExecZ2D(plan, reinterpret_cast<cufftDoubleComplex*>(z), x));
+    c2r_rows(z.data(), gx, rows, n);
   }
 };
 

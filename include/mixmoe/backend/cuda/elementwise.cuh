@@ -37,14 +37,16 @@ __global__ void map2(T* out, const T* a, const T* b, index_t n, F f) {
 }
 
 template <class T, class F>
-__global__ void map_broadcast2(T* out, index_t n, const T* a, ViewDesc va, const T* b, ViewDesc vb, F f) {
+__global__ void map_broadcast2(T* out, index_t n, const T* a, const __grid_constant__ ViewDesc va, const T* b,
+                               const __grid_constant__ ViewDesc vb, F f) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
     out[i] = f(a[view_offset(va, i)], b[view_offset(vb, i)]);
 }
 
 template <class T>
-__global__ void sum_to(const T* g, ViewDesc kept, ViewDesc reduced, index_t n_out, index_t n_reduced, T* out) {
+__global__ void sum_to(const T* g, const __grid_constant__ ViewDesc kept, const __grid_constant__ ViewDesc reduced,
+                       index_t n_out, index_t n_reduced, T* out) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n_out;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const T* base = g + view_offset(kept, i);
@@ -77,7 +79,7 @@ struct ElementwiseOps {
     const index_t n = shape.numel();
     if (n == 0) return;
     kernels::map_broadcast2<<<blocks_for(n), 256, 0, current_stream()>>>(out, n, a, view_desc(shape, sa), b,
-                                                                          view_desc(shape, sb), f);
+                                                                         view_desc(shape, sb), f);
     MIXMOE_CUDA_CHECK_LAUNCH("map_broadcast");
   }
 

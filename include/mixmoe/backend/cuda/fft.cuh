@@ -5,12 +5,16 @@
 //   rfft_magnitude(x (R, N), eps) -> (m (R, F), spectrum (R, F, 2))    m = sqrt(re^2 + im^2 + eps)
 //   rfft_magnitude_backward(g (R, F), spectrum, m, N) -> gx (R, N)
 //
-// Plans are made once per (precision, direction, N, R) and cached for the process; every plan
-// runs on current_stream().
+// Plans are made once per (stream, precision, direction, N, R) and cached (the 64 last used);
+// every transform runs on current_stream(). N = 1 needs no plan (a strided copy), and an input
+// that is not aligned to its complex type (a view at an odd offset) is first copied.
 #pragma once
 
 #include <cufft.h>
 
+#include <cstdint>
+#include <limits>
+#include <list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -35,39 +39,105 @@ namespace mixmoe::cuda {
 
 enum class FftDirection { r2c, c2r };
 
-/// The process-wide cache of batched 1-D cuFFT plans.
+/// The process-wide cache of batched 1-D cuFFT plans. A plan belongs to one stream (its work area
+/// is used in that stream's order), and it is executed under the cache's lock, so host threads on
+/// their own streams never share a plan nor rebind one's stream while another executes it.
 class FftPlanCache {
  public:
+  /// Plans kept; the least recently used beyond this is destroyed (after the device is idle).
+  static constexpr std::size_t kMaxPlans = 64;
+
   static FftPlanCache& instance() {
-    static FftPlanCache c;
-    return c;
+    static FftPlanCache* c = new FftPlanCache;  // never destroyed: plans are left to the driver at exit
+    return *c;
   }
-  /// A plan of `rows` transforms of length n, bound to current_stream().
+  FftPlanCache(const FftPlanCache&) = delete;
+  FftPlanCache& operator=(const FftPlanCache&) = delete;
+
+  /// y (rows, n/2 + 1, 2) = the unnormalised r2c transforms of the rows of x (rows, n), n >= 2;
+  /// y aligned to the complex type, x aligned to T.
   template <class T>
-  cufftHandle get(FftDirection dir, index_t n, index_t rows) {
-    constexpr bool dbl = std::is_same_v<T, double>;
-    const auto key = std::make_tuple(dbl, dir == FftDirection::r2c, n, rows);
+  void r2c(const T* x, T* y, index_t n, index_t rows) {
+    const cudaStream_t s = current_stream();
+    const unsigned long long sid = current_stream_id();
     std::lock_guard<std::mutex> lock(mutex_);
+    const cufftHandle h = plan_locked<T>(FftDirection::r2c, n, rows, s, sid);
+    if constexpr (std::is_same_v<T, float>)
+      MIXMOE_CUFFT_CHECK(cufftExecR2C(h, const_cast<float*>(x), reinterpret_cast<cufftComplex*>(y)));
+    else
+      MIXMOE_CUFFT_CHECK(cufftExecD2Z(h, const_cast<double*>(x), reinterpret_cast<cufftDoubleComplex*>(y)));
+  }
+
+  /// x (rows, n) = the unnormalised c2r transforms of z (rows, n/2 + 1, 2), n >= 2; z is overwritten.
+  template <class T>
+  void c2r(T* z, T* x, index_t n, index_t rows) {
+    const cudaStream_t s = current_stream();
+    const unsigned long long sid = current_stream_id();
+    std::lock_guard<std::mutex> lock(mutex_);
+    const cufftHandle h = plan_locked<T>(FftDirection::c2r, n, rows, s, sid);
+    if constexpr (std::is_same_v<T, float>)
+      MIXMOE_CUFFT_CHECK(cufftExecC2R(h, reinterpret_cast<cufftComplex*>(z), x));
+    else
+      MIXMOE_CUFFT_CHECK(cufftExecZ2D(h, reinterpret_cast<cufftDoubleComplex*>(z), x));
+  }
+
+  /// Plans held now.
+  [[nodiscard]] std::size_t size() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return plans_.size();
+  }
+
+ private:
+  using Key = std::tuple<unsigned long long, bool, bool, index_t, index_t>;  // stream, double, r2c, n, rows
+  struct Entry {
+    cufftHandle handle;
+    std::list<Key>::iterator used;  // its place in recent_
+  };
+  FftPlanCache() = default;
+
+  template <class T>
+  cufftHandle plan_locked(FftDirection dir, index_t n, index_t rows, cudaStream_t s, unsigned long long sid) {
+    constexpr bool dbl = std::is_same_v<T, double>;
+    constexpr auto int_max = static_cast<index_t>(std::numeric_limits<int>::max());
+    MIXMOE_CHECK(n >= 2 && n <= int_max && rows >= 1 && rows <= int_max, "cuda::fft",
+                 "a cuFFT plan needs 2 <= N and 1 <= rows, both at most 2^31 - 1; got N = ", n, ", rows = ", rows);
+    const Key key{sid, dbl, dir == FftDirection::r2c, n, rows};
     auto it = plans_.find(key);
-    if (it == plans_.end()) {
+    if (it != plans_.end()) {
+      recent_.splice(recent_.begin(), recent_, it->second.used);  // most recently used first
+    } else {
+      if (plans_.size() >= kMaxPlans) evict_locked();
       cufftHandle h = 0;
       int len = static_cast<int>(n);
       const cufftType type = dir == FftDirection::r2c ? (dbl ? CUFFT_D2Z : CUFFT_R2C) : (dbl ? CUFFT_Z2D : CUFFT_C2R);
       MIXMOE_CUFFT_CHECK(cufftPlanMany(&h, 1, &len, nullptr, 1, 0, nullptr, 1, 0, type, static_cast<int>(rows)));
-      it = plans_.emplace(key, h).first;
+      try {
+        recent_.push_front(key);
+        it = plans_.emplace(key, Entry{h, recent_.begin()}).first;
+      } catch (...) {
+        if (!recent_.empty() && recent_.front() == key) recent_.pop_front();
+        (void)cufftDestroy(h);
+        throw;
+      }
     }
-    MIXMOE_CUFFT_CHECK(cufftSetStream(it->second, current_stream()));
-    return it->second;
+    MIXMOE_CUFFT_CHECK(cufftSetStream(it->second.handle, s));
+    return it->second.handle;
   }
-  FftPlanCache(const FftPlanCache&) = delete;
-  FftPlanCache& operator=(const FftPlanCache&) = delete;
-  // Plans are left to the driver at exit, like the allocator's blocks (the context may be gone).
-  ~FftPlanCache() = default;
 
- private:
-  FftPlanCache() = default;
-  std::mutex mutex_;
-  std::map<std::tuple<bool, bool, index_t, index_t>, cufftHandle> plans_;
+  /// Destroys the least recently used plan. Its work area may still be read by a transform queued
+  /// on any stream, so the device must be idle first: a rare wait (only past kMaxPlans shapes).
+  void evict_locked() {
+    MIXMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    const Key key = recent_.back();
+    recent_.pop_back();
+    const auto it = plans_.find(key);
+    (void)cufftDestroy(it->second.handle);
+    plans_.erase(it);
+  }
+
+  mutable std::mutex mutex_;
+  std::map<Key, Entry> plans_;
+  std::list<Key> recent_;  // most recently used first
 };
 
 namespace kernels {
@@ -104,15 +174,39 @@ __global__ void magnitude_adjoint_spectrum(const T* g, const T* spec, const T* m
 
 }  // namespace kernels
 
-/// y (R, F, 2) = rfft of each row of x (R, N); both contiguous device buffers.
+/// y (R, F, 2) = rfft of each row of x (R, N); both contiguous device buffers, y freshly allocated
+/// (aligned to the complex type; x may be any view's start).
 template <Scalar T>
 void rfft_rows(const T* x, T* y, index_t rows, index_t n) {
-  if (rows == 0) return;
-  const cufftHandle plan = FftPlanCache::instance().get<T>(FftDirection::r2c, n, rows);
-  if constexpr (std::is_same_v<T, float>)
-    MIXMOE_CUFFT_CHECK(cufftExecR2C(plan, const_cast<float*>(x), reinterpret_cast<cufftComplex*>(y)));
-  else
-    MIXMOE_CUFFT_CHECK(cufftExecD2Z(plan, const_cast<double*>(x), reinterpret_cast<cufftDoubleComplex*>(y)));
+  if (rows == 0 || n == 0) return;
+  if (n == 1) {  // Y_0 = (x_0, 0): a strided copy, without a length-1 cuFFT plan
+    ::mixmoe::detail::DeviceBackend<Cuda>::fill(y, 2 * rows, T(0));
+    ::mixmoe::detail::DeviceBackend<Cuda>::copy(x, Shape{1}, y, Shape{2}, Shape{rows});
+    return;
+  }
+  constexpr std::uintptr_t complex_align = 2 * sizeof(T);
+  MIXMOE_CHECK(reinterpret_cast<std::uintptr_t>(y) % complex_align == 0, "cuda::rfft_rows",
+               "the output must be aligned to ", complex_align, " bytes");
+  if (reinterpret_cast<std::uintptr_t>(x) % complex_align != 0) {
+    // cuFFT reads real input as pairs: copy a view at an odd offset into an aligned block.
+    auto aligned = Tensor<T, Cuda>::empty({rows, n});
+    MIXMOE_CUDA_CHECK(cudaMemcpyAsync(aligned.data(), x, static_cast<std::size_t>(rows * n) * sizeof(T),
+                                      cudaMemcpyDeviceToDevice, current_stream()));
+    FftPlanCache::instance().r2c(aligned.data(), y, n, rows);  // the block is reused only after, in stream order
+    return;
+  }
+  FftPlanCache::instance().r2c(x, y, n, rows);
+}
+
+/// x (R, N) = the unnormalised c2r of z (R, F, 2), z overwritten; both freshly allocated.
+template <Scalar T>
+void c2r_rows(T* z, T* x, index_t rows, index_t n) {
+  if (rows == 0 || n == 0) return;
+  if (n == 1) {  // x_0 = Re Z_0
+    ::mixmoe::detail::DeviceBackend<Cuda>::copy(static_cast<const T*>(z), Shape{2}, x, Shape{1}, Shape{rows});
+    return;
+  }
+  FftPlanCache::instance().c2r(z, x, n, rows);
 }
 
 /// |rfft| of the rows of x (..., N): the magnitude (..., F) and the spectrum (R, F, 2) that the
@@ -127,7 +221,7 @@ std::pair<Tensor<T, Cuda>, Tensor<T, Cuda>> rfft_magnitude(const Tensor<T, Cuda>
   rfft_rows(xc.data(), spec.data(), rows, n);
   if (rows > 0) {
     kernels::magnitude<<<blocks_for(rows * f), 256, 0, current_stream()>>>(spec.data(), mag.data(), rows * f,
-                                                                            static_cast<T>(eps));
+                                                                           static_cast<T>(eps));
     MIXMOE_CUDA_CHECK_LAUNCH("magnitude");
   }
   return {mag, spec};
@@ -145,11 +239,7 @@ Tensor<T, Cuda> rfft_magnitude_backward(const Tensor<T, Cuda>& g, const Tensor<T
   kernels::magnitude_adjoint_spectrum<<<blocks_for(rows * f), 256, 0, current_stream()>>>(
       gc.data(), spec.data(), mag.data(), z.data(), rows, f, n);
   MIXMOE_CUDA_CHECK_LAUNCH("magnitude_adjoint_spectrum");
-  const cufftHandle plan = FftPlanCache::instance().get<T>(FftDirection::c2r, n, rows);
-  if constexpr (std::is_same_v<T, float>)
-    MIXMOE_CUFFT_CHECK(cufftExecC2R(plan, reinterpret_cast<cufftComplex*>(z.data()), gx.data()));
-  else
-    MIXMOE_CUFFT_CHECK(cufftExecZ2D(plan, reinterpret_cast<cufftDoubleComplex*>(z.data()), gx.data()));
+  c2r_rows(z.data(), gx.data(), rows, n);
   return gx;
 }
 

@@ -56,8 +56,8 @@ __device__ inline T index_poison() {
 /// *first = min(*first, i) over the positions i whose index is outside [0, extent).
 /// With `skip` set, the value *skip is allowed too (cross-entropy's ignore_index).
 template <class I>
-__global__ void index_first_out_of_range(const I* p, index_t n, index_t extent, long long* first,
-                                         bool has_skip = false, index_t skip = 0) {
+__global__ void index_first_out_of_range(const I* p, index_t n, index_t extent, long long* first, bool has_skip = false,
+                                         index_t skip = 0) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t v = p[i];
@@ -95,8 +95,9 @@ __global__ void index_select_rows_backward(const T* g, index_t n, index_t inner,
 /// out[off(ov, i)] = x[off(xv, i) + index[i] * x_axis_stride] for the n positions i of the index.
 /// xv has the index's shape and x's strides with 0 on the axis; x's axis has `extent` entries.
 template <class T>
-__global__ void index_gather_axis(T* out, ViewDesc ov, const T* x, ViewDesc xv, index_t x_axis_stride,
-                                  const Index* index, index_t n, index_t extent) {
+__global__ void index_gather_axis(T* out, const __grid_constant__ ViewDesc ov, const T* x,
+                                  const __grid_constant__ ViewDesc xv, index_t x_axis_stride, const Index* index,
+                                  index_t n, index_t extent) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t id = index[i];
@@ -107,8 +108,9 @@ __global__ void index_gather_axis(T* out, ViewDesc ov, const T* x, ViewDesc xv, 
 /// dst[off(dv, i) + index[i] * dst_axis_stride] += src[off(sv, i)]. atomicAdd: positions with the
 /// same index along the axis (and the same coordinates off it) add into one element.
 template <class T>
-__global__ void index_scatter_add_axis(T* dst, ViewDesc dv, index_t dst_axis_stride, const T* src, ViewDesc sv,
-                                       const Index* index, index_t n, index_t extent) {
+__global__ void index_scatter_add_axis(T* dst, const __grid_constant__ ViewDesc dv, index_t dst_axis_stride,
+                                       const T* src, const __grid_constant__ ViewDesc sv, const Index* index, index_t n,
+                                       index_t extent) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const index_t id = index[i];
@@ -118,7 +120,8 @@ __global__ void index_scatter_add_axis(T* dst, ViewDesc dv, index_t dst_axis_str
 
 /// dst view += src view (n elements); no two i share a dst element, so no atomics.
 template <class T>
-__global__ void index_add_strided(T* dst, ViewDesc dv, const T* src, ViewDesc sv, index_t n) {
+__global__ void index_add_strided(T* dst, const __grid_constant__ ViewDesc dv, const T* src,
+                                  const __grid_constant__ ViewDesc sv, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
     dst[view_offset(dv, i)] += src[view_offset(sv, i)];
@@ -199,8 +202,8 @@ struct IndexOps {
     const index_t n = ishape.numel();
     if (n == 0) return;
     kernels::index_gather_axis<<<blocks_for(n), 256, 0, current_stream()>>>(
-        out, view_desc(ishape, out_strides), x, index_off_axis_view(ishape, x_strides, axis), x_strides[axis], index,
-        n, extent);
+        out, view_desc(ishape, out_strides), x, index_off_axis_view(ishape, x_strides, axis), x_strides[axis], index, n,
+        extent);
     MIXMOE_CUDA_CHECK_LAUNCH("index_gather_axis");
   }
 

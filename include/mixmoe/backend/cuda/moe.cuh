@@ -84,6 +84,7 @@ inline unsigned row_blocks(index_t rows) {
 namespace kernels {
 
 inline constexpr int kMoEThreads = 256;
+static_assert(kMoEThreads == kRowThreads, "the MoE kernels reduce with block_sum (ops.cuh), made for kRowThreads");
 
 /// Inclusive prefix sum of v over a block of kMoEThreads threads (every thread calls it); *total
 /// gets the block's sum.
@@ -614,13 +615,13 @@ struct MoEOps {
     MIXMOE_CUDA_CHECK(cudaMemsetAsync(meta_ll, 0xff, sizeof(long long), s));  // first bad = -1 (all ones)
     auto* sorted = reinterpret_cast<unsigned long long*>(keys_sorted);
     if (m > 0) {
+      const int items = moe_detail::to_int_items(m, "moe_plan_count");
       moe_detail::DeviceBuffer keys(static_cast<std::size_t>(m) * sizeof(unsigned long long));
       moe_detail::DeviceBuffer ids(static_cast<std::size_t>(m) * sizeof(Index));
       kernels::moe_plan_keys<<<blocks_for(m), 256, 0, s>>>(token, expert, m, n, e, keys.as<unsigned long long>(),
                                                            ids.as<Index>(),
                                                            reinterpret_cast<unsigned long long*>(meta_ll));
       MIXMOE_CUDA_CHECK_LAUNCH("moe_plan_keys");
-      const int items = moe_detail::to_int_items(m, "moe_plan_count");
       const int bits = moe_detail::bits_for(static_cast<unsigned long long>(e) * static_cast<unsigned long long>(n));
       std::size_t temp_bytes = 0;
       MIXMOE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys.as<unsigned long long>(), sorted,

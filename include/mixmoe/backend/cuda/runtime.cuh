@@ -6,8 +6,13 @@
 // threads never serialise on the legacy stream). Work on one stream runs in issue order, which
 // is what makes the caching allocator's reuse of a freed block safe without an event: a block
 // freed after the kernels that read it were issued can only be written by kernels issued later
-// on the same stream. A caller that switches streams (StreamGuard) must synchronise the old
-// stream before memory allocated on it is freed and reused on the new one.
+// on the same stream. The process-wide caches are therefore kept per stream (stream_id() tells
+// the per-thread default streams of two threads apart, which share one handle): a freed device
+// block is reused only on the stream that freed it, each stream has its own deferred-check
+// record and its own cuFFT plans. Host threads may thus run the backend at the same time, each
+// on its own stream. What stays the caller's: a tensor made or last used on one stream and
+// handed to another (another thread, or a StreamGuard) must have that stream synchronised first
+// (cuda::synchronize() there), before the other reads it or drops its last reference.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,7 +25,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
-#include <thread>
+#include <unordered_map>
 #include <utility>
 
 #include "mixmoe/core/error.hpp"
@@ -82,6 +87,21 @@ inline cudaStream_t& thread_stream() {
 /// The stream this host thread's backend work is issued on.
 inline cudaStream_t current_stream() { return detail::thread_stream(); }
 
+/// The driver's id of stream `s`, unique for the life of the program. cudaStreamPerThread (and
+/// the null stream under per-thread default streams) names a different stream in every thread:
+/// the id is that of the calling thread's. Throws mixmoe::Error when the driver cannot say.
+inline unsigned long long stream_id(cudaStream_t s) {
+  thread_local unsigned long long per_thread = 0;  // cached: this thread's per-thread stream never changes
+  if (s == cudaStreamPerThread && per_thread != 0) return per_thread;
+  unsigned long long id = 0;
+  check(cudaStreamGetId(s, &id), "cudaStreamGetId", __FILE__, __LINE__);
+  if (s == cudaStreamPerThread) per_thread = id;  // an id of 0 is not taken as cached: asked again
+  return id;
+}
+
+/// stream_id(current_stream()).
+inline unsigned long long current_stream_id() { return stream_id(current_stream()); }
+
 /// Makes `s` this thread's stream until the guard goes out of scope (see the note at the top
 /// about freeing memory across streams).
 class StreamGuard {
@@ -124,7 +144,7 @@ struct DeferredRecord {
 /// (A template, as the header's other kernels, so that every translation unit may define it.)
 template <int = 0>
 __global__ void deferred_commit(const long long* first, long long n, const std::int32_t* values, long long id,
-                                       DeferredRecord* record) {
+                                DeferredRecord* record) {
   const long long at = *first;
   if (at < 0 || at >= n) return;
   if (atomicCAS(reinterpret_cast<unsigned long long*>(&record->check), ~0ULL, static_cast<unsigned long long>(id)) ==
@@ -134,7 +154,8 @@ __global__ void deferred_commit(const long long* first, long long n, const std::
   }
 }
 
-/// The host side: the messages of the checks enqueued and not yet seen to pass.
+/// The host side: the messages of the checks enqueued and not yet seen to pass, and one device
+/// record per stream (a check is reported by a synchronisation of the stream it was issued on).
 class DeferredChecks {
  public:
   /// Builds the error message of a failed check from its position and bad value.
@@ -148,50 +169,69 @@ class DeferredChecks {
   /// Enqueues on current_stream() the report of a check whose kernels wrote the first bad
   /// position of n values into *first (a value outside [0, n): none); `message` names the error.
   void enqueue(const long long* first, long long n, const std::int32_t* values, Message message) {
+    const cudaStream_t s = current_stream();
+    const unsigned long long sid = stream_id(s);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!record_) {
+    Stream& st = streams_[sid];
+    if (!st.record) {
       void* p = nullptr;
       check(cudaMalloc(&p, sizeof(DeferredRecord)), "cudaMalloc (deferred check record)", __FILE__, __LINE__);
-      record_ = static_cast<DeferredRecord*>(p);
-      check(cudaMemset(record_, 0xff, sizeof(DeferredRecord)), "cudaMemset (deferred check record)", __FILE__,
-            __LINE__);
+      // On the stream itself: ordered before its commits whatever the stream's flags.
+      const cudaError_t e = cudaMemsetAsync(p, 0xff, sizeof(DeferredRecord), s);
+      if (e != cudaSuccess) (void)cudaFree(p);
+      check(e, "cudaMemsetAsync (deferred check record)", __FILE__, __LINE__);
+      st.record = static_cast<DeferredRecord*>(p);
     }
     const long long id = next_id_++;
-    deferred_commit<<<1, 1, 0, current_stream()>>>(first, n, values, id, record_);
+    deferred_commit<<<1, 1, 0, s>>>(first, n, values, id, st.record);
     check(cudaGetLastError(), "deferred_commit", __FILE__, __LINE__);
-    pending_.push_back(Pending{id, current_stream(), std::this_thread::get_id(), std::move(message)});
+    st.pending.push_back(Pending{id, std::move(message)});
   }
 
-  /// Checks enqueued and not yet seen by a synchronisation of their stream.
+  /// Checks enqueued (on any stream) and not yet seen by a synchronisation of their stream.
   std::size_t pending() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return pending_.size();
+    std::size_t n = 0;
+    for (const auto& [sid, st] : streams_) n += st.pending.size();
+    return n;
   }
 
-  /// After current_stream() was synchronised: throws the error of the first failed check (and
-  /// clears the record, so the device stays usable); forgets the checks of this stream.
+  /// After current_stream() was synchronised: throws the error of the first failed check issued on
+  /// it (and clears its record, so the device stays usable); forgets the checks it has seen.
   void report() {
+    const cudaStream_t s = current_stream();
+    unsigned long long sid = 0;
+    DeferredRecord* record = nullptr;
+    long long seen = 0;  // the checks up to this id were committed before the copy below
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (streams_.empty()) return;
+      sid = stream_id(s);
+      const auto it = streams_.find(sid);
+      if (it == streams_.end() || it->second.pending.empty()) return;
+      record = it->second.record;
+      seen = it->second.pending.back().id;
+    }
+    // Read without the lock: other threads' streams go on enqueueing meanwhile.
+    DeferredRecord host{};
+    check(cudaMemcpyAsync(&host, record, sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (deferred check)",
+          __FILE__, __LINE__);
+    check(cudaStreamSynchronize(s), "cudaStreamSynchronize (deferred check)", __FILE__, __LINE__);
     std::string failed;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (pending_.empty()) return;
-      const cudaStream_t s = current_stream();
-      DeferredRecord host{};
-      check(cudaMemcpyAsync(&host, record_, sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (deferred check)",
-            __FILE__, __LINE__);
-      check(cudaStreamSynchronize(s), "cudaStreamSynchronize (deferred check)", __FILE__, __LINE__);
+      std::deque<Pending>& pending = streams_[sid].pending;
       if (host.check >= 0) {
-        const auto it = std::find_if(pending_.begin(), pending_.end(), [&](const Pending& p) { return p.id == host.check; });
-        failed = it != pending_.end() ? it->message(host.position, host.value)
-                                      : "[cuda] deferred check " + std::to_string(host.check) + " failed at position " +
-                                            std::to_string(host.position);
-        if (it != pending_.end()) pending_.erase(it);
-        check(cudaMemsetAsync(record_, 0xff, sizeof(DeferredRecord), s), "cudaMemsetAsync (deferred check)", __FILE__,
+        const auto it =
+            std::find_if(pending.begin(), pending.end(), [&](const Pending& p) { return p.id == host.check; });
+        failed = it != pending.end() ? it->message(host.position, host.value)
+                                     : "[cuda] deferred check " + std::to_string(host.check) + " failed at position " +
+                                           std::to_string(host.position);
+        check(cudaMemsetAsync(record, 0xff, sizeof(DeferredRecord), s), "cudaMemsetAsync (deferred check)", __FILE__,
               __LINE__);
         check(cudaStreamSynchronize(s), "cudaStreamSynchronize (deferred check)", __FILE__, __LINE__);
       }
-      const auto me = std::this_thread::get_id();
-      std::erase_if(pending_, [&](const Pending& p) { return p.stream == s && p.thread == me; });
+      while (!pending.empty() && pending.front().id <= seen) pending.pop_front();
     }
     if (!failed.empty()) throw Error(failed);
   }
@@ -199,16 +239,17 @@ class DeferredChecks {
  private:
   struct Pending {
     long long id;
-    cudaStream_t stream;     // with the thread: cudaStreamPerThread is one handle for many streams
-    std::thread::id thread;
     Message message;
+  };
+  struct Stream {
+    DeferredRecord* record = nullptr;  // device memory, kept for the life of the program
+    std::deque<Pending> pending;       // ids increasing
   };
   DeferredChecks() = default;
 
   mutable std::mutex mutex_;
-  DeferredRecord* record_ = nullptr;
   long long next_id_ = 0;
-  std::deque<Pending> pending_;
+  std::unordered_map<unsigned long long, Stream> streams_;  // by stream_id()
 };
 
 }  // namespace detail

@@ -9,10 +9,11 @@
 //   auto h = to_device<Cpu>(x);                         // a host copy
 //   auto r = cuda::randn<float>({B, C}, seed);          // drawn on the device (Philox)
 //
-// Copies between host and device are synchronous with respect to the host (the host buffer may
-// be reused when they return); kernels are asynchronous on cuda::current_stream(). An upload of
-// up to 16 MiB does not wait for the device: it goes through a pinned staging block
-// (cuda::PinnedStaging); a larger one, and every download, waits.
+// The host buffer of a copy between host and device may be reused when the call returns; kernels
+// are asynchronous on cuda::current_stream(). An upload of up to 16 MiB does not wait for the
+// device: it goes through a pinned staging block (cuda::PinnedStaging) and lands in stream order,
+// so a tensor uploaded on one thread's stream must be synchronised there before another stream
+// reads it. A larger upload, and every download, waits.
 #pragma once
 
 #include <cstdint>
@@ -61,14 +62,15 @@ __global__ void fill(T* p, index_t n, T value) {
 }
 
 template <class T>
-__global__ void fill_strided(T* p, ViewDesc v, index_t n, T value) {
+__global__ void fill_strided(T* p, const __grid_constant__ ViewDesc v, index_t n, T value) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
     p[view_offset(v, i)] = value;
 }
 
 template <class T>
-__global__ void copy_views(const T* src, ViewDesc sv, T* dst, ViewDesc dv, index_t n) {
+__global__ void copy_views(const T* src, const __grid_constant__ ViewDesc sv, T* dst,
+                           const __grid_constant__ ViewDesc dv, index_t n) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<index_t>(gridDim.x) * blockDim.x)
     dst[view_offset(dv, i)] = src[view_offset(sv, i)];
@@ -207,6 +209,7 @@ struct DeviceBackend<Cuda> {
   }
 
   static void upload(void* dst, const void* src, std::size_t bytes) {
+    if (bytes == 0) return;
     // Through a pinned staging block, without waiting; a large one waits (allocator.cuh).
     if (cuda::PinnedStaging::instance().upload(dst, src, bytes, cuda::current_stream())) return;
     MIXMOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda::current_stream()));
@@ -236,7 +239,7 @@ Tensor<T, Cuda> randn(const Shape& shape, std::uint64_t seed, std::uint64_t offs
   auto t = Tensor<T, Cuda>::empty(shape);
   if (t.numel() == 0) return t;
   kernels::random_normal<<<blocks_for(t.numel()), 256, 0, current_stream()>>>(t.data(), t.numel(), seed, offset, mean,
-                                                                               stddev);
+                                                                              stddev);
   MIXMOE_CUDA_CHECK_LAUNCH("random_normal");
   return t;
 }
@@ -248,7 +251,7 @@ Tensor<T, Cuda> uniform(const Shape& shape, std::uint64_t seed, std::uint64_t of
   auto t = Tensor<T, Cuda>::empty(shape);
   if (t.numel() == 0) return t;
   kernels::random_uniform<<<blocks_for(t.numel()), 256, 0, current_stream()>>>(t.data(), t.numel(), seed, offset, lo,
-                                                                                hi);
+                                                                               hi);
   MIXMOE_CUDA_CHECK_LAUNCH("random_uniform");
   return t;
 }
