@@ -5,6 +5,7 @@
 # `ctest -L gpu`, then bench_gpu, and writes everything into one directory:
 #
 #   scripts/gpu-check.sh [OUT_DIR] [--arch SM] [--build-dir DIR] [--jobs N] [--deps DIR]
+#                        [--no-bench] [--sanitize] [--archive FILE]
 #
 #   OUT_DIR      where the results go (default build/gpu-check): environment.txt (tools, GPU,
 #                commit), nvidia-smi.txt, configure.log, build.log, ctest.log, bench.txt (the
@@ -16,24 +17,34 @@
 #   --deps DIR   libraries unpacked by scripts/gpu-bundle.sh on another Debian machine (DIR/root/usr),
 #                for a GPU machine without them: put on CMAKE_PREFIX_PATH, the include checks and
 #                LD_LIBRARY_PATH (linking and running)
+#   --no-bench   leave out bench_gpu (build and run the GPU tests only)
+#   --sanitize   then run GPU tests under compute-sanitizer (racecheck on the families with shared
+#                memory, memcheck on every family, synccheck on rows), 240 s in all, 120 s a run:
+#                sanitizer.log; found errors fail the run
+#   --archive F  at the end, whatever happened, pack OUT_DIR into the .tar.gz F (one file to copy
+#                back from a machine that returns few files)
 #
 # Time limits keep the whole run within about 9 minutes on 16 cores: the GPU tests 180 s in all
-# (150 s each), the benchmark 200 s. A target that fails to compile does not stop the others: they
+# (150 s each), the benchmark 200 s (the sanitizer 240 s more). A target that fails to compile does not stop the others: they
 # are built and run, and the failure is reported (ctest shows that test as not run). Without a GPU
 # it still configures and builds everything, says that no GPU is present and exits with 77; a
 # missing tool or library exits with 2 before building.
-# Exit status: 0 when the build, every GPU test and the benchmark succeeded, 1 otherwise.
+# Exit status: 0 when the build, every GPU test, the benchmark and the sanitizer runs asked for
+# succeeded, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-out=build/gpu-check build=build/gpu-check-build arch="" jobs=$(nproc) deps=""
+out=build/gpu-check build=build/gpu-check-build arch="" jobs=$(nproc) deps="" bench=1 sanitize=0 archive=""
 while [[ $# -gt 0 ]]; do
   case $1 in
+    --no-bench) bench=0; shift ;;
+    --sanitize) sanitize=1; shift ;;
+    --archive) archive=${2:?--archive needs a file name}; shift 2 ;;
     --arch) arch=${2:?--arch needs a value}; shift 2 ;;
     --build-dir) build=${2:?--build-dir needs a value}; shift 2 ;;
     --jobs) jobs=${2:?--jobs needs a value}; shift 2 ;;
     --deps) deps=${2:?--deps needs a value}; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     -*) echo "gpu-check: unknown option $1 (--help)" >&2; exit 2 ;;
     *) out=$1; shift ;;
   esac
@@ -43,6 +54,10 @@ out=$(cd "$out" && pwd)
 summary=$out/summary.txt
 : > "$summary"
 t_start=$SECONDS
+if [[ -n $archive ]]; then
+  case $archive in /*) ;; *) archive=$PWD/$archive ;; esac
+  trap 'tar czf "$archive" -C "$(dirname "$out")" "$(basename "$out")" && echo "gpu-check: results packed into $archive"' EXIT
+fi
 
 note() { echo "$*" | tee -a "$summary"; }
 phase_start() { phase_t0=$SECONDS; echo; echo "==== $1"; }
@@ -150,7 +165,7 @@ phase_end configure ok
 phase_start "build the GPU tests and bench_gpu ($jobs jobs)"
 targets=()
 for f in tests/cuda/test_cuda*.cu; do targets+=("$(basename "$f" .cu)"); done
-targets+=(bench_gpu)
+[[ $bench -eq 1 ]] && targets+=(bench_gpu)
 echo "targets: ${targets[*]}"
 # Every target is built even when another fails to compile: the others are still run. With Ninja,
 # one invocation builds them all in parallel (-k 0 keeps going). CMake's top-level Makefile builds
@@ -196,7 +211,10 @@ fi
 
 # ---- 4. benchmark ----------------------------------------------------------------------------
 phase_start "bench_gpu"
-if [[ " ${built[*]} " == *" bench_gpu "* ]]; then
+if [[ $bench -eq 0 ]]; then
+  echo "bench_gpu left out (--no-bench)" | tee "$out/bench.txt"
+  bench_rc=0
+elif [[ " ${built[*]} " == *" bench_gpu "* ]]; then
   timeout 200 "$build/benchmarks/bench_gpu" --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
   bench_rc=${PIPESTATUS[0]}
 else
@@ -204,11 +222,56 @@ else
   bench_rc=1
 fi
 case $bench_rc in
-  0) phase_end bench "ok (bench.txt, bench.json)" ;;
+  0) phase_end bench "$( [[ $bench -eq 1 ]] && echo "ok (bench.txt, bench.json)" || echo "left out (--no-bench)")" ;;
   77) phase_end bench "skipped: no GPU" ;;
   124) phase_end bench "FAILED: over 200 s (bench.json has the parts done)" ;;
   *) phase_end bench "FAILED, exit $bench_rc (bench.txt)" ;;
 esac
+
+# ---- 5. compute-sanitizer (--sanitize) -------------------------------------------------------
+sanitize_rc=0
+if [[ $sanitize -eq 1 ]]; then
+  phase_start "compute-sanitizer"
+  san=$(command -v compute-sanitizer || true)
+  [[ -z $san && -x /usr/local/cuda/bin/compute-sanitizer ]] && san=/usr/local/cuda/bin/compute-sanitizer
+  if [[ $gpus -eq 0 ]]; then
+    phase_end sanitize "skipped: no GPU"
+  elif [[ -z $san ]]; then
+    sanitize_rc=1
+    phase_end sanitize "FAILED: compute-sanitizer not found"
+  else
+    # Most valuable first: races in the kernels with shared memory, then out-of-bounds accesses.
+    runs=("racecheck test_cuda_attention" "racecheck test_cuda_rows" "racecheck test_cuda_moe"
+      "memcheck test_cuda_index" "memcheck test_cuda_moe" "memcheck test_cuda_attention" "memcheck test_cuda_rows"
+      "memcheck test_cuda_elementwise" "synccheck test_cuda_rows" "memcheck test_cuda_training")
+    : > "$out/sanitizer.log"
+    deadline=$((SECONDS + 240))
+    clean=() found=() failed=() timed_out=() not_run=()
+    for r in "${runs[@]}"; do
+      read -r tool t <<< "$r"
+      left=$((deadline - SECONDS))
+      exe=$build/tests/cuda/$t
+      if [[ $left -lt 20 || ! -x $exe ]]; then not_run+=("$tool:$t"); continue; fi
+      echo "==== compute-sanitizer --tool $tool $t" | tee -a "$out/sanitizer.log"
+      t0=$SECONDS
+      timeout $((left < 120 ? left : 120)) "$san" --tool "$tool" --error-exitcode 99 --print-limit 20 "$exe" \
+        >> "$out/sanitizer.log" 2>&1
+      rc=$?
+      echo "---- $tool $t: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/sanitizer.log"
+      case $rc in
+        0) clean+=("$tool:$t") ;;
+        99) found+=("$tool:$t") ;;
+        124) timed_out+=("$tool:$t") ;;
+        *) failed+=("$tool:$t(exit $rc)") ;;
+      esac
+    done
+    [[ ${#found[@]} -gt 0 || ${#failed[@]} -gt 0 ]] && sanitize_rc=1
+    note "sanitizer clean: ${clean[*]:-none}"
+    note "sanitizer ERRORS: ${found[*]:-none}; test failures under it: ${failed[*]:-none}"
+    note "sanitizer out of time: ${timed_out[*]:-none}; not run: ${not_run[*]:-none}"
+    phase_end sanitize "$( [[ $sanitize_rc -eq 0 ]] && echo ok || echo FAILED ) (sanitizer.log)"
+  fi
+fi
 
 echo
 note "$(printf '%-10s %-40s %5d s' total "" $((SECONDS - t_start)))"
@@ -221,5 +284,5 @@ if [[ $gpus -eq 0 ]]; then
   note "gpu-check: NO GPU present: everything was built (${built[*]}), nothing ran on a GPU (the GPU tests report skipped)"
   exit 77
 fi
-[[ $build_rc -eq 0 && $ctest_rc -eq 0 && $bench_rc -eq 0 ]] && exit 0
+[[ $build_rc -eq 0 && $ctest_rc -eq 0 && $bench_rc -eq 0 && $sanitize_rc -eq 0 ]] && exit 0
 exit 1

@@ -2,8 +2,9 @@
 // gradient health checks (train/optimizer.hpp, train/clip.hpp), on device tensors.
 //
 //   train_adamw_step(w, g, m, v, n, ...)     one fused element kernel per parameter tensor: the moments
-//                                            and the weight updated in place, the same T arithmetic as
-//                                            the CPU loop; the bias corrections come from the host
+//                                            and the weight updated in place, the CPU loop's formula in
+//                                            T (nvcc contracts a*b + c into FMAs, so the last bit may
+//                                            differ); the bias corrections come from the host
 //   train_sgd_step(w, g, vel, n, lr, wd, mu) SGD with optional momentum (vel null: none)
 //   train_sum_squares(xs, ns)                sum over every listed tensor of x^2, in double
 //   train_sum_scaled_squares(xs, ns, amax)   sum of (x / amax)^2 (the overflow-safe second pass)
@@ -39,7 +40,7 @@ namespace mixmoe::cuda {
 
 namespace kernels {
 
-/// AdamW (decoupled weight decay): the CPU's loop body, element by element.
+/// AdamW (decoupled weight decay): the CPU's loop body, element by element (with FMAs).
 template <class T>
 __global__ void train_adamw(T* w, const T* g, T* m, T* v, index_t n, T b1, T b2, T eps, T step_size, T inv_sqrt_bc2,
                             T decay) {
