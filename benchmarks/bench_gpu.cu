@@ -7,7 +7,7 @@
 //   (b) one FFN layer, forward + backward on N token rows: the library's MoE layers (MixedMoE with
 //       top-k routing; the Mix-MoE layer with LM and MT groups and Fourier router features), each
 //       with its experts grouped (the grouped GEMM kernels, no host synchronisation; the top-k MoE also
-//       with bf16 expert GEMMs) and per expert
+//       with bf16 expert GEMMs, on the tensor-core kernels and, once, on the SIMT kernels) and per expert
 //       (cuBLAS per expert after one read-back of the offsets), and its dense SwiGLU, against a chain
 //       of 9 raw GEMMs with the same active FLOPs (the dense SwiGLU's 3 forward and 6 backward
 //       GEMMs); with the host synchronisations of one step of each layer.
@@ -21,7 +21,8 @@
 //       in mixed precision (ModelConfig::activations bf16, bf16 experts): against the bf16 peaks.
 //
 // Peaks (dense, TFLOP/s) default to the H100 / H200 SXM datasheet values: --peak-bf16 989,
-// --peak-tf32 494, --peak-fp32 67; pass the values of another GPU. Parts (b) and (c) run twice:
+// --peak-tf32 494, --peak-fp32 67; pass the values of another GPU (a warning says when the GPU is
+// neither; the JSON records where the peaks came from). Parts (b) and (c) run twice:
 // with the library's default FP32 GEMMs, and with TF32 tensor cores enabled on the library's cuBLAS
 // handle (cublasSetMathMode; the library's kernels are unchanged).
 //
@@ -65,6 +66,7 @@ struct Args {
   bool quick = false;
   std::string parts = "gemm,moe,lm";
   double peak_bf16 = 989.0, peak_tf32 = 494.0, peak_fp32 = 67.0;
+  bool peaks_given = false;  // a --peak-* argument was passed
 };
 
 Args parse(int argc, char** argv) {
@@ -78,13 +80,29 @@ Args parse(int argc, char** argv) {
       }
       return argv[++i];
     };
+    // a number > 0, or exit 2 naming the argument
+    auto number = [&]() -> double {
+      const std::string v = value();
+      double x = 0;
+      std::size_t used = 0;
+      try {
+        x = std::stod(v, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used != v.size() || !(x > 0) || !std::isfinite(x)) {
+        std::fprintf(stderr, "bench_gpu: %s needs a number > 0, got '%s'\n", k.c_str(), v.c_str());
+        std::exit(2);
+      }
+      return x;
+    };
     if (k == "--json") a.json_path = value();
-    else if (k == "--reps") a.reps = std::max(1, std::stoi(value()));
+    else if (k == "--reps") a.reps = std::max(1, static_cast<int>(number()));
     else if (k == "--quick") a.quick = true;
     else if (k == "--parts") a.parts = value();
-    else if (k == "--peak-bf16") a.peak_bf16 = std::stod(value());
-    else if (k == "--peak-tf32") a.peak_tf32 = std::stod(value());
-    else if (k == "--peak-fp32") a.peak_fp32 = std::stod(value());
+    else if (k == "--peak-bf16") a.peak_bf16 = number(), a.peaks_given = true;
+    else if (k == "--peak-tf32") a.peak_tf32 = number(), a.peaks_given = true;
+    else if (k == "--peak-fp32") a.peak_fp32 = number(), a.peaks_given = true;
     else if (k == "--help" || k == "-h") {
       std::printf("usage: bench_gpu [--json PATH] [--reps N] [--quick] [--parts gemm,moe,lm] [--peak-bf16 TF] "
                   "[--peak-tf32 TF] [--peak-fp32 TF]\n");
@@ -282,14 +300,40 @@ long long step_syncs(Layer& layer, const Tensor<float, Cuda>& x, const Tensor<fl
   return static_cast<long long>(mcuda::synchronization_count() - before);
 }
 
+/// Puts a layer's execution (and, with restore_precision, its expert precision) back to the defaults
+/// when a row ends, also when it throws: the next row must not inherit a failed row's settings.
+template <class Layer>
+struct LayerDefaults {
+  Layer& layer;
+  bool restore_precision = false;
+  ~LayerDefaults() {
+    try {
+      layer.set_execution(ExpertExecution::automatic);
+      if (restore_precision) layer.set_expert_precision(MatmulPrecision::native);
+    } catch (...) {
+    }
+  }
+};
+
+/// The bf16 grouped GEMMs on the SIMT kernels while in scope (tensor cores back on after).
+struct SimtGroupedGemm {
+  SimtGroupedGemm() { mcuda::set_grouped_gemm_tensor_cores(false); }
+  ~SimtGroupedGemm() {
+    try {
+      mcuda::set_grouped_gemm_tensor_cores(true);
+    } catch (...) {
+    }
+  }
+};
+
 /// A layer timed with its experts run the given way (grouped GEMM kernel or per-expert cuBLAS).
 template <class Layer>
 double time_layer_as(Layer& layer, ExpertExecution ex, const Tensor<float, Cuda>& x, const Tensor<float, Cuda>& gy,
                      int reps, json& syncs, const char* key) {
+  const LayerDefaults<Layer> restore{layer};
   layer.set_execution(ex);
   const double ms = time_layer_ms(layer, x, gy, reps);
   syncs[key] = step_syncs(layer, x, gy);
-  layer.set_execution(ExpertExecution::automatic);
   return ms;
 }
 
@@ -368,13 +412,22 @@ json bench_moe(const Args& a) {
     attempt("MoE top-k, per-expert cuBLAS", "moe_topk_per_expert", [&] {
       return time_layer_as(moe, ExpertExecution::per_expert, x, gy, a.reps, syncs, "moe_topk_per_expert");
     });
-    attempt("MoE top-k, grouped, bf16 expert GEMMs", "moe_topk_bf16", [&] {
-      moe.set_expert_precision(MatmulPrecision::bf16);
-      const double ms = time_layer_as(moe, ExpertExecution::grouped, x, gy, a.reps, syncs, "moe_topk_bf16");
-      moe.set_expert_precision(MatmulPrecision::native);
-      return ms;
-    });
-    attempt("Mix-MoE LM+MT, Fourier router, grouped", "mix_moe_fourier", [&] {
+    const char* bf16_kernels = mcuda::grouped_gemm_tensor_cores() ? "tensor cores" : "SIMT";
+    m["bf16_grouped_gemm"] = bf16_kernels;
+    attempt(mcuda::grouped_gemm_tensor_cores() ? "MoE top-k, grouped, bf16 experts (TC)" : "MoE top-k, grouped, bf16 experts",
+            "moe_topk_bf16", [&] {
+              const LayerDefaults<decltype(moe)> restore{moe, true};
+              moe.set_expert_precision(MatmulPrecision::bf16);
+              return time_layer_as(moe, ExpertExecution::grouped, x, gy, a.reps, syncs, "moe_topk_bf16");
+            });
+    if (tf == 0 && mcuda::grouped_gemm_tensor_cores())  // the same row on the SIMT kernels, once
+      attempt("MoE top-k, grouped, bf16 experts (SIMT)", "moe_topk_bf16_simt", [&] {
+        const SimtGroupedGemm simt;
+        const LayerDefaults<decltype(moe)> restore{moe, true};
+        moe.set_expert_precision(MatmulPrecision::bf16);
+        return time_layer_as(moe, ExpertExecution::grouped, x, gy, a.reps, syncs, "moe_topk_bf16_simt");
+      });
+    attempt("Mix-MoE LM+MT, shared Fourier top-2", "mix_moe_fourier", [&] {
       return time_layer_as(mixed, ExpertExecution::grouped, x, gy, a.reps, syncs, "mix_moe_fourier");
     });
     attempt("Mix-MoE LM+MT, Fourier, per-expert", "mix_moe_fourier_per_expert", [&] {
@@ -436,7 +489,8 @@ void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, con
       last_loss = loss.item();  // the step's one wait, as in train_loop
     };
     const std::string m = mode;
-    const double ms = time_ms(step, a.quick ? 3 : 5, 2, false);
+    const int reps = a.quick ? 3 : 5;  // a step is long: fewer repetitions than --reps
+    const double ms = time_ms(step, reps, 2, false);
     const std::uint64_t syncs_before = mcuda::synchronization_count();
     step();
     const auto step_syncs = static_cast<long long>(mcuda::synchronization_count() - syncs_before);
@@ -463,6 +517,8 @@ void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, con
                     {"mfu_vs_bf16_peak", achieved / a.peak_bf16},
                     {"mfu_vs_best_raw_cublas", best_raw > 0 ? json(achieved / best_raw) : json(nullptr)},
                     {"syncs_per_step", step_syncs},
+                    {"reps", reps},
+                    {"warmup", 2},
                     {"final_loss", last_loss}});
   };
   const auto guarded = [&](const char* mode, auto&& body) {
@@ -546,11 +602,28 @@ int main(int argc, char** argv) {
     std::printf("bench_gpu: no CUDA device found (or no driver); nothing was measured\n");
     return 77;
   }
+  if (!wants(a, "gemm") && !wants(a, "moe") && !wants(a, "lm")) {
+    std::fprintf(stderr, "bench_gpu: --parts %s names no part (gemm, moe, lm)\n", a.parts.c_str());
+    return 2;
+  }
   const double t0 = bench::now_s();
   std::printf("bench_gpu on %s; peaks (dense TFLOP/s): bf16 %.0f, tf32 %.0f, fp32 %.0f%s\n",
               mcuda::device_description().c_str(), a.peak_bf16, a.peak_tf32, a.peak_fp32, a.quick ? "; --quick" : "");
-  json out = {{"device", device_json()},
+  json device = device_json();
+  device["bf16_grouped_gemm"] = mcuda::grouped_gemm_tensor_cores() ? "tensor cores" : "SIMT";
+  // The default peaks are the H100 SXM's and the H200's (989 / 494 / 67); other GPUs need theirs.
+  const std::string gpu = device["name"].get<std::string>();
+  const bool sxm_peaks = gpu.find("H100 80GB HBM3") != std::string::npos ||
+                         (gpu.find("H200") != std::string::npos && gpu.find("NVL") == std::string::npos);
+  std::string peaks_note = a.peaks_given ? "given on the command line" : "the H100 SXM / H200 datasheet values";
+  if (!a.peaks_given && !sxm_peaks) {
+    peaks_note += ", which may not be this GPU's: pass --peak-bf16, --peak-tf32 and --peak-fp32";
+    std::printf("bench_gpu: WARNING: %s is not an H100 SXM or H200: the peak percentages use %s\n", gpu.c_str(),
+                peaks_note.c_str());
+  }
+  json out = {{"device", device},
               {"peaks_tflops", {{"bf16", a.peak_bf16}, {"tf32", a.peak_tf32}, {"fp32", a.peak_fp32}}},
+              {"peaks_source", peaks_note},
               {"reps", a.reps},
               {"quick", a.quick}};
   int failures = 0;
@@ -571,6 +644,12 @@ int main(int argc, char** argv) {
     } catch (const std::exception& e) {
       std::printf("%s: FAILED: %s\n", name, e.what());
       out[name] = {{"error", e.what()}};
+      ++failures;
+    }
+    try {
+      set_library_tf32(false);  // whatever happened in the part, the next one starts in FP32
+    } catch (const std::exception& e) {
+      std::printf("%s: cannot reset the math mode: %s\n", name, e.what());
       ++failures;
     }
     out[name]["seconds"] = bench::now_s() - s;

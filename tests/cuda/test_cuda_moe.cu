@@ -2,14 +2,16 @@
 // mean something on the device: a dropless MoE layer with grouped experts waits for the device
 // zero times in a training step (forward, auxiliary loss, backward), and a routing with an expert
 // id out of range poisons the layer's output with NaN and is reported when the plan's counts are
-// read.
+// read; and the bf16 grouped GEMMs on the tensor cores agree with the SIMT kernels.
 #include "parity_main.cuh"
 
 #include "cases_moe.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace mixmoe_parity {
 void cpu_cases_moe(Results& r);
@@ -93,6 +95,39 @@ void out_of_range_expert() {
          "capacity mode: make_dispatch_plan throws at once (got '" + message + "')");
 }
 
+/// grouped_linear in bf16 (forward, input and weight gradients) on the tensor-core kernels and on the
+/// SIMT kernels: the same bf16 products summed in fp32 in another order.
+void tensor_core_grouped_gemm() {
+  using namespace mixmoe;
+  using namespace mixmoe_parity;
+  if (!mixmoe::cuda::grouped_gemm_tensor_cores()) {
+    expect(true, "no bf16 tensor cores on this device: the SIMT kernels run (nothing to compare)");
+    return;
+  }
+  const index_t m = 517, kd = 96, n = 80, e = 6;
+  const auto offsets = Tensor<index_t, Cuda>::from({0, 100, 100, 250, 400, 460, 517}, {e + 1});
+  const auto run = [&](bool tensor_cores) {
+    mixmoe::cuda::set_grouped_gemm_tensor_cores(tensor_cores);
+    Var<float, Cuda> x = leaf<float, Cuda>({m, kd}, 11);
+    Var<float, Cuda> w = leaf<float, Cuda>({e, n, kd}, 12);
+    Var<float, Cuda> y = grouped_linear(x, w, offsets, MatmulPrecision::bf16);
+    sum(y * Var<float, Cuda>(randn<float, Cuda>({m, n}, 13))).backward();
+    return std::vector<std::vector<float>>{y.value().to_vector(), x.grad().to_vector(), w.grad().to_vector()};
+  };
+  const auto simt = run(false), tc = run(true);
+  const char* names[3] = {"y", "dx", "dw"};
+  for (int i = 0; i < 3; ++i) {
+    double diff = 0, scale = 0;
+    for (std::size_t j = 0; j < simt[i].size(); ++j) {
+      diff = std::max(diff, static_cast<double>(std::abs(tc[i][j] - simt[i][j])));
+      scale = std::max(scale, static_cast<double>(std::abs(simt[i][j])));
+    }
+    expect(diff <= 1e-5 * (1 + scale), std::string("bf16 grouped_linear ") + names[i] +
+                                           ": tensor cores against SIMT, max |difference| " + std::to_string(diff) +
+                                           " (values up to " + std::to_string(scale) + ")");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -101,5 +136,6 @@ int main() {
   return with_device_checks("test_cuda_moe", rc, [] {
     synchronisation_free_layer();
     out_of_range_expert();
+    tensor_core_grouped_gemm();
   });
 }

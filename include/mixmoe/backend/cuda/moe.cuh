@@ -19,6 +19,9 @@
 //   grouped_gemm       for every expert e: C[rows of e] (+)= A[rows of e] op(B_e), the row offsets in
 //                      device memory (no host synchronisation to launch it)
 //   grouped_gemm_wgrad for every expert e: dW_e += dY[rows of e]^T A[rows of e] (the weight gradient)
+//                      Both: SIMT kernels (fp32 / fp64 FMAs); with bf16 operands the tensor-core
+//                      kernels of grouped_gemm_tc.cuh where the device has them
+//                      (cuda::set_grouped_gemm_tensor_cores chooses)
 //
 // Every output element is owned by one thread (or one warp / block) that adds its terms in a fixed
 // order: the results do not depend on the launch, and the only integer atomic (the first bad
@@ -28,11 +31,13 @@
 #include <cuda_bf16.h>
 #include <cub/device/device_radix_sort.cuh>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include "mixmoe/backend/cuda/allocator.cuh"
 #include "mixmoe/backend/cuda/blas.cuh"
+#include "mixmoe/backend/cuda/grouped_gemm_tc.cuh"
 #include "mixmoe/backend/cuda/ops.cuh"
 #include "mixmoe/backend/cuda/runtime.cuh"
 #include "mixmoe/backend/cuda/tensor.cuh"
@@ -403,6 +408,7 @@ __global__ void moe_z_loss_backward(const T* l, const double* z, const T* grad_o
 // ---- grouped GEMM -------------------------------------------------------------------------------
 
 inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
+static_assert(kTcBM == kGemmBM && kTcBN == kGemmBN, "the tensor-core kernels share the SIMT kernels' tiling");
 
 /// tile_start (E + 1): the first row tile of each expert, ceil(rows_e / kGemmBM) tiles per expert
 /// (rows clamped to [0, m)); one block of kMoEThreads.
@@ -549,6 +555,39 @@ __global__ void __launch_bounds__(kMoEThreads)
 
 }  // namespace kernels
 
+namespace moe_detail {
+/// -1: tensor cores where the device has them (compute capability 8.0 and newer); 0: off; 1: on.
+inline std::atomic<int>& tensor_core_setting() {
+  static std::atomic<int> s{-1};
+  return s;
+}
+inline bool device_has_bf16_tensor_cores() {
+  static const bool has = [] {
+    int dev = 0, major = 0;
+    MIXMOE_CUDA_CHECK(cudaGetDevice(&dev));
+    MIXMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major >= 8;
+  }();
+  return has;
+}
+}  // namespace moe_detail
+
+/// Whether the bf16 grouped GEMMs (the MoE experts with bf16 operands, forward and both gradients)
+/// run on the tensor cores (grouped_gemm_tc.cuh) or on the SIMT kernels below. By default: on a
+/// device of compute capability 8.0 and newer.
+inline bool grouped_gemm_tensor_cores() {
+  const int s = moe_detail::tensor_core_setting().load(std::memory_order_relaxed);
+  return s < 0 ? moe_detail::device_has_bf16_tensor_cores() : s == 1;
+}
+
+/// Chooses the bf16 grouped GEMM kernels for the whole process (a comparison, a benchmark). Turning
+/// them on for a device without bf16 tensor cores throws mixmoe::Error.
+inline void set_grouped_gemm_tensor_cores(bool on) {
+  MIXMOE_CHECK(!on || moe_detail::device_has_bf16_tensor_cores(), "cuda::set_grouped_gemm_tensor_cores",
+               "this device has no bf16 tensor cores (compute capability 8.0 or newer needed)");
+  moe_detail::tensor_core_setting().store(on ? 1 : 0, std::memory_order_relaxed);
+}
+
 /// For every expert x in [0, e): C[r, :] (+)= A[r, :] op(B_x) for the rows r in
 /// [offsets[x], offsets[x + 1]) (clamped to [0, m)). A (m, k) row-major with leading dimension lda;
 /// B_x = b + x * stride_b, (k, n) with leading dimension ldb, or (n, k) when trans_b; C (m, n), ldc.
@@ -574,6 +613,15 @@ void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* off
   const index_t col_tiles = (n + kernels::kGemmBN - 1) / kernels::kGemmBN;
   MIXMOE_CHECK(col_tiles <= 0x7fffffff, "cuda::grouped_gemm", "n = ", n, " needs too many column tiles");
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(tile_bound < 65535 ? tile_bound : 65535));
+  if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
+    if (grouped_gemm_tensor_cores()) {
+      kernels::grouped_gemm_bf16_tc<><<<grid, kernels::kTcThreads, 0, current_stream()>>>(
+          m, n, k, e, offsets, tile_start.as<long long>(), tile_bound, a, lda, b, ldb, stride_b, trans_b, c, ldc,
+          accumulate);
+      MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_bf16_tc");
+      return;
+    }
+  }
   kernels::grouped_gemm_tiles<TIn, Acc>
       <<<grid, kernels::kMoEThreads, 0, current_stream()>>>(m, n, k, e, offsets, tile_start.as<long long>(), tile_bound,
                                                             a, lda, b, ldb, stride_b, trans_b, c, ldc, accumulate);
@@ -597,6 +645,14 @@ void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_
   MIXMOE_CHECK(col_tiles <= 0x7fffffff && row_tiles <= 65535 && e <= 65535, "cuda::grouped_gemm_wgrad", "n = ", n,
                ", k = ", k, ", e = ", e, " exceed the launch grid");
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(e));
+  if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
+    if (grouped_gemm_tensor_cores()) {
+      kernels::grouped_gemm_wgrad_bf16_tc<><<<grid, kernels::kTcThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a,
+                                                                                               dw);
+      MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_bf16_tc");
+      return;
+    }
+  }
   kernels::grouped_gemm_wgrad_tiles<TIn, T>
       <<<grid, kernels::kMoEThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a, dw);
   MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_tiles");

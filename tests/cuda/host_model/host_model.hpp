@@ -1,0 +1,75 @@
+// A model of the parts of CUDA that backend/cuda/grouped_gemm_tc.cuh uses, for running its kernels on
+// the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, a bf16 type and
+// WMMA's 16 x 16 x 16 fragments. A launch runs the blocks one after another, each block's threads
+// as std::threads meeting at a std::barrier for __syncthreads; __shared__ arrays are static, so
+// the threads of the block running share them. A fragment holds its whole 16 x 16 tile in every
+// lane (each lane computes the same values; only lane 0 of a warp stores them), and the loads and
+// stores check what the real API requires: pointers aligned to 256 bits, leading dimensions that
+// are multiples of 8 (16-bit elements) or 4 (floats). What the model cannot show: the GPU's
+// scheduling, its fragment layouts across lanes, and speed. cuda_bf16.h and mma.h beside this file
+// include it, so a test puts this folder first on its include path.
+#pragma once
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx{0, 0, 0};
+inline thread_local dim3 blockIdx{0, 0, 0};
+inline dim3 blockDim{1, 1, 1};
+inline dim3 gridDim{1, 1, 1};
+
+namespace host_model {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "host model: %s\n", what);
+  std::abort();
+}
+
+inline std::barrier<>*& block_barrier() {
+  static std::barrier<>* b = nullptr;
+  return b;
+}
+
+/// Runs `kernel()` for every thread of every block of the 1-D-block launch (grid, threads).
+template <class Kernel>
+void launch(dim3 grid, unsigned threads, Kernel kernel) {
+  gridDim = grid;
+  blockDim = dim3{threads, 1, 1};
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
+        block_barrier() = &barrier;
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (unsigned t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            threadIdx = dim3{t, 0, 0};
+            blockIdx = dim3{x, y, z};
+            kernel();
+            block_barrier()->arrive_and_drop();  // a finished thread no longer holds the others back
+          });
+        for (auto& th : pool) th.join();
+        block_barrier() = nullptr;
+      }
+}
+
+}  // namespace host_model
+
+inline void __syncthreads() { host_model::block_barrier()->arrive_and_wait(); }
