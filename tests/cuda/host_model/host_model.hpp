@@ -2,7 +2,7 @@
 // the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, a bf16 type and
 // WMMA's 16 x 16 x 16 fragments. A launch runs the blocks one after another, each block's threads
 // as std::threads meeting at a std::barrier for __syncthreads; __shared__ arrays are static, so
-// the threads of the block running share them. A fragment holds its whole 16 x 16 tile in every
+// the threads of the block running share them; uint4 copies check their alignment. A fragment holds its whole 16 x 16 tile in every
 // lane (each lane computes the same values; only lane 0 of a warp stores them), and the loads and
 // stores check what the real API requires: pointers aligned to 256 bits, leading dimensions that
 // are multiples of 8 (16-bit elements) or 4 (floats). What the model cannot show: the GPU's
@@ -10,6 +10,7 @@
 // include it, so a test puts this folder first on its include path.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
@@ -29,17 +30,36 @@
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
+
+namespace host_model {
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "host model: %s\n", what);
+  std::abort();
+}
+/// 16-byte vector copies made so far (a test can tell that a vector path ran).
+inline std::atomic<long long>& vector_copies() {
+  static std::atomic<long long> n{0};
+  return n;
+}
+}  // namespace host_model
+
+/// CUDA's 16-byte vector: a copy checks that both sides are 16-byte aligned, as the GPU requires.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+  uint4& operator=(const uint4& o) {
+    if (reinterpret_cast<std::uintptr_t>(this) % 16 != 0 || reinterpret_cast<std::uintptr_t>(&o) % 16 != 0)
+      host_model::fail("a 16-byte vector access not aligned to 16 bytes");
+    std::memcpy(static_cast<void*>(this), &o, sizeof o);
+    host_model::vector_copies().fetch_add(1, std::memory_order_relaxed);
+    return *this;
+  }
+};
 inline thread_local dim3 threadIdx{0, 0, 0};
 inline thread_local dim3 blockIdx{0, 0, 0};
 inline dim3 blockDim{1, 1, 1};
 inline dim3 gridDim{1, 1, 1};
 
 namespace host_model {
-
-[[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "host model: %s\n", what);
-  std::abort();
-}
 
 inline std::barrier<>*& block_barrier() {
   static std::barrier<>* b = nullptr;

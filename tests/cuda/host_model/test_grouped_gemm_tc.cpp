@@ -2,9 +2,10 @@
 // host model of CUDA's bf16 and WMMA headers (host_model.hpp), against double references over the
 // same bf16 operands: experts with no rows, rows that end inside a tile, offsets outside [0, m),
 // padded leading dimensions, B transposed, accumulation into C, a grid smaller than the tile list
-// (the grid-stride loop), and the weight gradient adding into dw. The model checks the WMMA
-// pointers' alignment and leading dimensions; the sizes are not multiples of the tiles, so every
-// zero-filled edge is read. Exit status 0 when every result is within 1e-4 (relative to the sum of
+// (the grid-stride loop), rows copied in 16-byte pieces and value by value, and the weight gradient
+// adding into dw. The model checks the WMMA pointers' alignment and leading dimensions and the
+// 16-byte copies' alignment; the sizes are not multiples of the tiles, so every zero-filled edge is
+// read. Exit status 0 when every result is within 1e-4 (relative to the sum of
 // |products|) and nothing outside the rows written was touched.
 #include <cuda_bf16.h>
 
@@ -175,10 +176,20 @@ int main() {
   run_gemm({"1 x 1 x 1", 1, 1, 1, 1, {0, 1}, false, false, 0}, gen);
   run_gemm({"whole tiles", 128, 128, 64, 2, {0, 70, 128}, false, false, 0}, gen);
   run_gemm({"rows outside every expert", 100, 40, 20, 2, {10, 30, 60}, false, true, 2}, gen);
+  // k and n multiples of 8 with aligned rows: the 16-byte copies, and their edges
+  const std::vector<index_t> three = {0, 37, 37, 200};
+  const long long before = host_model::vector_copies().load();
+  run_gemm({"16-byte pieces", 200, 72, 48, 3, three, false, false, 0}, gen);
+  run_gemm({"16-byte pieces, B transposed", 200, 72, 48, 3, three, true, true, 0}, gen);
+  run_gemm({"16-byte pieces, padded rows", 130, 64, 40, 2, {0, 65, 130}, true, false, 8}, gen);
+  // (every whole piece of A and B in every stage of every tile: thousands)
+  const long long copies = host_model::vector_copies().load() - before;
+  expect(copies > 1000, "the aligned cases copy in 16-byte pieces (" + std::to_string(copies) + " copies)");
   run_wgrad({"m 300 n 100 k 70, 5 experts", 300, 100, 70, 5, five}, gen);
   run_wgrad({"offsets outside [0, m)", 50, 16, 33, 3, {-5, 10, 10, 400}}, gen);
   run_wgrad({"1 x 1 x 1", 1, 1, 1, 1, {0, 1}}, gen);
   run_wgrad({"whole tiles", 128, 128, 64, 2, {0, 70, 128}}, gen);
+  run_wgrad({"16-byte pieces", 200, 72, 48, 3, three}, gen);
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }

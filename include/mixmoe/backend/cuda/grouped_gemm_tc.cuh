@@ -11,9 +11,12 @@
 //
 // A block is 4 warps; each warp owns a 32 x 32 quarter of the tile (2 x 2 fragments). Operand tiles
 // go through shared memory, 32 deep in K, zero-filled outside the expert's rows, past n and past k,
-// so any shape works; the rows are padded (leading dimensions 40 and 72 bf16, 68 floats: multiples
-// of 8 and 4 as WMMA needs, and rows that start in different banks). The fp32 tile is staged in
-// shared memory and written (or added) element by element with the bounds checks.
+// so any shape works; they are copied in 16-byte pieces where a piece of 8 values is whole and
+// aligned, else value by value. B_x is kept as it lies in memory: (k, n) tiles for row-major
+// fragments, (n, k) tiles for column-major ones when trans_b. Shared rows are padded (leading
+// dimensions 40 and 72 bf16, 68 floats: multiples of 8 and 4 as WMMA needs, rows that start in
+// different banks). The fp32 tile is staged in shared memory and written (or added) element by
+// element with the bounds checks.
 //
 // The header needs only the CUDA bf16 and WMMA headers and index_t; tests/cuda/host_model runs these
 // kernels on the CPU under a model of those headers, against a reference, in CI.
@@ -22,6 +25,9 @@
 #include <cuda_bf16.h>
 #include <mma.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "mixmoe/core/shape.hpp"
 
 namespace mixmoe::cuda::kernels {
@@ -29,8 +35,8 @@ namespace mixmoe::cuda::kernels {
 inline constexpr int kTcThreads = 128;        // 4 warps
 inline constexpr int kTcBM = 64, kTcBN = 64;  // the output tile (kTcBM: moe.cuh's row tiling)
 inline constexpr int kTcBK = 32;              // K (or rows, for the weight gradient) per stage
-inline constexpr int kTcLdA = kTcBK + 8;      // A tile (kTcBM x kTcBK), row-major
-inline constexpr int kTcLdB = kTcBN + 8;      // B tile (kTcBK x kTcBN), row-major
+inline constexpr int kTcLdA = kTcBK + 8;      // a tile of 64 rows x kTcBK (A; B_x^T when trans_b)
+inline constexpr int kTcLdB = kTcBN + 8;      // a tile of kTcBK rows x 64 (B_x; dy and a of the weight gradient)
 inline constexpr int kTcLdC = kTcBN + 4;      // the fp32 result tile (kTcBM x kTcBN)
 
 /// The expert of row tile t: the largest x in [0, e) with tile_start[x] <= t (tile_start[0] = 0).
@@ -46,6 +52,65 @@ __device__ inline index_t tc_expert_of(const long long* tile_start, index_t e, l
   return lo;
 }
 
+/// dst[r * ld_dst + c] = src[r * ld_src + c] for r < rows and c < cols, zero elsewhere, over an R x C
+/// tile (C a multiple of 8) by the block's kTcThreads threads. A piece of 8 values is one 16-byte
+/// copy when it is whole and its source aligned (the destination always is: ld_dst * 2 bytes is a
+/// multiple of 16 and the tiles start 32-byte aligned).
+template <int R, int C>
+__device__ inline void tc_load_tile(__nv_bfloat16* dst, int ld_dst, const __nv_bfloat16* src, index_t ld_src,
+                                    index_t rows, index_t cols) {
+  constexpr int pieces = C / 8;
+  static_assert(C % 8 == 0, "whole pieces of 8");
+  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+  for (int idx = static_cast<int>(threadIdx.x); idx < R * pieces; idx += kTcThreads) {
+    const int r = idx / pieces, c = (idx % pieces) * 8;
+    __nv_bfloat16* d = dst + r * ld_dst + c;
+    if (r >= rows) {
+      for (int q = 0; q < 8; ++q) d[q] = zero;
+      continue;
+    }
+    const __nv_bfloat16* sp = src + r * ld_src + c;
+    if (c + 8 <= cols && reinterpret_cast<std::uintptr_t>(sp) % 16 == 0) {
+      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(sp);
+    } else {
+      for (int q = 0; q < 8; ++q) d[q] = c + q < cols ? sp[q] : zero;
+    }
+  }
+}
+
+/// acc (a warp's 2 x 2 fragments) += the warp's rows [wr, wr + 32) of the A tile (row-major, ld lda)
+/// times the columns [wc, wc + 32) of the B tile, over kTcBK: B row-major (k, n) with leading
+/// dimension ldb, or, with LayoutB col_major, stored as (n, k) rows.
+template <class LayoutB>
+__device__ inline void tc_mma_stage(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2][2],
+                                    const __nv_bfloat16* at, int lda, int wr, const __nv_bfloat16* bt, int ldb,
+                                    int wc) {
+  namespace wmma = nvcuda::wmma;
+  for (int ks = 0; ks < kTcBK; ks += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB> fb[2];
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], at + (wr + 16 * i) * lda + ks, lda);
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (std::is_same_v<LayoutB, wmma::row_major>)
+        wmma::load_matrix_sync(fb[j], bt + ks * ldb + wc + 16 * j, ldb);
+      else
+        wmma::load_matrix_sync(fb[j], bt + (wc + 16 * j) * ldb + ks, ldb);
+    }
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+}
+
+/// Stores the warp's fragments into the block's fp32 tile cs (kTcBM x kTcBN, leading dimension kTcLdC).
+__device__ inline void tc_store_tile(
+    float* cs, int wr, int wc,
+    const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2][2]) {
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(cs + (wr + 16 * i) * kTcLdC + wc + 16 * j, acc[i][j], kTcLdC,
+                                      nvcuda::wmma::mem_row_major);
+}
+
 /// For every expert x: C[r, :] (+)= A[r, :] op(B_x) over the rows r in [offsets[x], offsets[x + 1])
 /// (clamped to [0, m)); A (m, k) bf16 row-major (lda); B_x = b + x * stride_b, (k, n) row-major
 /// (ldb), or (n, k) when trans_b; C (m, n) fp32 (ldc). tile_start (e + 1) as moe_gemm_tile_starts
@@ -59,9 +124,8 @@ __global__ void __launch_bounds__(kTcThreads)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   __shared__ __align__(32) __nv_bfloat16 as[kTcBM * kTcLdA];
-  __shared__ __align__(32) __nv_bfloat16 bs[kTcBK * kTcLdB];
+  __shared__ __align__(32) __nv_bfloat16 bs[kTcBN * kTcLdA > kTcBK * kTcLdB ? kTcBN * kTcLdA : kTcBK * kTcLdB];
   __shared__ __align__(32) float cs[kTcBM * kTcLdC];
-  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // the warp's quarter of the tile
   const index_t col0 = static_cast<index_t>(blockIdx.x) * kTcBN;
@@ -76,32 +140,19 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
     for (index_t k0 = 0; k0 < k; k0 += kTcBK) {
-      for (int idx = static_cast<int>(threadIdx.x); idx < kTcBM * kTcBK; idx += kTcThreads) {
-        const int r = idx / kTcBK, kk = idx % kTcBK;
-        const index_t row = row_begin + r, kc = k0 + kk;
-        as[r * kTcLdA + kk] = row < row_end && kc < k ? a[row * lda + kc] : zero;
-      }
-      for (int idx = static_cast<int>(threadIdx.x); idx < kTcBK * kTcBN; idx += kTcThreads) {
-        // consecutive threads read consecutive addresses: along k when B_x is (n, k), else along n
-        const int cc = trans_b ? idx / kTcBK : idx % kTcBN;
-        const int kk = trans_b ? idx % kTcBK : idx / kTcBN;
-        const index_t col = col0 + cc, kc = k0 + kk;
-        bs[kk * kTcLdB + cc] = col < n && kc < k ? (trans_b ? bx[col * ldb + kc] : bx[kc * ldb + col]) : zero;
-      }
+      tc_load_tile<kTcBM, kTcBK>(as, kTcLdA, a + row_begin * lda + k0, lda, row_end - row_begin, k - k0);
+      if (trans_b)  // B_x^T tile: n rows of k, read along k
+        tc_load_tile<kTcBN, kTcBK>(bs, kTcLdA, bx + col0 * ldb + k0, ldb, n - col0, k - k0);
+      else
+        tc_load_tile<kTcBK, kTcBN>(bs, kTcLdB, bx + k0 * ldb + col0, ldb, k - k0, n - col0);
       __syncthreads();
-      for (int ks = 0; ks < kTcBK; ks += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], as + (wr + 16 * i) * kTcLdA + ks, kTcLdA);
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], bs + ks * kTcLdB + wc + 16 * j, kTcLdB);
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
+      if (trans_b)
+        tc_mma_stage<wmma::col_major>(acc, as, kTcLdA, wr, bs, kTcLdA, wc);
+      else
+        tc_mma_stage<wmma::row_major>(acc, as, kTcLdA, wr, bs, kTcLdB, wc);
       __syncthreads();  // the operand tiles are rewritten by the next stage
     }
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(cs + (wr + 16 * i) * kTcLdC + wc + 16 * j, acc[i][j], kTcLdC, wmma::mem_row_major);
+    tc_store_tile(cs, wr, wc, acc);
     __syncthreads();
     for (int idx = static_cast<int>(threadIdx.x); idx < kTcBM * kTcBN; idx += kTcThreads) {
       const int r = idx / kTcBN, cc = idx % kTcBN;
@@ -130,7 +181,6 @@ __global__ void __launch_bounds__(kTcThreads)
   __shared__ __align__(32) __nv_bfloat16 gs[kTcBK * kTcLdB];  // gs[r][i] = dy[r0 + r, n0 + i]
   __shared__ __align__(32) __nv_bfloat16 as[kTcBK * kTcLdB];  // as[r][j] = a[r0 + r, k0 + j]
   __shared__ __align__(32) float cs[kTcBM * kTcLdC];
-  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
   const index_t x = blockIdx.z;
@@ -142,12 +192,8 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   for (index_t r0 = lo; r0 < hi; r0 += kTcBK) {
-    for (int idx = static_cast<int>(threadIdx.x); idx < kTcBK * kTcBN; idx += kTcThreads) {
-      const int rr = idx / kTcBN, cc = idx % kTcBN;
-      const index_t row = r0 + rr;
-      gs[rr * kTcLdB + cc] = row < hi && n0 + cc < n ? dy[row * n + n0 + cc] : zero;
-      as[rr * kTcLdB + cc] = row < hi && k0 + cc < k ? a[row * k + k0 + cc] : zero;
-    }
+    tc_load_tile<kTcBK, kTcBM>(gs, kTcLdB, dy + r0 * n + n0, n, hi - r0, n - n0);
+    tc_load_tile<kTcBK, kTcBN>(as, kTcLdB, a + r0 * k + k0, k, hi - r0, k - k0);
     __syncthreads();
     for (int ks = 0; ks < kTcBK; ks += 16) {
       // dy^T as the left operand: element (i, r) of the fragment is gs[r][i], a column-major load
@@ -160,9 +206,7 @@ __global__ void __launch_bounds__(kTcThreads)
     }
     __syncthreads();
   }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(cs + (wr + 16 * i) * kTcLdC + wc + 16 * j, acc[i][j], kTcLdC, wmma::mem_row_major);
+  tc_store_tile(cs, wr, wc, acc);
   __syncthreads();
   float* dwx = dw + x * n * k;
   for (int idx = static_cast<int>(threadIdx.x); idx < kTcBM * kTcBN; idx += kTcThreads) {
