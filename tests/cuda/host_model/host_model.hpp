@@ -1,13 +1,13 @@
-// A model of the parts of CUDA that backend/cuda/grouped_gemm_tc.cuh uses, for running its kernels on
-// the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, a bf16 type and
-// WMMA's 16 x 16 x 16 fragments. A launch runs the blocks one after another, each block's threads
-// as std::threads meeting at a std::barrier for __syncthreads; __shared__ arrays are static, so
-// the threads of the block running share them; uint4 copies check their alignment. A fragment holds its whole 16 x 16 tile in every
-// lane (each lane computes the same values; only lane 0 of a warp stores them), and the loads and
-// stores check what the real API requires: pointers aligned to 256 bits, leading dimensions that
-// are multiples of 8 (16-bit elements) or 4 (floats). What the model cannot show: the GPU's
-// scheduling, its fragment layouts across lanes, and speed. cuda_bf16.h and mma.h beside this file
-// include it, so a test puts this folder first on its include path.
+// A model of the parts of CUDA that backend/cuda/grouped_gemm_kernels.cuh uses, for running its
+// kernels on the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, uint4,
+// a bf16 type and WMMA's 16 x 16 x 16 fragments. A launch runs the blocks one after another on one
+// std::thread per CUDA thread, meeting at a std::barrier for __syncthreads; __shared__ arrays are
+// static, so the threads of the block running share them. A fragment holds its whole 16 x 16 tile in
+// every lane (each lane computes the same values; only lane 0 of a warp stores them). The model
+// checks what the GPU requires: WMMA pointers aligned to 256 bits, leading dimensions that are
+// multiples of 8 (16-bit elements) or 4 (floats), 16-byte vector copies aligned to 16 bytes. What it
+// cannot show: the GPU's scheduling, its fragment layouts across lanes, and speed. cuda_bf16.h and
+// mma.h beside this file include it, so a test puts this folder first on its include path.
 #pragma once
 
 #include <atomic>
@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -66,28 +67,35 @@ inline std::barrier<>*& block_barrier() {
   return b;
 }
 
-/// Runs `kernel()` for every thread of every block of the 1-D-block launch (grid, threads).
+/// Runs `kernel()` for every thread of every block of the 1-D-block launch (grid, threads): one
+/// std::thread per CUDA thread, kept for the whole grid, running the blocks one after another.
 template <class Kernel>
 void launch(dim3 grid, unsigned threads, Kernel kernel) {
   gridDim = grid;
   blockDim = dim3{threads, 1, 1};
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
-        block_barrier() = &barrier;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            threadIdx = dim3{t, 0, 0};
-            blockIdx = dim3{x, y, z};
-            kernel();
-            block_barrier()->arrive_and_drop();  // a finished thread no longer holds the others back
-          });
-        for (auto& th : pool) th.join();
-        block_barrier() = nullptr;
+  const auto n = static_cast<std::ptrdiff_t>(threads);
+  std::barrier<> between(n);             // block boundaries
+  std::optional<std::barrier<>> inside;  // __syncthreads of the block running
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx = dim3{t, 0, 0};
+      for (unsigned i = 0; i < blocks; ++i) {
+        if (t == 0) {
+          inside.emplace(n);
+          block_barrier() = &*inside;
+        }
+        between.arrive_and_wait();  // the block's barrier is made
+        blockIdx = dim3{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
+        kernel();
+        block_barrier()->arrive_and_drop();  // a finished thread no longer holds the others back
+        between.arrive_and_wait();           // every thread is done with the block
       }
+    });
+  for (auto& th : pool) th.join();
+  block_barrier() = nullptr;
 }
 
 }  // namespace host_model

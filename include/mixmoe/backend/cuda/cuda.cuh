@@ -12,7 +12,7 @@
 #include "mixmoe/backend/cuda/blas.cuh"
 #include "mixmoe/backend/cuda/elementwise.cuh"
 #include "mixmoe/backend/cuda/fft.cuh"
-#include "mixmoe/backend/cuda/grouped_gemm_tc.cuh"
+#include "mixmoe/backend/cuda/grouped_gemm_kernels.cuh"
 #include "mixmoe/backend/cuda/index.cuh"
 #include "mixmoe/backend/cuda/moe.cuh"
 #include "mixmoe/backend/cuda/ops.cuh"

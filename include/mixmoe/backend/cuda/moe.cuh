@@ -19,8 +19,8 @@
 //   grouped_gemm       for every expert e: C[rows of e] (+)= A[rows of e] op(B_e), the row offsets in
 //                      device memory (no host synchronisation to launch it)
 //   grouped_gemm_wgrad for every expert e: dW_e += dY[rows of e]^T A[rows of e] (the weight gradient)
-//                      Both: SIMT kernels (fp32 / fp64 FMAs); with bf16 operands the tensor-core
-//                      kernels of grouped_gemm_tc.cuh where the device has them
+//                      Both: the SIMT kernels of grouped_gemm_kernels.cuh (fp32 / fp64 FMAs); with
+//                      bf16 operands its tensor-core kernels where the device has them
 //                      (cuda::set_grouped_gemm_tensor_cores chooses)
 //
 // Every output element is owned by one thread (or one warp / block) that adds its terms in a fixed
@@ -37,7 +37,7 @@
 
 #include "mixmoe/backend/cuda/allocator.cuh"
 #include "mixmoe/backend/cuda/blas.cuh"
-#include "mixmoe/backend/cuda/grouped_gemm_tc.cuh"
+#include "mixmoe/backend/cuda/grouped_gemm_kernels.cuh"
 #include "mixmoe/backend/cuda/ops.cuh"
 #include "mixmoe/backend/cuda/runtime.cuh"
 #include "mixmoe/backend/cuda/tensor.cuh"
@@ -407,8 +407,8 @@ __global__ void moe_z_loss_backward(const T* l, const double* z, const T* grad_o
 
 // ---- grouped GEMM -------------------------------------------------------------------------------
 
-inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
 static_assert(kTcBM == kGemmBM && kTcBN == kGemmBN, "the tensor-core kernels share the SIMT kernels' tiling");
+static_assert(kGemmThreads == kMoEThreads, "moe_gemm_tile_starts and the SIMT kernels run kMoEThreads threads");
 
 /// tile_start (E + 1): the first row tile of each expert, ceil(rows_e / kGemmBM) tiles per expert
 /// (rows clamped to [0, m)); one block of kMoEThreads.
@@ -431,128 +431,6 @@ __global__ void moe_gemm_tile_starts(const index_t* offsets, index_t e, index_t 
   if (threadIdx.x == 0) tile_start[e] = carry;
 }
 
-__device__ inline float moe_to_acc(__nv_bfloat16 v, float) { return __bfloat162float(v); }
-__device__ inline float moe_to_acc(float v, float) { return v; }
-__device__ inline double moe_to_acc(double v, double) { return v; }
-
-/// 256 threads (16 x 16), each computing a 4 x 4 block of a 64 x 64 output tile, 16-deep K steps
-/// through shared memory. blockIdx.x: the column tile; blockIdx.y (grid-stride): the row tile in the
-/// expert-aligned tile list (a tile never mixes two experts' rows, so it reads one B_e).
-template <class TIn, class Acc>
-__global__ void __launch_bounds__(kMoEThreads)
-    grouped_gemm_tiles(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const long long* tile_start,
-                       index_t tile_bound, const TIn* a, index_t lda, const TIn* b, index_t ldb, index_t stride_b,
-                       bool trans_b, Acc* c, index_t ldc, bool accumulate) {
-  __shared__ Acc as[kGemmBK][kGemmBM + 1];  // A tile, k-major (padded: its stores spread over the banks)
-  __shared__ Acc bs[kGemmBK][kGemmBN];      // B tile
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const index_t col0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
-  const long long total_tiles = tile_start[e];
-  for (index_t t = blockIdx.y; t < tile_bound && t < total_tiles; t += gridDim.y) {
-    // The expert of tile t: the largest x with tile_start[x] <= t (tile_start[0] = 0 <= t).
-    index_t lo = 0, hi = e;
-    while (hi - lo > 1) {
-      const index_t mid = lo + (hi - lo) / 2;
-      if (tile_start[mid] <= t)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    const index_t x = lo;
-    const index_t first = offsets[x] < 0 ? 0 : offsets[x];
-    const index_t row_begin = first + (t - tile_start[x]) * kGemmBM;
-    const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
-    const TIn* bx = b + x * stride_b;
-    Acc acc[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) acc[i][j] = Acc(0);
-    for (index_t k0 = 0; k0 < k; k0 += kGemmBK) {
-      for (int l = 0; l < (kGemmBM * kGemmBK) / kMoEThreads; ++l) {
-        const int idx = threadIdx.x + l * kMoEThreads;
-        const int r = idx / kGemmBK, kk = idx % kGemmBK;
-        const index_t row = row_begin + r, kc = k0 + kk;
-        as[kk][r] = row < row_end && kc < k ? moe_to_acc(a[row * lda + kc], Acc(0)) : Acc(0);
-      }
-      for (int l = 0; l < (kGemmBN * kGemmBK) / kMoEThreads; ++l) {
-        const int idx = threadIdx.x + l * kMoEThreads;
-        const int cc = trans_b ? idx / kGemmBK : idx % kGemmBN;
-        const int kk = trans_b ? idx % kGemmBK : idx / kGemmBN;
-        const index_t col = col0 + cc, kc = k0 + kk;
-        Acc v = Acc(0);
-        if (col < n && kc < k) v = moe_to_acc(trans_b ? bx[col * ldb + kc] : bx[kc * ldb + col], Acc(0));
-        bs[kk][cc] = v;
-      }
-      __syncthreads();
-      for (int kk = 0; kk < kGemmBK; ++kk) {
-        Acc av[4], bv[4];
-        for (int i = 0; i < 4; ++i) av[i] = as[kk][ty + 16 * i];
-        for (int j = 0; j < 4; ++j) bv[j] = bs[kk][tx + 16 * j];
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-      }
-      __syncthreads();
-    }
-    for (int i = 0; i < 4; ++i) {
-      const index_t row = row_begin + ty + 16 * i;
-      if (row >= row_end) continue;
-      for (int j = 0; j < 4; ++j) {
-        const index_t col = col0 + tx + 16 * j;
-        if (col >= n) continue;
-        Acc* dst = c + row * ldc + col;
-        *dst = accumulate ? *dst + acc[i][j] : acc[i][j];
-      }
-    }
-  }
-}
-
-/// The weight gradient of a grouped GEMM: dw[x] (n, k) += dy[rows of x]^T a[rows of x]. One block of
-/// 256 threads (16 x 16, 4 x 4 outputs each) per 64 x 64 tile of one expert's dw (blockIdx.z: the
-/// expert), walking that expert's rows 16 at a time: each output has one owner, no atomics. TIn
-/// float, double or __nv_bfloat16 (then T = float: fp32 accumulation).
-template <class TIn, class T>
-__global__ void __launch_bounds__(kMoEThreads)
-    grouped_gemm_wgrad_tiles(index_t m, index_t n, index_t k, const index_t* offsets, const TIn* dy, const TIn* a,
-                             T* dw) {
-  __shared__ T gs[kGemmBK][kGemmBM];  // dy rows x n columns
-  __shared__ T as[kGemmBK][kGemmBN];  // a rows x k columns
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const index_t x = blockIdx.z;
-  const index_t n0 = static_cast<index_t>(blockIdx.y) * kGemmBM, k0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
-  const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
-  const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
-  T acc[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
-  for (index_t r0 = lo; r0 < hi; r0 += kGemmBK) {
-    for (int l = 0; l < (kGemmBM * kGemmBK) / kMoEThreads; ++l) {
-      const int idx = threadIdx.x + l * kMoEThreads;
-      const int rr = idx / kGemmBM, cc = idx % kGemmBM;
-      const index_t row = r0 + rr;
-      gs[rr][cc] = row < hi && n0 + cc < n ? moe_to_acc(dy[row * n + n0 + cc], T(0)) : T(0);
-      as[rr][cc] = row < hi && k0 + cc < k ? moe_to_acc(a[row * k + k0 + cc], T(0)) : T(0);
-    }
-    __syncthreads();
-    for (int rr = 0; rr < kGemmBK; ++rr) {
-      T gv[4], av[4];
-      for (int i = 0; i < 4; ++i) gv[i] = gs[rr][ty + 16 * i];
-      for (int j = 0; j < 4; ++j) av[j] = as[rr][tx + 16 * j];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] += gv[i] * av[j];
-    }
-    __syncthreads();
-  }
-  if (lo == hi) return;  // no rows: dw[x] gets nothing
-  T* dwx = dw + x * n * k;
-  for (int i = 0; i < 4; ++i) {
-    const index_t row = n0 + ty + 16 * i;
-    if (row >= n) continue;
-    for (int j = 0; j < 4; ++j) {
-      const index_t col = k0 + tx + 16 * j;
-      if (col < k) dwx[row * k + col] += acc[i][j];
-    }
-  }
-}
-
 }  // namespace kernels
 
 namespace moe_detail {
@@ -573,7 +451,7 @@ inline bool device_has_bf16_tensor_cores() {
 }  // namespace moe_detail
 
 /// Whether the bf16 grouped GEMMs (the MoE experts with bf16 operands, forward and both gradients)
-/// run on the tensor cores (grouped_gemm_tc.cuh) or on the SIMT kernels below. By default: on a
+/// run on the tensor cores or on the SIMT kernels (grouped_gemm_kernels.cuh). By default: on a
 /// device of compute capability 8.0 and newer.
 inline bool grouped_gemm_tensor_cores() {
   const int s = moe_detail::tensor_core_setting().load(std::memory_order_relaxed);
@@ -647,8 +525,8 @@ void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(e));
   if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
     if (grouped_gemm_tensor_cores()) {
-      kernels::grouped_gemm_wgrad_bf16_tc<><<<grid, kernels::kTcThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a,
-                                                                                               dw);
+      kernels::grouped_gemm_wgrad_bf16_tc<>
+          <<<grid, kernels::kTcThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a, dw);
       MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_bf16_tc");
       return;
     }

@@ -1,25 +1,31 @@
-// Tensor-core kernels of the MoE experts' grouped GEMMs with bf16 operands and fp32 accumulation
-// (WMMA, 16 x 16 x 16 bf16 fragments; compute capability 8.0 and newer). They do what the SIMT
-// kernels of moe.cuh do for bf16 (grouped_gemm_tiles, grouped_gemm_wgrad_tiles), on the same
-// expert-aligned tiling and with the same arguments, so moe.cuh chooses between the two at launch
-// (cuda::set_grouped_gemm_tensor_cores):
+// The kernels of the MoE experts' grouped GEMMs (moe.cuh launches them; cuda::grouped_gemm and
+// cuda::grouped_gemm_wgrad are the entry points):
 //
-//   grouped_gemm_bf16_tc        C[rows of x] (+)= A[rows of x] op(B_x), a 64 x 64 tile of C per
-//                               block, blockIdx.y walking the expert-aligned row tiles of tile_start
-//   grouped_gemm_wgrad_bf16_tc  dw[x] (n, k) += dy[rows of x]^T a[rows of x], a 64 x 64 tile of
-//                               one expert's dw per block (blockIdx.z: the expert)
+//   grouped_gemm_tiles          C[rows of x] (+)= A[rows of x] op(B_x) for every expert x, SIMT: float,
+//                               double, or bf16 operands widened to fp32; 256 threads (16 x 16) a
+//                               64 x 64 tile of C, 4 x 4 outputs a thread, 16 deep in K
+//   grouped_gemm_wgrad_tiles    dw[x] (n, k) += dy[rows of x]^T a[rows of x], SIMT, the same way
+//   grouped_gemm_bf16_tc        the first with bf16 operands on the tensor cores (WMMA 16 x 16 x 16
+//                               fragments, fp32 accumulation; compute capability 8.0 and newer)
+//   grouped_gemm_wgrad_bf16_tc  the second on the tensor cores
 //
-// A block is 4 warps; each warp owns a 32 x 32 quarter of the tile (2 x 2 fragments). Operand tiles
-// go through shared memory, 32 deep in K, zero-filled outside the expert's rows, past n and past k,
-// so any shape works; they are copied in 16-byte pieces where a piece of 8 values is whole and
-// aligned, else value by value. B_x is kept as it lies in memory: (k, n) tiles for row-major
-// fragments, (n, k) tiles for column-major ones when trans_b. Shared rows are padded (leading
-// dimensions 40 and 72 bf16, 68 floats: multiples of 8 and 4 as WMMA needs, rows that start in
-// different banks). The fp32 tile is staged in shared memory and written (or added) element by
+// All four walk the same expert-aligned tiling: the rows of expert x are [offsets[x], offsets[x + 1])
+// (device memory, clamped to [0, m)), cut into 64-row tiles that never mix two experts;
+// tile_start (e + 1), made by moe.cuh's moe_gemm_tile_starts, numbers them, and blockIdx.y walks
+// them (grid-stride). The weight-gradient kernels give each block one 64 x 64 tile of one expert's
+// dw (blockIdx.z: the expert): each output has one owner, no atomics.
+//
+// Tensor cores: a block is 4 warps; each warp owns a 32 x 32 quarter of the tile (2 x 2 fragments).
+// Operand tiles go through shared memory, 32 deep in K, zero-filled outside the expert's rows, past
+// n and past k, so any shape works; they are copied in 16-byte pieces where a piece of 8 values is
+// whole and aligned, else value by value. B_x is kept as it lies in memory: (k, n) tiles for
+// row-major fragments, (n, k) tiles for column-major ones when trans_b. Shared rows are padded
+// (leading dimensions 40 and 72 bf16, 68 floats: multiples of 8 and 4 as WMMA needs, rows that start
+// in different banks). The fp32 tile is staged in shared memory and written (or added) element by
 // element with the bounds checks.
 //
-// The header needs only the CUDA bf16 and WMMA headers and index_t; tests/cuda/host_model runs these
-// kernels on the CPU under a model of those headers, against a reference, in CI.
+// The header needs only CUDA's bf16 and WMMA headers and index_t: tests/cuda/host_model runs all
+// four kernels on the CPU under a model of those headers, against references, in CI.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,15 +38,8 @@
 
 namespace mixmoe::cuda::kernels {
 
-inline constexpr int kTcThreads = 128;        // 4 warps
-inline constexpr int kTcBM = 64, kTcBN = 64;  // the output tile (kTcBM: moe.cuh's row tiling)
-inline constexpr int kTcBK = 32;              // K (or rows, for the weight gradient) per stage
-inline constexpr int kTcLdA = kTcBK + 8;      // a tile of 64 rows x kTcBK (A; B_x^T when trans_b)
-inline constexpr int kTcLdB = kTcBN + 8;      // a tile of kTcBK rows x 64 (B_x; dy and a of the weight gradient)
-inline constexpr int kTcLdC = kTcBN + 4;      // the fp32 result tile (kTcBM x kTcBN)
-
 /// The expert of row tile t: the largest x in [0, e) with tile_start[x] <= t (tile_start[0] = 0).
-__device__ inline index_t tc_expert_of(const long long* tile_start, index_t e, long long t) {
+__device__ inline index_t tile_expert(const long long* tile_start, index_t e, long long t) {
   index_t lo = 0, hi = e;
   while (hi - lo > 1) {
     const index_t mid = lo + (hi - lo) / 2;
@@ -51,6 +50,135 @@ __device__ inline index_t tc_expert_of(const long long* tile_start, index_t e, l
   }
   return lo;
 }
+
+// ---- SIMT ---------------------------------------------------------------------------------------
+
+inline constexpr int kGemmThreads = 256;
+inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
+
+__device__ inline float moe_to_acc(__nv_bfloat16 v, float) { return __bfloat162float(v); }
+__device__ inline float moe_to_acc(float v, float) { return v; }
+__device__ inline double moe_to_acc(double v, double) { return v; }
+
+/// acc[i][j] += sum over the kGemmBK rows q of left[q][ty + 16 i] * right[q][tx + 16 j]: a thread's
+/// 4 x 4 outputs from two k-major shared tiles.
+template <class Acc, int WL, int WR>
+__device__ inline void simt_fma_tile(Acc (&acc)[4][4], const Acc (&left)[kGemmBK][WL], const Acc (&right)[kGemmBK][WR],
+                                     int ty, int tx) {
+  for (int q = 0; q < kGemmBK; ++q) {
+    Acc lv[4], rv[4];
+    for (int i = 0; i < 4; ++i) lv[i] = left[q][ty + 16 * i];
+    for (int j = 0; j < 4; ++j) rv[j] = right[q][tx + 16 * j];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] += lv[i] * rv[j];
+  }
+}
+
+/// 256 threads (16 x 16), each computing a 4 x 4 block of a 64 x 64 output tile, 16-deep K steps
+/// through shared memory. blockIdx.x: the column tile; blockIdx.y (grid-stride): the row tile in the
+/// expert-aligned tile list (a tile never mixes two experts' rows, so it reads one B_e).
+template <class TIn, class Acc>
+__global__ void __launch_bounds__(kGemmThreads)
+    grouped_gemm_tiles(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const long long* tile_start,
+                       index_t tile_bound, const TIn* a, index_t lda, const TIn* b, index_t ldb, index_t stride_b,
+                       bool trans_b, Acc* c, index_t ldc, bool accumulate) {
+  __shared__ Acc as[kGemmBK][kGemmBM + 1];  // A tile, k-major (padded: its stores spread over the banks)
+  __shared__ Acc bs[kGemmBK][kGemmBN];      // B tile
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const index_t col0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
+  const long long total_tiles = tile_start[e];
+  for (index_t t = blockIdx.y; t < tile_bound && t < total_tiles; t += gridDim.y) {
+    const index_t x = tile_expert(tile_start, e, t);
+    const index_t first = offsets[x] < 0 ? 0 : offsets[x];
+    const index_t row_begin = first + (t - tile_start[x]) * kGemmBM;
+    const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
+    const TIn* bx = b + x * stride_b;
+    Acc acc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = Acc(0);
+    for (index_t k0 = 0; k0 < k; k0 += kGemmBK) {
+      for (int l = 0; l < (kGemmBM * kGemmBK) / kGemmThreads; ++l) {
+        const int idx = threadIdx.x + l * kGemmThreads;
+        const int r = idx / kGemmBK, kk = idx % kGemmBK;
+        const index_t row = row_begin + r, kc = k0 + kk;
+        as[kk][r] = row < row_end && kc < k ? moe_to_acc(a[row * lda + kc], Acc(0)) : Acc(0);
+      }
+      for (int l = 0; l < (kGemmBN * kGemmBK) / kGemmThreads; ++l) {
+        const int idx = threadIdx.x + l * kGemmThreads;
+        const int cc = trans_b ? idx / kGemmBK : idx % kGemmBN;
+        const int kk = trans_b ? idx % kGemmBK : idx / kGemmBN;
+        const index_t col = col0 + cc, kc = k0 + kk;
+        Acc v = Acc(0);
+        if (col < n && kc < k) v = moe_to_acc(trans_b ? bx[col * ldb + kc] : bx[kc * ldb + col], Acc(0));
+        bs[kk][cc] = v;
+      }
+      __syncthreads();
+      simt_fma_tile(acc, as, bs, ty, tx);
+      __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i) {
+      const index_t row = row_begin + ty + 16 * i;
+      if (row >= row_end) continue;
+      for (int j = 0; j < 4; ++j) {
+        const index_t col = col0 + tx + 16 * j;
+        if (col >= n) continue;
+        Acc* dst = c + row * ldc + col;
+        *dst = accumulate ? *dst + acc[i][j] : acc[i][j];
+      }
+    }
+  }
+}
+
+/// The weight gradient of a grouped GEMM: dw[x] (n, k) += dy[rows of x]^T a[rows of x]. One block of
+/// 256 threads (16 x 16, 4 x 4 outputs each) per 64 x 64 tile of one expert's dw (blockIdx.z: the
+/// expert), walking that expert's rows 16 at a time: each output has one owner, no atomics. TIn
+/// float, double or __nv_bfloat16 (then T = float: fp32 accumulation).
+template <class TIn, class T>
+__global__ void __launch_bounds__(kGemmThreads)
+    grouped_gemm_wgrad_tiles(index_t m, index_t n, index_t k, const index_t* offsets, const TIn* dy, const TIn* a,
+                             T* dw) {
+  __shared__ T gs[kGemmBK][kGemmBM];  // dy rows x n columns
+  __shared__ T as[kGemmBK][kGemmBN];  // a rows x k columns
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const index_t x = blockIdx.z;
+  const index_t n0 = static_cast<index_t>(blockIdx.y) * kGemmBM, k0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
+  const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
+  const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+  T acc[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
+  for (index_t r0 = lo; r0 < hi; r0 += kGemmBK) {
+    for (int l = 0; l < (kGemmBM * kGemmBK) / kGemmThreads; ++l) {
+      const int idx = threadIdx.x + l * kGemmThreads;
+      const int rr = idx / kGemmBM, cc = idx % kGemmBM;
+      const index_t row = r0 + rr;
+      gs[rr][cc] = row < hi && n0 + cc < n ? moe_to_acc(dy[row * n + n0 + cc], T(0)) : T(0);
+      as[rr][cc] = row < hi && k0 + cc < k ? moe_to_acc(a[row * k + k0 + cc], T(0)) : T(0);
+    }
+    __syncthreads();
+    simt_fma_tile(acc, gs, as, ty, tx);
+    __syncthreads();
+  }
+  if (lo == hi) return;  // no rows: dw[x] gets nothing
+  T* dwx = dw + x * n * k;
+  for (int i = 0; i < 4; ++i) {
+    const index_t row = n0 + ty + 16 * i;
+    if (row >= n) continue;
+    for (int j = 0; j < 4; ++j) {
+      const index_t col = k0 + tx + 16 * j;
+      if (col < k) dwx[row * k + col] += acc[i][j];
+    }
+  }
+}
+
+// ---- tensor cores -------------------------------------------------------------------------------
+
+inline constexpr int kTcThreads = 128;        // 4 warps
+inline constexpr int kTcBM = 64, kTcBN = 64;  // the output tile (kTcBM: moe.cuh's row tiling)
+inline constexpr int kTcBK = 32;              // K (or rows, for the weight gradient) per stage
+inline constexpr int kTcLdA = kTcBK + 8;      // a tile of 64 rows x kTcBK (A; B_x^T when trans_b)
+inline constexpr int kTcLdB = kTcBN + 8;      // a tile of kTcBK rows x 64 (B_x; dy and a of the weight gradient)
+inline constexpr int kTcLdC = kTcBN + 4;      // the fp32 result tile (kTcBM x kTcBN)
 
 /// dst[r * ld_dst + c] = src[r * ld_src + c] for r < rows and c < cols, zero elsewhere, over an R x C
 /// tile (C a multiple of 8) by the block's kTcThreads threads. A piece of 8 values is one 16-byte
@@ -131,7 +259,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const index_t col0 = static_cast<index_t>(blockIdx.x) * kTcBN;
   const long long total_tiles = tile_start[e];
   for (long long t = blockIdx.y; t < tile_bound && t < total_tiles; t += gridDim.y) {
-    const index_t x = tc_expert_of(tile_start, e, t);
+    const index_t x = tile_expert(tile_start, e, t);
     const index_t first = offsets[x] < 0 ? 0 : offsets[x];
     const index_t row_begin = first + (t - tile_start[x]) * kTcBM;
     const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
