@@ -22,9 +22,9 @@
 //
 // Peaks (dense, TFLOP/s) default to the H100 / H200 SXM datasheet values: --peak-bf16 989,
 // --peak-tf32 494, --peak-fp32 67; pass the values of another GPU (a warning says when the GPU is
-// neither; the JSON records where the peaks came from). Parts (b) and (c) run twice:
-// with the library's default FP32 GEMMs, and with TF32 tensor cores enabled on the library's cuBLAS
-// handle (cublasSetMathMode; the library's kernels are unchanged).
+// neither; the JSON records where the peaks came from). Parts (b) and (c) run twice: with the
+// library's default FP32 GEMMs, and with TF32 allowed (cuda::set_allow_tf32: cuBLAS and the MoE
+// grouped GEMMs on the tensor cores; the other kernels, attention among them, are unchanged).
 //
 // Timing: warm-up calls, then cudaEvent pairs around each repetition on the library's stream (for
 // small GEMMs, several calls per pair), the median of the repetitions. A table goes to stdout and
@@ -97,7 +97,7 @@ Args parse(int argc, char** argv) {
       return x;
     };
     if (k == "--json") a.json_path = value();
-    else if (k == "--reps") a.reps = std::max(1, static_cast<int>(number()));
+    else if (k == "--reps") a.reps = static_cast<int>(std::clamp(number(), 1.0, 1000.0));
     else if (k == "--quick") a.quick = true;
     else if (k == "--parts") a.parts = value();
     else if (k == "--peak-bf16") a.peak_bf16 = number(), a.peaks_given = true;
@@ -158,10 +158,8 @@ double time_ms(const std::function<void()>& f, int reps, int warmup = 2, bool ad
   return bench::median(t);
 }
 
-/// TF32 tensor cores on or off for the library's cuBLAS handle of this thread.
-void set_library_tf32(bool on) {
-  MIXMOE_CUBLAS_CHECK(cublasSetMathMode(mcuda::cublas_handle(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-}
+/// TF32 allowed or not for the library's float GEMMs (cuBLAS and the MoE grouped GEMMs).
+void set_library_tf32(bool on) { mcuda::set_allow_tf32(on); }
 
 /// A cuBLAS handle of the benchmark's own (the raw baseline), on the library's stream.
 struct RawCublas {
@@ -315,12 +313,13 @@ struct LayerDefaults {
   }
 };
 
-/// The bf16 grouped GEMMs on the SIMT kernels while in scope (tensor cores back on after).
+/// The grouped GEMMs on the SIMT kernels while in scope (the previous choice back after).
 struct SimtGroupedGemm {
+  bool before = mcuda::grouped_gemm_tensor_cores();
   SimtGroupedGemm() { mcuda::set_grouped_gemm_tensor_cores(false); }
   ~SimtGroupedGemm() {
     try {
-      mcuda::set_grouped_gemm_tensor_cores(true);
+      mcuda::set_grouped_gemm_tensor_cores(before);
     } catch (...) {
     }
   }
@@ -414,6 +413,7 @@ json bench_moe(const Args& a) {
     });
     const char* bf16_kernels = mcuda::grouped_gemm_tensor_cores() ? "tensor cores" : "SIMT";
     m["bf16_grouped_gemm"] = bf16_kernels;
+    m["float_grouped_gemm"] = tf == 1 && mcuda::grouped_gemm_tensor_cores() ? "tensor cores (TF32)" : "SIMT";
     attempt(mcuda::grouped_gemm_tensor_cores() ? "MoE top-k, grouped, bf16 experts (TC)" : "MoE top-k, grouped, bf16 experts",
             "moe_topk_bf16", [&] {
               const LayerDefaults<decltype(moe)> restore{moe, true};

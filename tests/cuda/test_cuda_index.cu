@@ -118,42 +118,67 @@ void async_clipping() {
   expect(std::abs(grad_norm(ps) - 0.25 * norm) <= 1e-5 * norm, "the gradients are clipped to max_norm");
 }
 
+/// Runs f on a thread of its own and waits for it; what it throws comes back as the message.
+template <class F>
+std::string on_thread(F&& f) {
+  std::string error;
+  std::thread t([&] {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  });
+  t.join();
+  return error;
+}
+
 /// Two host threads, each on its per-thread default stream (one handle, two streams): the caches
 /// that outlive a call are kept per stream, so neither thread sees the other's blocks in flight,
-/// deferred errors or cuFFT plans, and both compute what one thread alone computes.
+/// deferred errors or cuFFT plans, and both compute what one thread alone computes. A thread that
+/// ends gives its stream's cache back (retire_stream).
 void two_threads() {
   using namespace mixmoe;
   auto& alloc = mixmoe::cuda::CachingDeviceAllocator::instance();
+  auto& plans = mixmoe::cuda::FftPlanCache::instance();
   unsigned long long other_id = 0;
-  std::thread([&] { other_id = mixmoe::cuda::current_stream_id(); }).join();
-  expect(other_id != mixmoe::cuda::current_stream_id(), "two threads' per-thread streams have different ids");
+  std::string error = on_thread([&] { other_id = mixmoe::cuda::current_stream_id(); });
+  expect(error.empty() && other_id != mixmoe::cuda::current_stream_id(),
+         "two threads' per-thread streams have different ids " + error);
 
-  // a freed block goes back to its stream's free list only
-  const std::size_t bytes = std::size_t{3} << 20;
+  // a freed block goes back to its stream's free list only; when the thread ends, to the idle pool
+  const std::size_t bytes = (std::size_t{47} << 20) + 123;  // a size class nothing else here uses
   void* mine = alloc.allocate(bytes);
   alloc.deallocate(mine, bytes);
   void* theirs = nullptr;
-  std::thread([&] {
+  error = on_thread([&] {
     theirs = alloc.allocate(bytes);
     alloc.deallocate(theirs, bytes);
-  }).join();
+  });
   void* again = alloc.allocate(bytes);
-  expect(theirs != mine, "a block freed on one thread's stream is not handed to another thread's");
+  void* retired = alloc.allocate(bytes);
+  expect(error.empty() && theirs != mine, "a block freed on one thread's stream is not handed to another thread's " +
+                                              error);
   expect(again == mine, "it is reused on the stream that freed it");
+  expect(retired == theirs, "a block of a thread that ended is reused by another stream");
   alloc.deallocate(again, bytes);
+  alloc.deallocate(retired, bytes);
 
   // a failed deferred check is reported by its own stream's synchronisation only
   std::promise<void> enqueued, main_synced;
   std::string their_message;
   std::thread checker([&] {
+    bool told = false;
     try {
       Var<float, Cuda> w(Tensor<float, Cuda>::ones({6, 4}), true);
       Var<float, Cuda> y = embedding(w, Tensor<Index, Cuda>::from({1, 7}, {2}), IndexCheck::deferred);
       enqueued.set_value();
+      told = true;
       main_synced.get_future().wait();
       mixmoe::cuda::synchronize();
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {
       their_message = e.what();
+      if (!told) enqueued.set_value();  // main must not wait for ever
     }
   });
   enqueued.get_future().wait();
@@ -169,8 +194,16 @@ void two_threads() {
   expect(their_message == "[embedding] id 7 at position (1) is out of range for a vocabulary of V = 6",
          "it is thrown by its own thread's (got '" + their_message + "')");
   expect(mixmoe::cuda::pending_checks() == 0, "nothing pending afterwards");
+  // a thread that ends without reading its failed check: retired, the error goes to stderr
+  error = on_thread([] {
+    Var<float, Cuda> w(Tensor<float, Cuda>::ones({6, 4}), true);
+    (void)embedding(w, Tensor<Index, Cuda>::from({9}, {1}), IndexCheck::deferred);
+  });
+  expect(error.empty() && mixmoe::cuda::pending_checks() == 0,
+         "the checks of a thread that ended are not left pending " + error);
 
-  // the same work on two threads at once gives one thread's results; each stream has its own plans
+  // the same work on two threads at once gives one thread's results; each stream has its own plans,
+  // given back when its thread ends
   const auto work = [](std::uint64_t seed) {
     Var<float, Cuda> xv = mixmoe_parity::leaf<float, Cuda>({96, 33}, seed);
     Var<float, Cuda> wv = mixmoe_parity::leaf<float, Cuda>({33, 48}, seed + 1);
@@ -183,25 +216,54 @@ void two_threads() {
     return out;
   };
   const std::vector<float> ref_a = work(71), ref_b = work(72);
-  const std::size_t plans = mixmoe::cuda::FftPlanCache::instance().size();
-  std::vector<float> got_a, got_b;
-  bool same = true;
+  const std::size_t plans_before = plans.size();
+  const auto close = [](const std::vector<float>& u, const std::vector<float>& v) {
+    if (u.size() != v.size()) return false;
+    for (std::size_t i = 0; i < u.size(); ++i)
+      if (!(std::abs(u[i] - v[i]) <= 1e-5f * (1.0f + std::abs(v[i])))) return false;
+    return true;
+  };
+  bool same = true, own_plans = true;
+  std::string errors;
   for (int round = 0; round < 20; ++round) {
-    std::thread ta([&] { got_a = work(71); });
-    std::thread tb([&] { got_b = work(72); });
+    std::vector<float> got_a, got_b;
+    std::string error_a, error_b;
+    std::promise<void> a_done, b_done, main_looked;
+    std::shared_future<void> looked = main_looked.get_future().share();
+    std::thread ta([&] {
+      try {
+        got_a = work(71);
+      } catch (const std::exception& e) {
+        error_a = e.what();
+      }
+      a_done.set_value();
+      looked.wait();  // keep the thread, and so its plans, until main has counted them
+    });
+    std::thread tb([&] {
+      try {
+        got_b = work(72);
+      } catch (const std::exception& e) {
+        error_b = e.what();
+      }
+      b_done.set_value();
+      looked.wait();
+    });
+    a_done.get_future().wait();
+    b_done.get_future().wait();
+    own_plans = own_plans && plans.size() >= plans_before + 2;  // each live thread's stream has its plans
+    main_looked.set_value();
     ta.join();
     tb.join();
-    const auto close = [](const std::vector<float>& u, const std::vector<float>& v) {
-      if (u.size() != v.size()) return false;
-      for (std::size_t i = 0; i < u.size(); ++i)
-        if (!(std::abs(u[i] - v[i]) <= 1e-5f * (1.0f + std::abs(v[i])))) return false;
-      return true;
-    };
+    errors += error_a + error_b;
     same = same && close(got_a, ref_a) && close(got_b, ref_b);
   }
+  expect(errors.empty(), "no thread threw " + errors);
   expect(same, "matmul, rfft_magnitude and softmax, forward and backward, on two threads at once (20 rounds) "
                "give one thread's results");
-  expect(mixmoe::cuda::FftPlanCache::instance().size() > plans, "the other threads' streams got plans of their own");
+  expect(own_plans, "each thread's stream gets cuFFT plans of its own");
+  expect(plans.size() == plans_before, "the plans of the threads that ended are gone (" +
+                                           std::to_string(plans.size()) + " held, " +
+                                           std::to_string(plans_before) + " before)");
 }
 
 }  // namespace

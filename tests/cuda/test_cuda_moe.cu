@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mixmoe_parity {
@@ -95,37 +96,69 @@ void out_of_range_expert() {
          "capacity mode: make_dispatch_plan throws at once (got '" + message + "')");
 }
 
-/// grouped_linear in bf16 (forward, input and weight gradients) on the tensor-core kernels and on the
-/// SIMT kernels: the same bf16 products summed in fp32 in another order.
+/// max |u - v| and max |v| over two lists of equal length.
+std::pair<double, double> max_difference(const std::vector<float>& u, const std::vector<float>& v) {
+  double diff = 0, scale = 0;
+  for (std::size_t j = 0; j < v.size(); ++j) {
+    diff = std::max(diff, static_cast<double>(std::abs(u[j] - v[j])));
+    scale = std::max(scale, static_cast<double>(std::abs(v[j])));
+  }
+  return {diff, scale};
+}
+
+/// grouped_linear (forward, input and weight gradients) on the tensor-core kernels and on the SIMT
+/// kernels: in bf16 the same products summed in fp32 in another order; in float with TF32 allowed,
+/// products of operands rounded to TF32 (and TF32 really in effect: the results move). Then a cuBLAS
+/// matmul with TF32 allowed and not.
 void tensor_core_grouped_gemm() {
   using namespace mixmoe;
   using namespace mixmoe_parity;
   if (!mixmoe::cuda::grouped_gemm_tensor_cores()) {
-    expect(true, "no bf16 tensor cores on this device: the SIMT kernels run (nothing to compare)");
+    expect(true, "no usable tensor cores on this device: the SIMT kernels run (nothing to compare)");
     return;
   }
+  struct Restore {  // the defaults back, also when a check throws
+    ~Restore() {
+      mixmoe::cuda::set_allow_tf32(false);
+      mixmoe::cuda::set_grouped_gemm_tensor_cores(true);
+    }
+  } restore;
   const index_t m = 517, kd = 96, n = 80, e = 6;
   const auto offsets = Tensor<index_t, Cuda>::from({0, 100, 100, 250, 400, 460, 517}, {e + 1});
-  const auto run = [&](bool tensor_cores) {
+  const auto run = [&](bool tensor_cores, bool tf32, MatmulPrecision precision) {
     mixmoe::cuda::set_grouped_gemm_tensor_cores(tensor_cores);
+    mixmoe::cuda::set_allow_tf32(tf32);
     Var<float, Cuda> x = leaf<float, Cuda>({m, kd}, 11);
     Var<float, Cuda> w = leaf<float, Cuda>({e, n, kd}, 12);
-    Var<float, Cuda> y = grouped_linear(x, w, offsets, MatmulPrecision::bf16);
+    Var<float, Cuda> y = grouped_linear(x, w, offsets, precision);
     sum(y * Var<float, Cuda>(randn<float, Cuda>({m, n}, 13))).backward();
     return std::vector<std::vector<float>>{y.value().to_vector(), x.grad().to_vector(), w.grad().to_vector()};
   };
-  const auto simt = run(false), tc = run(true);
   const char* names[3] = {"y", "dx", "dw"};
+  const auto simt = run(false, false, MatmulPrecision::bf16), tc = run(true, false, MatmulPrecision::bf16);
   for (int i = 0; i < 3; ++i) {
-    double diff = 0, scale = 0;
-    for (std::size_t j = 0; j < simt[i].size(); ++j) {
-      diff = std::max(diff, static_cast<double>(std::abs(tc[i][j] - simt[i][j])));
-      scale = std::max(scale, static_cast<double>(std::abs(simt[i][j])));
-    }
+    const auto [diff, scale] = max_difference(tc[i], simt[i]);
     expect(diff <= 1e-5 * (1 + scale), std::string("bf16 grouped_linear ") + names[i] +
                                            ": tensor cores against SIMT, max |difference| " + std::to_string(diff) +
                                            " (values up to " + std::to_string(scale) + ")");
   }
+  const auto fp32 = run(true, false, MatmulPrecision::native), tf32 = run(true, true, MatmulPrecision::native);
+  for (int i = 0; i < 3; ++i) {
+    const auto [diff, scale] = max_difference(tf32[i], fp32[i]);
+    expect(diff > 0 && diff <= 5e-3 * (1 + scale), std::string("float grouped_linear ") + names[i] +
+                                                       ": TF32 tensor cores against fp32 SIMT, max |difference| " +
+                                                       std::to_string(diff) + " (values up to " +
+                                                       std::to_string(scale) + ")");
+  }
+  const auto a = randn<float, Cuda>({256, 192}, 14), b = randn<float, Cuda>({192, 160}, 15);
+  mixmoe::cuda::set_allow_tf32(false);
+  const std::vector<float> full = mixmoe::cuda::matmul(a, b).to_vector();
+  mixmoe::cuda::set_allow_tf32(true);
+  const std::vector<float> rounded = mixmoe::cuda::matmul(a, b).to_vector();
+  const auto [diff, scale] = max_difference(rounded, full);
+  expect(diff > 0 && diff <= 5e-3 * (1 + scale), "cuBLAS matmul with TF32 allowed against not, max |difference| " +
+                                                     std::to_string(diff) + " (values up to " +
+                                                     std::to_string(scale) + ")");
 }
 
 }  // namespace

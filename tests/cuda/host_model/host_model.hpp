@@ -1,7 +1,7 @@
 // A model of the parts of CUDA that backend/cuda/grouped_gemm_kernels.cuh uses, for running its
-// kernels on the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, uint4,
-// a bf16 type and WMMA's 16 x 16 x 16 fragments. A launch runs the blocks one after another on one
-// std::thread per CUDA thread, meeting at a std::barrier for __syncthreads; __shared__ arrays are
+// kernels on the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, uint4
+// and float4, a bf16 type and WMMA's bf16 (m16n16k16) and TF32 (m16n16k8) fragments. A launch runs the blocks one after
+// another on one std::thread per CUDA thread, meeting at a std::barrier for __syncthreads; __shared__ arrays are
 // static, so the threads of the block running share them. A fragment holds its whole 16 x 16 tile in
 // every lane (each lane computes the same values; only lane 0 of a warp stores them). The model
 // checks what the GPU requires: WMMA pointers aligned to 256 bits, leading dimensions that are
@@ -44,17 +44,27 @@ inline std::atomic<long long>& vector_copies() {
 }
 }  // namespace host_model
 
-/// CUDA's 16-byte vector: a copy checks that both sides are 16-byte aligned, as the GPU requires.
-struct alignas(16) uint4 {
-  unsigned x, y, z, w;
-  uint4& operator=(const uint4& o) {
+namespace host_model {
+/// CUDA's 16-byte vectors (uint4, float4): an assignment checks that both sides are 16-byte
+/// aligned, as the GPU requires, and counts itself.
+template <class E>
+struct alignas(16) Vector4 {
+  E x, y, z, w;
+  Vector4& operator=(const Vector4& o) {
     if (reinterpret_cast<std::uintptr_t>(this) % 16 != 0 || reinterpret_cast<std::uintptr_t>(&o) % 16 != 0)
-      host_model::fail("a 16-byte vector access not aligned to 16 bytes");
-    std::memcpy(static_cast<void*>(this), &o, sizeof o);
-    host_model::vector_copies().fetch_add(1, std::memory_order_relaxed);
+      fail("a 16-byte vector access not aligned to 16 bytes");
+    x = o.x;
+    y = o.y;
+    z = o.z;
+    w = o.w;
+    vector_copies().fetch_add(1, std::memory_order_relaxed);
     return *this;
   }
 };
+}  // namespace host_model
+
+using uint4 = host_model::Vector4<unsigned>;
+using float4 = host_model::Vector4<float>;
 inline thread_local dim3 threadIdx{0, 0, 0};
 inline thread_local dim3 blockIdx{0, 0, 0};
 inline dim3 blockDim{1, 1, 1};

@@ -6,6 +6,7 @@
 // that stream takes it again, so two host threads (two streams) never share a block in flight.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <mutex>
@@ -36,10 +37,12 @@ class CachingDeviceAllocator {
     const unsigned long long sid = current_stream_id();
     std::lock_guard<std::mutex> lock(mutex_);
     auto& list = free_[sid][static_cast<std::size_t>(cls)];
+    auto& idle = idle_[static_cast<std::size_t>(cls)];
     void* p = nullptr;
-    if (!list.empty()) {
-      p = list.back();
-      list.pop_back();
+    if (!list.empty() || !idle.empty()) {  // this stream's own blocks first, then those of retired streams
+      auto& from = list.empty() ? idle : list;
+      p = from.back();
+      from.pop_back();
       stats_.bytes_cached -= size;
       ++stats_.cache_hits;
     } else {
@@ -80,6 +83,27 @@ class CachingDeviceAllocator {
     }
   }
 
+  /// The stream `id` was synchronised and goes away (see cuda::retire_stream): its cached blocks
+  /// join the pool of idle blocks that any stream may take.
+  void retire(unsigned long long id) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = free_.find(id);
+    if (it == free_.end()) return;
+    for (std::size_t c = 0; c < it->second.size(); ++c) {
+      const auto& list = it->second[c];
+      try {
+        idle_[c].insert(idle_[c].end(), list.begin(), list.end());  // all or nothing
+      } catch (...) {  // no memory for the list: the (idle) blocks go back to the driver
+        for (void* p : list) {
+          (void)cudaFree(p);
+          ++stats_.system_frees;
+          stats_.bytes_cached -= mixmoe::detail::SizeClasses::bytes_of(static_cast<int>(c));
+        }
+      }
+    }
+    free_.erase(it);
+  }
+
   /// Returns every cached block to the driver (after the device has finished with them).
   void empty_cache() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -92,18 +116,23 @@ class CachingDeviceAllocator {
   }
 
  private:
-  CachingDeviceAllocator() = default;
+  CachingDeviceAllocator() {
+    detail::add_retire_hook([](unsigned long long id) noexcept { instance().retire(id); });
+  }
 
   void release_cache_locked() {
     (void)cudaDeviceSynchronize();  // no kernel may still use a block handed back to the driver
-    for (auto& [sid, lists] : free_) {
+    const auto release = [&](FreeLists& lists) {
       for (auto& list : lists) {
         for (void* p : list) {
           (void)cudaFree(p);
           ++stats_.system_frees;
         }
+        list.clear();
       }
-    }
+    };
+    for (auto& [sid, lists] : free_) release(lists);
+    release(idle_);
     free_.clear();
     stats_.bytes_cached = 0;
   }
@@ -111,6 +140,7 @@ class CachingDeviceAllocator {
   using FreeLists = std::array<std::vector<void*>, mixmoe::detail::SizeClasses::kClasses>;
   mutable std::mutex mutex_;
   std::unordered_map<unsigned long long, FreeLists> free_;  // by stream_id() of the freeing stream
+  FreeLists idle_{};                                        // blocks of retired streams: idle, for any stream
   AllocatorStats stats_{};
 };
 
@@ -139,6 +169,8 @@ class PinnedStaging {
     const std::size_t size = mixmoe::detail::SizeClasses::bytes_of(cls);
     std::lock_guard<std::mutex> lock(mutex_);
     reclaim_locked();
+    // room in the busy list first (doubling), so that nothing can fail once a block is taken
+    if (busy_.size() == busy_.capacity()) busy_.reserve(std::max<std::size_t>(16, 2 * busy_.capacity()));
     auto& list = free_[static_cast<std::size_t>(cls)];
     Block b{};
     if (!list.empty()) {
@@ -153,7 +185,6 @@ class PinnedStaging {
       pinned_bytes_ += size;
     }
     std::memcpy(b.p, src, bytes);
-    busy_.reserve(busy_.size() + 1);  // no allocation failure after the copy is queued
     cudaError_t e = cudaMemcpyAsync(dst, b.p, bytes, cudaMemcpyHostToDevice, stream);
     if (e == cudaSuccess) e = cudaEventRecord(b.done, stream);
     if (e != cudaSuccess) {  // the block is free once whatever was queued has run

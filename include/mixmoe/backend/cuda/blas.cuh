@@ -3,12 +3,14 @@
 //
 // cuBLAS is column-major; a row-major C is a column-major C^T, so C^T = op(B)^T op(A)^T is one
 // cuBLAS call with the operands swapped and no copy. Precisions: float and double; bf16
-// operands with fp32 accumulation and an fp32 C (gemm_bf16).
+// operands with fp32 accumulation and an fp32 C (gemm_bf16). Float GEMMs use TF32 tensor cores only
+// when set_allow_tf32(true) says so.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <sstream>
 
 #include "mixmoe/backend/cuda/runtime.cuh"
@@ -44,10 +46,28 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
 
 namespace mixmoe::cuda {
 
-/// This host thread's cuBLAS handle (created on first use), bound to current_stream().
+namespace detail {
+inline std::atomic<bool>& allow_tf32_flag() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+}  // namespace detail
+
+/// Whether float GEMMs may round their operands to TF32 (10 mantissa bits) and run on the tensor
+/// cores: cuBLAS's (every thread's handle takes CUBLAS_TF32_TENSOR_OP_MATH at its next use) and the
+/// MoE experts' grouped GEMMs. Off by default: float GEMMs then multiply in full fp32. The sums stay
+/// fp32 either way; double GEMMs are not affected.
+inline bool allow_tf32() { return detail::allow_tf32_flag().load(std::memory_order_relaxed); }
+
+/// Allows (or forbids) TF32 for the float GEMMs of the whole process (see allow_tf32).
+inline void set_allow_tf32(bool on) { detail::allow_tf32_flag().store(on, std::memory_order_relaxed); }
+
+/// This host thread's cuBLAS handle (created on first use), bound to current_stream(), in the math
+/// mode that allow_tf32() asks for (set it there, not on the handle).
 inline cublasHandle_t cublas_handle() {
   struct Holder {
     cublasHandle_t h = nullptr;
+    bool tf32 = false;
     ~Holder() {
       if (h) (void)cublasDestroy(h);
     }
@@ -55,6 +75,10 @@ inline cublasHandle_t cublas_handle() {
   thread_local Holder holder;
   if (!holder.h) MIXMOE_CUBLAS_CHECK(cublasCreate(&holder.h));
   MIXMOE_CUBLAS_CHECK(cublasSetStream(holder.h, current_stream()));
+  if (const bool tf32 = allow_tf32(); tf32 != holder.tf32) {
+    MIXMOE_CUBLAS_CHECK(cublasSetMathMode(holder.h, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    holder.tf32 = tf32;
+  }
   return holder.h;
 }
 

@@ -5,7 +5,8 @@
 //   rfft_magnitude(x (R, N), eps) -> (m (R, F), spectrum (R, F, 2))    m = sqrt(re^2 + im^2 + eps)
 //   rfft_magnitude_backward(g (R, F), spectrum, m, N) -> gx (R, N)
 //
-// Plans are made once per (stream, precision, direction, N, R) and cached (the 64 last used);
+// Plans are made once per (stream, precision, direction, N, R) and cached (the 64 last used, and
+// until their stream is retired: cuda::retire_stream, or the end of its thread);
 // every transform runs on current_stream(). N = 1 needs no plan (a strided copy), and an input
 // that is not aligned to its complex type (a view at an odd offset) is first copied.
 #pragma once
@@ -93,7 +94,23 @@ class FftPlanCache {
     cufftHandle handle;
     std::list<Key>::iterator used;  // its place in recent_
   };
-  FftPlanCache() = default;
+  FftPlanCache() {
+    detail::add_retire_hook([](unsigned long long id) noexcept { instance().retire(id); });
+  }
+
+  /// The stream `id`, synchronised, goes away: its plans are destroyed.
+  void retire(unsigned long long id) noexcept {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = plans_.begin(); it != plans_.end();) {
+      if (std::get<0>(it->first) != id) {
+        ++it;
+        continue;
+      }
+      (void)cufftDestroy(it->second.handle);
+      recent_.erase(it->second.used);
+      it = plans_.erase(it);
+    }
+  }
 
   template <class T>
   cufftHandle plan_locked(FftDirection dir, index_t n, index_t rows, cudaStream_t s, unsigned long long sid) {

@@ -5,11 +5,12 @@
 //                               double, or bf16 operands widened to fp32; 256 threads (16 x 16) a
 //                               64 x 64 tile of C, 4 x 4 outputs a thread, 16 deep in K
 //   grouped_gemm_wgrad_tiles    dw[x] (n, k) += dy[rows of x]^T a[rows of x], SIMT, the same way
-//   grouped_gemm_bf16_tc        the first with bf16 operands on the tensor cores (WMMA 16 x 16 x 16
-//                               fragments, fp32 accumulation; compute capability 8.0 and newer)
-//   grouped_gemm_wgrad_bf16_tc  the second on the tensor cores
+//   grouped_gemm_tc<TIn>        the first on the tensor cores, WMMA fragments with fp32 accumulation:
+//                               TIn = bf16 (m16n16k16), or float rounded to TF32 (m16n16k8, when
+//                               cuda::set_allow_tf32 allows it); compute capability 8.0 and newer
+//   grouped_gemm_wgrad_tc<TIn>  the second on the tensor cores
 //
-// All four walk the same expert-aligned tiling: the rows of expert x are [offsets[x], offsets[x + 1])
+// All of them walk the same expert-aligned tiling: the rows of expert x are [offsets[x], offsets[x + 1])
 // (device memory, clamped to [0, m)), cut into 64-row tiles that never mix two experts;
 // tile_start (e + 1), made by moe.cuh's moe_gemm_tile_starts, numbers them, and blockIdx.y walks
 // them (grid-stride). The weight-gradient kernels give each block one 64 x 64 tile of one expert's
@@ -17,15 +18,14 @@
 //
 // Tensor cores: a block is 4 warps; each warp owns a 32 x 32 quarter of the tile (2 x 2 fragments).
 // Operand tiles go through shared memory, 32 deep in K, zero-filled outside the expert's rows, past
-// n and past k, so any shape works; they are copied in 16-byte pieces where a piece of 8 values is
-// whole and aligned, else value by value. B_x is kept as it lies in memory: (k, n) tiles for
-// row-major fragments, (n, k) tiles for column-major ones when trans_b. Shared rows are padded
-// (leading dimensions 40 and 72 bf16, 68 floats: multiples of 8 and 4 as WMMA needs, rows that start
-// in different banks). The fp32 tile is staged in shared memory and written (or added) element by
-// element with the bounds checks.
+// n and past k, so any shape works; they are copied in 16-byte pieces where a piece is whole and
+// aligned, else value by value, float values rounded to TF32 on the way. B_x is kept as it lies in
+// memory: (k, n) tiles for row-major fragments, (n, k) tiles for column-major ones when trans_b. The
+// fp32 tile is staged in shared memory and written (or added) element by element with the bounds
+// checks.
 //
-// The header needs only CUDA's bf16 and WMMA headers and index_t: tests/cuda/host_model runs all
-// four kernels on the CPU under a model of those headers, against references, in CI.
+// The header needs only CUDA's bf16 and WMMA headers and index_t: tests/cuda/host_model runs every
+// kernel on the CPU under a model of those headers, against references, in CI.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -176,53 +176,109 @@ __global__ void __launch_bounds__(kGemmThreads)
 inline constexpr int kTcThreads = 128;        // 4 warps
 inline constexpr int kTcBM = 64, kTcBN = 64;  // the output tile (kTcBM: moe.cuh's row tiling)
 inline constexpr int kTcBK = 32;              // K (or rows, for the weight gradient) per stage
-inline constexpr int kTcLdA = kTcBK + 8;      // a tile of 64 rows x kTcBK (A; B_x^T when trans_b)
-inline constexpr int kTcLdB = kTcBN + 8;      // a tile of kTcBK rows x 64 (B_x; dy and a of the weight gradient)
 inline constexpr int kTcLdC = kTcBN + 4;      // the fp32 result tile (kTcBM x kTcBN)
 
-/// dst[r * ld_dst + c] = src[r * ld_src + c] for r < rows and c < cols, zero elsewhere, over an R x C
-/// tile (C a multiple of 8) by the block's kTcThreads threads. A piece of 8 values is one 16-byte
-/// copy when it is whole and its source aligned (the destination always is: ld_dst * 2 bytes is a
-/// multiple of 16 and the tiles start 32-byte aligned).
-template <int R, int C>
-__device__ inline void tc_load_tile(__nv_bfloat16* dst, int ld_dst, const __nv_bfloat16* src, index_t ld_src,
-                                    index_t rows, index_t cols) {
-  constexpr int pieces = C / 8;
-  static_assert(C % 8 == 0, "whole pieces of 8");
-  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+/// The operand types of the tensor-core kernels: bf16 (m16n16k16 fragments) and float rounded to
+/// TF32 (m16n16k8). Shared rows are padded by 16 bytes: leading dimensions 40 and 72 bf16, 36 and
+/// 68 floats (multiples of 8 or 4 as WMMA needs; consecutive rows start in different banks).
+template <class TIn>
+struct TcOperand;
+
+template <>
+struct TcOperand<__nv_bfloat16> {
+  using Precision = __nv_bfloat16;  // the fragments' element type
+  static constexpr int kK = 16;     // the fragments' depth
+  __device__ static __nv_bfloat16 zero() { return __float2bfloat16(0.0f); }
+  __device__ static __nv_bfloat16 prepare(__nv_bfloat16 v) { return v; }
+};
+
+// TF32 fragments exist from compute capability 8.0 (device code for older GPUs never uses them)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <>
+struct TcOperand<float> {
+  using Precision = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+  __device__ static float zero() { return 0.0f; }
+  __device__ static float prepare(float v) { return nvcuda::wmma::__float_to_tf32(v); }  // round to TF32
+};
+#endif
+
+template <class TIn>
+inline constexpr int kTcPieces = 16 / static_cast<int>(sizeof(TIn));  // values in 16 bytes
+template <class TIn>
+inline constexpr int kTcLdA = kTcBK + kTcPieces<TIn>;  // a tile of 64 rows x kTcBK (A; B_x^T when trans_b)
+template <class TIn>
+inline constexpr int kTcLdB = kTcBN + kTcPieces<TIn>;  // kTcBK rows x 64 (B_x; dy and a of the weight gradient)
+
+template <class TIn>
+using TcAccumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, TcOperand<TIn>::kK, float>;
+
+/// dst[r * ld_dst + c] = prepare(src[r * ld_src + c]) for r < rows and c < cols, zero elsewhere, over
+/// an R x C tile by the block's kTcThreads threads. A piece of 16 bytes is one vector copy when it is
+/// whole and its source aligned (the destination always is: shared rows are whole pieces long and
+/// the tiles start 32-byte aligned), else value by value.
+template <int R, int C, class TIn>
+__device__ inline void tc_load_tile(TIn* dst, int ld_dst, const TIn* src, index_t ld_src, index_t rows, index_t cols) {
+  using Op = TcOperand<TIn>;
+  constexpr int p = kTcPieces<TIn>, pieces = C / p;
+  static_assert(C % p == 0, "whole pieces");
   for (int idx = static_cast<int>(threadIdx.x); idx < R * pieces; idx += kTcThreads) {
-    const int r = idx / pieces, c = (idx % pieces) * 8;
-    __nv_bfloat16* d = dst + r * ld_dst + c;
+    const int r = idx / pieces, c = (idx % pieces) * p;
+    TIn* d = dst + r * ld_dst + c;
     if (r >= rows) {
-      for (int q = 0; q < 8; ++q) d[q] = zero;
+      for (int q = 0; q < p; ++q) d[q] = Op::zero();
       continue;
     }
-    const __nv_bfloat16* sp = src + r * ld_src + c;
-    if (c + 8 <= cols && reinterpret_cast<std::uintptr_t>(sp) % 16 == 0) {
-      *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(sp);
+    const TIn* sp = src + r * ld_src + c;
+    if (c + p <= cols && reinterpret_cast<std::uintptr_t>(sp) % 16 == 0) {
+      if constexpr (std::is_same_v<TIn, float>) {
+        float4 v;
+        v = *reinterpret_cast<const float4*>(sp);
+        v.x = Op::prepare(v.x);
+        v.y = Op::prepare(v.y);
+        v.z = Op::prepare(v.z);
+        v.w = Op::prepare(v.w);
+        *reinterpret_cast<float4*>(d) = v;
+      } else {
+        *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(sp);
+      }
     } else {
-      for (int q = 0; q < 8; ++q) d[q] = c + q < cols ? sp[q] : zero;
+      for (int q = 0; q < p; ++q) d[q] = c + q < cols ? Op::prepare(sp[q]) : Op::zero();
     }
   }
 }
 
-/// acc (a warp's 2 x 2 fragments) += the warp's rows [wr, wr + 32) of the A tile (row-major, ld lda)
-/// times the columns [wc, wc + 32) of the B tile, over kTcBK: B row-major (k, n) with leading
-/// dimension ldb, or, with LayoutB col_major, stored as (n, k) rows.
-template <class LayoutB>
-__device__ inline void tc_mma_stage(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2][2],
-                                    const __nv_bfloat16* at, int lda, int wr, const __nv_bfloat16* bt, int ldb,
-                                    int wc) {
+/// Loads a fragment; TF32 fragments then have their elements rounded, as the API asks (the values
+/// in shared memory are rounded already, so this changes nothing).
+template <class Frag, class TIn>
+__device__ inline void tc_load_fragment(Frag& f, const TIn* p, int ld) {
+  nvcuda::wmma::load_matrix_sync(f, p, static_cast<unsigned>(ld));
+  if constexpr (std::is_same_v<TIn, float>)
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+}
+
+/// acc (a warp's 2 x 2 fragments) += the warp's rows [wr, wr + 32) of the A tile (row-major, ld lda;
+/// with LayoutA col_major, stored as (k, m) rows) times the columns [wc, wc + 32) of the B tile (row-
+/// major (k, n), ld ldb; with LayoutB col_major, stored as (n, k) rows), over kTcBK.
+template <class TIn, class LayoutA, class LayoutB>
+__device__ inline void tc_mma_stage(TcAccumulator<TIn> (&acc)[2][2], const TIn* at, int lda, int wr, const TIn* bt,
+                                    int ldb, int wc) {
   namespace wmma = nvcuda::wmma;
-  for (int ks = 0; ks < kTcBK; ks += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB> fb[2];
-    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], at + (wr + 16 * i) * lda + ks, lda);
+  using Op = TcOperand<TIn>;
+  for (int ks = 0; ks < kTcBK; ks += Op::kK) {
+    wmma::fragment<wmma::matrix_a, 16, 16, Op::kK, typename Op::Precision, LayoutA> fa[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, Op::kK, typename Op::Precision, LayoutB> fb[2];
+    for (int i = 0; i < 2; ++i) {
+      if constexpr (std::is_same_v<LayoutA, wmma::row_major>)
+        tc_load_fragment(fa[i], at + (wr + 16 * i) * lda + ks, lda);
+      else
+        tc_load_fragment(fa[i], at + ks * lda + wr + 16 * i, lda);
+    }
     for (int j = 0; j < 2; ++j) {
       if constexpr (std::is_same_v<LayoutB, wmma::row_major>)
-        wmma::load_matrix_sync(fb[j], bt + ks * ldb + wc + 16 * j, ldb);
+        tc_load_fragment(fb[j], bt + ks * ldb + wc + 16 * j, ldb);
       else
-        wmma::load_matrix_sync(fb[j], bt + (wc + 16 * j) * ldb + ks, ldb);
+        tc_load_fragment(fb[j], bt + (wc + 16 * j) * ldb + ks, ldb);
     }
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
@@ -230,9 +286,8 @@ __device__ inline void tc_mma_stage(nvcuda::wmma::fragment<nvcuda::wmma::accumul
 }
 
 /// Stores the warp's fragments into the block's fp32 tile cs (kTcBM x kTcBN, leading dimension kTcLdC).
-__device__ inline void tc_store_tile(
-    float* cs, int wr, int wc,
-    const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[2][2]) {
+template <class TIn>
+__device__ inline void tc_store_tile(float* cs, int wr, int wc, const TcAccumulator<TIn> (&acc)[2][2]) {
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j)
       nvcuda::wmma::store_matrix_sync(cs + (wr + 16 * i) * kTcLdC + wc + 16 * j, acc[i][j], kTcLdC,
@@ -240,19 +295,20 @@ __device__ inline void tc_store_tile(
 }
 
 /// For every expert x: C[r, :] (+)= A[r, :] op(B_x) over the rows r in [offsets[x], offsets[x + 1])
-/// (clamped to [0, m)); A (m, k) bf16 row-major (lda); B_x = b + x * stride_b, (k, n) row-major
-/// (ldb), or (n, k) when trans_b; C (m, n) fp32 (ldc). tile_start (e + 1) as moe_gemm_tile_starts
-/// makes it (kTcBM-row tiles). Launch: grid (ceil(n / kTcBN), min(tile_bound, 65535)), kTcThreads.
-template <int = 0>
+/// (clamped to [0, m)); A (m, k) row-major (lda); B_x = b + x * stride_b, (k, n) row-major (ldb), or
+/// (n, k) when trans_b; C (m, n) fp32 (ldc). TIn bf16, or float rounded to TF32. tile_start (e + 1)
+/// as moe_gemm_tile_starts makes it (kTcBM-row tiles). Launch: grid (ceil(n / kTcBN), min(tile_bound,
+/// 65535)), kTcThreads.
+template <class TIn>
 __global__ void __launch_bounds__(kTcThreads)
-    grouped_gemm_bf16_tc(index_t m, index_t n, index_t k, index_t e, const index_t* offsets,
-                         const long long* tile_start, index_t tile_bound, const __nv_bfloat16* a, index_t lda,
-                         const __nv_bfloat16* b, index_t ldb, index_t stride_b, bool trans_b, float* c, index_t ldc,
-                         bool accumulate) {
+    grouped_gemm_tc(index_t m, index_t n, index_t k, index_t e, const index_t* offsets, const long long* tile_start,
+                    index_t tile_bound, const TIn* a, index_t lda, const TIn* b, index_t ldb, index_t stride_b,
+                    bool trans_b, float* c, index_t ldc, bool accumulate) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  __shared__ __align__(32) __nv_bfloat16 as[kTcBM * kTcLdA];
-  __shared__ __align__(32) __nv_bfloat16 bs[kTcBN * kTcLdA > kTcBK * kTcLdB ? kTcBN * kTcLdA : kTcBK * kTcLdB];
+  constexpr int ld_a = kTcLdA<TIn>, ld_b = kTcLdB<TIn>;
+  __shared__ __align__(32) TIn as[kTcBM * ld_a];
+  __shared__ __align__(32) TIn bs[kTcBN * ld_a > kTcBK * ld_b ? kTcBN * ld_a : kTcBK * ld_b];
   __shared__ __align__(32) float cs[kTcBM * kTcLdC];
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;  // the warp's quarter of the tile
@@ -263,24 +319,24 @@ __global__ void __launch_bounds__(kTcThreads)
     const index_t first = offsets[x] < 0 ? 0 : offsets[x];
     const index_t row_begin = first + (t - tile_start[x]) * kTcBM;
     const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
-    const __nv_bfloat16* bx = b + x * stride_b;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    const TIn* bx = b + x * stride_b;
+    TcAccumulator<TIn> acc[2][2];
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
     for (index_t k0 = 0; k0 < k; k0 += kTcBK) {
-      tc_load_tile<kTcBM, kTcBK>(as, kTcLdA, a + row_begin * lda + k0, lda, row_end - row_begin, k - k0);
+      tc_load_tile<kTcBM, kTcBK>(as, ld_a, a + row_begin * lda + k0, lda, row_end - row_begin, k - k0);
       if (trans_b)  // B_x^T tile: n rows of k, read along k
-        tc_load_tile<kTcBN, kTcBK>(bs, kTcLdA, bx + col0 * ldb + k0, ldb, n - col0, k - k0);
+        tc_load_tile<kTcBN, kTcBK>(bs, ld_a, bx + col0 * ldb + k0, ldb, n - col0, k - k0);
       else
-        tc_load_tile<kTcBK, kTcBN>(bs, kTcLdB, bx + k0 * ldb + col0, ldb, k - k0, n - col0);
+        tc_load_tile<kTcBK, kTcBN>(bs, ld_b, bx + k0 * ldb + col0, ldb, k - k0, n - col0);
       __syncthreads();
       if (trans_b)
-        tc_mma_stage<wmma::col_major>(acc, as, kTcLdA, wr, bs, kTcLdA, wc);
+        tc_mma_stage<TIn, wmma::row_major, wmma::col_major>(acc, as, ld_a, wr, bs, ld_a, wc);
       else
-        tc_mma_stage<wmma::row_major>(acc, as, kTcLdA, wr, bs, kTcLdB, wc);
+        tc_mma_stage<TIn, wmma::row_major, wmma::row_major>(acc, as, ld_a, wr, bs, ld_b, wc);
       __syncthreads();  // the operand tiles are rewritten by the next stage
     }
-    tc_store_tile(cs, wr, wc, acc);
+    tc_store_tile<TIn>(cs, wr, wc, acc);
     __syncthreads();
     for (int idx = static_cast<int>(threadIdx.x); idx < kTcBM * kTcBN; idx += kTcThreads) {
       const int r = idx / kTcBN, cc = idx % kTcBN;
@@ -293,21 +349,24 @@ __global__ void __launch_bounds__(kTcThreads)
     }
     __syncthreads();  // cs is rewritten by the block's next tile
   }
+#else
+  __trap();  // built for a GPU without these tensor cores: moe.cuh never launches it there
 #endif
 }
 
-/// dw[x] (n, k) += dy[rows of x]^T a[rows of x] for every expert x, dy (m, n) and a (m, k) bf16
-/// row-major, the rows [offsets[x], offsets[x + 1]) clamped to [0, m); dw fp32. Each block owns one
-/// 64 x 64 tile of one expert's dw (no atomics). Launch: grid (ceil(k / kTcBN), ceil(n / kTcBM), e),
-/// kTcThreads.
-template <int = 0>
+/// dw[x] (n, k) += dy[rows of x]^T a[rows of x] for every expert x, dy (m, n) and a (m, k) row-major
+/// (bf16, or float rounded to TF32), the rows [offsets[x], offsets[x + 1]) clamped to [0, m); dw fp32.
+/// Each block owns one 64 x 64 tile of one expert's dw (no atomics). Launch: grid (ceil(k / kTcBN),
+/// ceil(n / kTcBM), e), kTcThreads.
+template <class TIn>
 __global__ void __launch_bounds__(kTcThreads)
-    grouped_gemm_wgrad_bf16_tc(index_t m, index_t n, index_t k, const index_t* offsets, const __nv_bfloat16* dy,
-                               const __nv_bfloat16* a, float* dw) {
+    grouped_gemm_wgrad_tc(index_t m, index_t n, index_t k, const index_t* offsets, const TIn* dy, const TIn* a,
+                          float* dw) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  __shared__ __align__(32) __nv_bfloat16 gs[kTcBK * kTcLdB];  // gs[r][i] = dy[r0 + r, n0 + i]
-  __shared__ __align__(32) __nv_bfloat16 as[kTcBK * kTcLdB];  // as[r][j] = a[r0 + r, k0 + j]
+  constexpr int ld = kTcLdB<TIn>;
+  __shared__ __align__(32) TIn gs[kTcBK * ld];  // gs[r][i] = dy[r0 + r, n0 + i]
+  __shared__ __align__(32) TIn as[kTcBK * ld];  // as[r][j] = a[r0 + r, k0 + j]
   __shared__ __align__(32) float cs[kTcBM * kTcLdC];
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
@@ -316,25 +375,18 @@ __global__ void __launch_bounds__(kTcThreads)
   const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
   const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
   if (lo == hi) return;  // no rows: dw[x] gets nothing (the whole block returns)
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  TcAccumulator<TIn> acc[2][2];
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   for (index_t r0 = lo; r0 < hi; r0 += kTcBK) {
-    tc_load_tile<kTcBK, kTcBM>(gs, kTcLdB, dy + r0 * n + n0, n, hi - r0, n - n0);
-    tc_load_tile<kTcBK, kTcBN>(as, kTcLdB, a + r0 * k + k0, k, hi - r0, k - k0);
+    tc_load_tile<kTcBK, kTcBM>(gs, ld, dy + r0 * n + n0, n, hi - r0, n - n0);
+    tc_load_tile<kTcBK, kTcBN>(as, ld, a + r0 * k + k0, k, hi - r0, k - k0);
     __syncthreads();
-    for (int ks = 0; ks < kTcBK; ks += 16) {
-      // dy^T as the left operand: element (i, r) of the fragment is gs[r][i], a column-major load
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], gs + ks * kTcLdB + wr + 16 * i, kTcLdB);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], as + ks * kTcLdB + wc + 16 * j, kTcLdB);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    // dy^T as the left operand: element (i, r) of a fragment is gs[r][i], a column-major load
+    tc_mma_stage<TIn, wmma::col_major, wmma::row_major>(acc, gs, ld, wr, as, ld, wc);
     __syncthreads();
   }
-  tc_store_tile(cs, wr, wc, acc);
+  tc_store_tile<TIn>(cs, wr, wc, acc);
   __syncthreads();
   float* dwx = dw + x * n * k;
   for (int idx = static_cast<int>(threadIdx.x); idx < kTcBM * kTcBN; idx += kTcThreads) {
@@ -342,6 +394,8 @@ __global__ void __launch_bounds__(kTcThreads)
     const index_t row = n0 + r, col = k0 + cc;
     if (row < n && col < k) dwx[row * k + col] += cs[r * kTcLdC + cc];
   }
+#else
+  __trap();  // built for a GPU without these tensor cores: moe.cuh never launches it there
 #endif
 }
 

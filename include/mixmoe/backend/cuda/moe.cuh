@@ -19,8 +19,9 @@
 //   grouped_gemm       for every expert e: C[rows of e] (+)= A[rows of e] op(B_e), the row offsets in
 //                      device memory (no host synchronisation to launch it)
 //   grouped_gemm_wgrad for every expert e: dW_e += dY[rows of e]^T A[rows of e] (the weight gradient)
-//                      Both: the SIMT kernels of grouped_gemm_kernels.cuh (fp32 / fp64 FMAs); with
-//                      bf16 operands its tensor-core kernels where the device has them
+//                      Both: the SIMT kernels of grouped_gemm_kernels.cuh (fp32 / fp64 FMAs); its
+//                      tensor-core kernels for bf16 operands, and for float ones when TF32 is
+//                      allowed (cuda::set_allow_tf32), where they can run
 //                      (cuda::set_grouped_gemm_tensor_cores chooses)
 //
 // Every output element is owned by one thread (or one warp / block) that adds its terms in a fixed
@@ -434,37 +435,64 @@ __global__ void moe_gemm_tile_starts(const index_t* offsets, index_t e, index_t 
 }  // namespace kernels
 
 namespace moe_detail {
-/// -1: tensor cores where the device has them (compute capability 8.0 and newer); 0: off; 1: on.
+/// -1: tensor cores where they can run; 0: off; 1: on.
 inline std::atomic<int>& tensor_core_setting() {
   static std::atomic<int> s{-1};
   return s;
 }
-inline bool device_has_bf16_tensor_cores() {
-  static const bool has = [] {
+/// Whether the tensor-core kernels can run here: a device of compute capability 8.0 or newer, and
+/// kernels built for it (code compiled only for an older architecture has empty bodies, which the
+/// driver would run on a new GPU as they are).
+inline bool tensor_cores_usable() {
+  static const bool usable = [] {
     int dev = 0, major = 0;
     MIXMOE_CUDA_CHECK(cudaGetDevice(&dev));
     MIXMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    return major >= 8;
+    if (major < 8) return false;
+    for (const void* f : {reinterpret_cast<const void*>(&kernels::grouped_gemm_tc<__nv_bfloat16>),
+                          reinterpret_cast<const void*>(&kernels::grouped_gemm_tc<float>),
+                          reinterpret_cast<const void*>(&kernels::grouped_gemm_wgrad_tc<__nv_bfloat16>),
+                          reinterpret_cast<const void*>(&kernels::grouped_gemm_wgrad_tc<float>)}) {
+      cudaFuncAttributes attr{};
+      MIXMOE_CUDA_CHECK(cudaFuncGetAttributes(&attr, f));
+      if (attr.ptxVersion < 80 || attr.binaryVersion < 80) return false;
+    }
+    return true;
   }();
-  return has;
+  return usable;
 }
 }  // namespace moe_detail
 
-/// Whether the bf16 grouped GEMMs (the MoE experts with bf16 operands, forward and both gradients)
-/// run on the tensor cores or on the SIMT kernels (grouped_gemm_kernels.cuh). By default: on a
-/// device of compute capability 8.0 and newer.
+/// Whether the grouped GEMMs of the MoE experts (forward and both gradients) run on the tensor cores
+/// (grouped_gemm_kernels.cuh) for bf16 operands, and for float operands when set_allow_tf32 allows
+/// TF32, rather than on the SIMT kernels. By default: where they can run (a device of compute
+/// capability 8.0 or newer, code built for one).
 inline bool grouped_gemm_tensor_cores() {
   const int s = moe_detail::tensor_core_setting().load(std::memory_order_relaxed);
-  return s < 0 ? moe_detail::device_has_bf16_tensor_cores() : s == 1;
+  return s < 0 ? moe_detail::tensor_cores_usable() : s == 1;
 }
 
-/// Chooses the bf16 grouped GEMM kernels for the whole process (a comparison, a benchmark). Turning
-/// them on for a device without bf16 tensor cores throws mixmoe::Error.
+/// Chooses the grouped GEMM kernels for the whole process (a comparison, a benchmark). Turning the
+/// tensor cores on where they cannot run throws mixmoe::Error.
 inline void set_grouped_gemm_tensor_cores(bool on) {
-  MIXMOE_CHECK(!on || moe_detail::device_has_bf16_tensor_cores(), "cuda::set_grouped_gemm_tensor_cores",
-               "this device has no bf16 tensor cores (compute capability 8.0 or newer needed)");
+  MIXMOE_CHECK(!on || moe_detail::tensor_cores_usable(), "cuda::set_grouped_gemm_tensor_cores",
+               "the tensor-core kernels cannot run here (a device of compute capability 8.0 or newer and code "
+               "built for it are needed: CMAKE_CUDA_ARCHITECTURES 80 or more)");
   moe_detail::tensor_core_setting().store(on ? 1 : 0, std::memory_order_relaxed);
 }
+
+namespace moe_detail {
+/// Whether grouped GEMMs of TIn operands take the tensor-core kernels now.
+template <class TIn>
+bool use_tensor_cores() {
+  if constexpr (std::is_same_v<TIn, __nv_bfloat16>)
+    return grouped_gemm_tensor_cores();
+  else if constexpr (std::is_same_v<TIn, float>)
+    return allow_tf32() && grouped_gemm_tensor_cores();
+  else
+    return false;
+}
+}  // namespace moe_detail
 
 /// For every expert x in [0, e): C[r, :] (+)= A[r, :] op(B_x) for the rows r in
 /// [offsets[x], offsets[x + 1]) (clamped to [0, m)). A (m, k) row-major with leading dimension lda;
@@ -491,12 +519,12 @@ void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* off
   const index_t col_tiles = (n + kernels::kGemmBN - 1) / kernels::kGemmBN;
   MIXMOE_CHECK(col_tiles <= 0x7fffffff, "cuda::grouped_gemm", "n = ", n, " needs too many column tiles");
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(tile_bound < 65535 ? tile_bound : 65535));
-  if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
-    if (grouped_gemm_tensor_cores()) {
-      kernels::grouped_gemm_bf16_tc<><<<grid, kernels::kTcThreads, 0, current_stream()>>>(
+  if constexpr (!std::is_same_v<TIn, double>) {
+    if (moe_detail::use_tensor_cores<TIn>()) {
+      kernels::grouped_gemm_tc<TIn><<<grid, kernels::kTcThreads, 0, current_stream()>>>(
           m, n, k, e, offsets, tile_start.as<long long>(), tile_bound, a, lda, b, ldb, stride_b, trans_b, c, ldc,
           accumulate);
-      MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_bf16_tc");
+      MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_tc");
       return;
     }
   }
@@ -523,11 +551,11 @@ void grouped_gemm_wgrad(index_t m, index_t n, index_t k, index_t e, const index_
   MIXMOE_CHECK(col_tiles <= 0x7fffffff && row_tiles <= 65535 && e <= 65535, "cuda::grouped_gemm_wgrad", "n = ", n,
                ", k = ", k, ", e = ", e, " exceed the launch grid");
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles), static_cast<unsigned>(e));
-  if constexpr (std::is_same_v<TIn, __nv_bfloat16>) {
-    if (grouped_gemm_tensor_cores()) {
-      kernels::grouped_gemm_wgrad_bf16_tc<>
+  if constexpr (!std::is_same_v<TIn, double>) {
+    if (moe_detail::use_tensor_cores<TIn>()) {
+      kernels::grouped_gemm_wgrad_tc<TIn>
           <<<grid, kernels::kTcThreads, 0, current_stream()>>>(m, n, k, offsets, dy, a, dw);
-      MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_bf16_tc");
+      MIXMOE_CUDA_CHECK_LAUNCH("grouped_gemm_wgrad_tc");
       return;
     }
   }

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -27,6 +28,7 @@
 #include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "mixmoe/core/error.hpp"
 
@@ -87,15 +89,31 @@ inline cudaStream_t& thread_stream() {
 /// The stream this host thread's backend work is issued on.
 inline cudaStream_t current_stream() { return detail::thread_stream(); }
 
+namespace detail {
+inline void retire_stream_id(cudaStream_t s, unsigned long long id, bool throw_errors);
+
+/// This thread's per-thread stream: its id, and its retirement when the thread ends (its cached
+/// memory, deferred-check record and cuFFT plans go back, see retire_stream).
+struct PerThreadStream {
+  unsigned long long id = 0;
+  PerThreadStream() = default;
+  PerThreadStream(const PerThreadStream&) = delete;
+  PerThreadStream& operator=(const PerThreadStream&) = delete;
+  ~PerThreadStream() {
+    if (id != 0) retire_stream_id(cudaStreamPerThread, id, false);
+  }
+};
+}  // namespace detail
+
 /// The driver's id of stream `s`, unique for the life of the program. cudaStreamPerThread (and
 /// the null stream under per-thread default streams) names a different stream in every thread:
 /// the id is that of the calling thread's. Throws mixmoe::Error when the driver cannot say.
 inline unsigned long long stream_id(cudaStream_t s) {
-  thread_local unsigned long long per_thread = 0;  // cached: this thread's per-thread stream never changes
-  if (s == cudaStreamPerThread && per_thread != 0) return per_thread;
+  thread_local detail::PerThreadStream mine;  // cached: this thread's per-thread stream never changes
+  if (s == cudaStreamPerThread && mine.id != 0) return mine.id;
   unsigned long long id = 0;
   check(cudaStreamGetId(s, &id), "cudaStreamGetId", __FILE__, __LINE__);
-  if (s == cudaStreamPerThread) per_thread = id;  // an id of 0 is not taken as cached: asked again
+  if (s == cudaStreamPerThread) mine.id = id;  // an id of 0 is not taken as cached: asked again
   return id;
 }
 
@@ -217,23 +235,42 @@ class DeferredChecks {
     check(cudaMemcpyAsync(&host, record, sizeof host, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (deferred check)",
           __FILE__, __LINE__);
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize (deferred check)", __FILE__, __LINE__);
-    std::string failed;
+    std::deque<Pending> done;  // the checks seen, their messages built after the lock
     {
       std::lock_guard<std::mutex> lock(mutex_);
       std::deque<Pending>& pending = streams_[sid].pending;
-      if (host.check >= 0) {
-        const auto it =
-            std::find_if(pending.begin(), pending.end(), [&](const Pending& p) { return p.id == host.check; });
-        failed = it != pending.end() ? it->message(host.position, host.value)
-                                     : "[cuda] deferred check " + std::to_string(host.check) + " failed at position " +
-                                           std::to_string(host.position);
-        check(cudaMemsetAsync(record, 0xff, sizeof(DeferredRecord), s), "cudaMemsetAsync (deferred check)", __FILE__,
-              __LINE__);
-        check(cudaStreamSynchronize(s), "cudaStreamSynchronize (deferred check)", __FILE__, __LINE__);
+      while (!pending.empty() && pending.front().id <= seen) {
+        done.push_back(std::move(pending.front()));
+        pending.pop_front();
       }
-      while (!pending.empty() && pending.front().id <= seen) pending.pop_front();
     }
-    if (!failed.empty()) throw Error(failed);
+    if (host.check >= 0) {
+      check(cudaMemsetAsync(record, 0xff, sizeof(DeferredRecord), s), "cudaMemsetAsync (deferred check)", __FILE__,
+            __LINE__);
+      check(cudaStreamSynchronize(s), "cudaStreamSynchronize (deferred check)", __FILE__, __LINE__);
+      throw Error(failure(done, host));
+    }
+  }
+
+  /// The stream `id`, synchronised, is going away (its thread ended, or retire_stream): its record
+  /// is read one last time and freed. Returns the error of its first failed check ("" when none).
+  std::string retire(unsigned long long id) {
+    Stream st;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = streams_.find(id);
+      if (it == streams_.end()) return {};
+      st = std::move(it->second);
+      streams_.erase(it);
+    }
+    std::string failed;
+    if (!st.pending.empty()) {
+      DeferredRecord host{};
+      if (cudaMemcpy(&host, st.record, sizeof host, cudaMemcpyDeviceToHost) == cudaSuccess && host.check >= 0)
+        failed = failure(st.pending, host);
+    }
+    (void)cudaFree(st.record);
+    return failed;
   }
 
  private:
@@ -246,6 +283,14 @@ class DeferredChecks {
     std::deque<Pending> pending;       // ids increasing
   };
   DeferredChecks() = default;
+
+  /// The message of the failed check in `host`, one of `checks`.
+  static std::string failure(const std::deque<Pending>& checks, const DeferredRecord& host) {
+    const auto it = std::find_if(checks.begin(), checks.end(), [&](const Pending& p) { return p.id == host.check; });
+    return it != checks.end() ? it->message(host.position, host.value)
+                              : "[cuda] deferred check " + std::to_string(host.check) + " failed at position " +
+                                    std::to_string(host.position);
+  }
 
   mutable std::mutex mutex_;
   long long next_id_ = 0;
@@ -264,6 +309,56 @@ inline void synchronize() {
 
 /// Deferred checks enqueued (on any stream) and not yet seen to pass by a synchronisation.
 inline std::size_t pending_checks() { return detail::DeferredChecks::instance().pending(); }
+
+namespace detail {
+/// What the caches keyed by stream do when a stream goes away (the caching allocator, the cuFFT
+/// plans): each registers one function, called with the stream's id after it was synchronised.
+using RetireHook = void (*)(unsigned long long id) noexcept;
+inline std::mutex& retire_hooks_mutex() {
+  static std::mutex* m = new std::mutex;
+  return *m;
+}
+inline std::vector<RetireHook>& retire_hooks() {
+  static auto* hooks = new std::vector<RetireHook>;
+  return *hooks;
+}
+inline void add_retire_hook(RetireHook hook) {
+  std::lock_guard<std::mutex> lock(retire_hooks_mutex());
+  retire_hooks().push_back(hook);
+}
+
+inline void retire_stream_id(cudaStream_t s, unsigned long long id, bool throw_errors) {
+  std::string failed;
+  try {
+    const cudaError_t e = cudaStreamSynchronize(s);
+    if (e != cudaSuccess) {
+      if (throw_errors) check(e, "cudaStreamSynchronize (retire_stream)", __FILE__, __LINE__);
+      return;  // a broken context: nothing can be given back safely
+    }
+    failed = DeferredChecks::instance().retire(id);
+    std::vector<RetireHook> hooks;
+    {
+      std::lock_guard<std::mutex> lock(retire_hooks_mutex());
+      hooks = retire_hooks();
+    }
+    for (RetireHook hook : hooks) hook(id);
+  } catch (...) {
+    if (throw_errors) throw;
+    return;
+  }
+  if (failed.empty()) return;
+  if (throw_errors) throw Error(failed);
+  std::fprintf(stderr, "mixmoe: a deferred check failed on a thread that ended before reading it: %s\n",
+               failed.c_str());
+}
+}  // namespace detail
+
+/// Gives back what the backend keeps for stream `s` (call it before cudaStreamDestroy): waits for
+/// the stream, throws the first failed deferred check issued on it (as synchronize() does), frees its
+/// check record, moves its cached device memory to the pool every stream draws from and destroys its
+/// cuFFT plans. A thread's per-thread stream is retired this way when the thread ends (a failed check
+/// then goes to stderr). The stream may be used again afterwards: the caches fill up again.
+inline void retire_stream(cudaStream_t s) { detail::retire_stream_id(s, stream_id(s), true); }
 
 /// How many times the library has waited for the device since the program started: every
 /// synchronize(), which every device->host copy and every upload above 16 MiB goes through
