@@ -230,24 +230,18 @@ void two_threads() {
     std::string error_a, error_b;
     std::promise<void> a_done, b_done, main_looked;
     std::shared_future<void> looked = main_looked.get_future().share();
-    std::thread ta([&] {
-      try {
-        got_a = work(71);
-      } catch (const std::exception& e) {
-        error_a = e.what();
-      }
-      a_done.set_value();
-      looked.wait();  // keep the thread, and so its plans, until main has counted them
-    });
-    std::thread tb([&] {
-      try {
-        got_b = work(72);
-      } catch (const std::exception& e) {
-        error_b = e.what();
-      }
-      b_done.set_value();
-      looked.wait();
-    });
+    const auto worker = [&](std::uint64_t seed, std::vector<float>& got, std::string& error, std::promise<void>& done) {
+      return std::thread([&, seed] {
+        try {
+          got = work(seed);
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        done.set_value();
+        looked.wait();  // keep the thread, and so its plans, until main has counted them
+      });
+    };
+    std::thread ta = worker(71, got_a, error_a, a_done), tb = worker(72, got_b, error_b, b_done);
     a_done.get_future().wait();
     b_done.get_future().wait();
     own_plans = own_plans && plans.size() >= plans_before + 2;  // each live thread's stream has its plans
