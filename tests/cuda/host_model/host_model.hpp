@@ -1,21 +1,23 @@
 // A model of the parts of CUDA that backend/cuda/grouped_gemm_kernels.cuh uses, for running its
-// kernels on the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads, uint4
-// and float4, a bf16 type and WMMA's bf16 (m16n16k16) and TF32 (m16n16k8) fragments. A launch runs the blocks one after
-// another on one std::thread per CUDA thread, meeting at a std::barrier for __syncthreads; __shared__ arrays are
-// static, so the threads of the block running share them. A fragment holds its whole 16 x 16 tile in
-// every lane (each lane computes the same values; only lane 0 of a warp stores them). The model
-// checks what the GPU requires: WMMA pointers aligned to 256 bits, leading dimensions that are
+// kernels on the CPU with g++: the qualifiers, threadIdx / blockIdx / gridDim, __syncthreads,
+// __shfl_up_sync (full warps meeting at a barrier), uint4 and float4, a bf16 type and WMMA's bf16 (m16n16k16) and TF32
+// (m16n16k8) fragments. A launch runs the blocks one after another on one std::thread per CUDA thread, meeting at a
+// std::barrier for __syncthreads; __shared__ arrays are static, so the threads of the block running share them. A
+// fragment holds its whole 16 x 16 tile in every lane (each lane computes the same values; only lane 0 of a warp stores
+// them). The model checks what the GPU requires: WMMA pointers aligned to 256 bits, leading dimensions that are
 // multiples of 8 (16-bit elements) or 4 (floats), 16-byte vector copies aligned to 16 bytes. What it
 // cannot show: the GPU's scheduling, its fragment layouts across lanes, and speed. cuda_bf16.h and
 // mma.h beside this file include it, so a test puts this folder first on its include path.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -77,6 +79,17 @@ inline std::barrier<>*& block_barrier() {
   return b;
 }
 
+/// A warp's meeting point for the shuffles: every lane writes its value, all meet, each reads.
+struct Warp {
+  explicit Warp(std::ptrdiff_t lanes) : meet(lanes) {}
+  std::barrier<> meet;
+  unsigned long long slot[32] = {};
+};
+inline std::vector<std::unique_ptr<Warp>>& block_warps() {
+  static std::vector<std::unique_ptr<Warp>> w;
+  return w;
+}
+
 /// Runs `kernel()` for every thread of every block of the 1-D-block launch (grid, threads): one
 /// std::thread per CUDA thread, kept for the whole grid, running the blocks one after another.
 template <class Kernel>
@@ -96,12 +109,16 @@ void launch(dim3 grid, unsigned threads, Kernel kernel) {
         if (t == 0) {
           inside.emplace(n);
           block_barrier() = &*inside;
+          block_warps().clear();
+          for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+            block_warps().push_back(std::make_unique<Warp>(std::min<std::ptrdiff_t>(32, n - 32 * w)));
         }
         between.arrive_and_wait();  // the block's barrier is made
         blockIdx = dim3{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
         kernel();
         block_barrier()->arrive_and_drop();  // a finished thread no longer holds the others back
-        between.arrive_and_wait();           // every thread is done with the block
+        block_warps()[t / 32]->meet.arrive_and_drop();
+        between.arrive_and_wait();  // every thread is done with the block
       }
     });
   for (auto& th : pool) th.join();
@@ -111,3 +128,19 @@ void launch(dim3 grid, unsigned threads, Kernel kernel) {
 }  // namespace host_model
 
 inline void __syncthreads() { host_model::block_barrier()->arrive_and_wait(); }
+
+/// The value of lane - delta (its own below delta); every lane of the warp must call it, and the
+/// model takes full masks only.
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  static_assert(sizeof(T) <= sizeof(unsigned long long), "a shuffle moves up to 8 bytes");
+  if (mask != 0xffffffffu) host_model::fail("the model's shuffles take the full mask");
+  auto& w = *host_model::block_warps()[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  std::memcpy(&w.slot[lane], &v, sizeof v);
+  w.meet.arrive_and_wait();
+  T r = v;
+  if (lane >= delta) std::memcpy(&r, &w.slot[lane - delta], sizeof r);
+  w.meet.arrive_and_wait();  // the slots are rewritten by the next shuffle
+  return r;
+}

@@ -84,14 +84,33 @@ std::pair<index_t, index_t> rows_of(const std::vector<index_t>& offsets, index_t
   return {lo, hi};
 }
 
-/// tile_start as moe.cuh's moe_gemm_tile_starts makes it: ceil(rows / kTcBM) tiles per expert.
-std::vector<long long> tile_starts(const std::vector<index_t>& offsets, index_t e, index_t m) {
+/// tile_start as gemm_tile_starts should make it: ceil(rows / kGemmBM) tiles per expert.
+std::vector<long long> expected_tile_starts(const std::vector<index_t>& offsets, index_t e, index_t m) {
   std::vector<long long> ts(static_cast<std::size_t>(e + 1), 0);
   for (index_t x = 0; x < e; ++x) {
     const auto [lo, hi] = rows_of(offsets, x, m);
-    ts[static_cast<std::size_t>(x + 1)] = ts[static_cast<std::size_t>(x)] + (hi - lo + k::kTcBM - 1) / k::kTcBM;
+    ts[static_cast<std::size_t>(x + 1)] = ts[static_cast<std::size_t>(x)] + (hi - lo + k::kGemmBM - 1) / k::kGemmBM;
   }
   return ts;
+}
+
+/// tile_start made by the kernel (one block of kGemmThreads: its scan's warp shuffles and carry).
+std::vector<long long> tile_starts(const std::vector<index_t>& offsets, index_t e, index_t m) {
+  std::vector<long long> ts(static_cast<std::size_t>(e + 1), -1);
+  host_model::launch(dim3{1, 1, 1}, k::kGemmThreads, [&] { k::gemm_tile_starts<>(offsets.data(), e, m, ts.data()); });
+  return ts;
+}
+
+/// gemm_tile_starts against the count on the host, with more experts than threads (the carry).
+void check_tile_starts(std::mt19937& gen) {
+  for (const index_t e : {1, 5, 255, 256, 600}) {
+    std::vector<index_t> offsets(static_cast<std::size_t>(e + 1));
+    std::uniform_int_distribution<index_t> rows(0, 150);
+    for (std::size_t x = 1; x < offsets.size(); ++x) offsets[x] = offsets[x - 1] + rows(gen);
+    const index_t m = offsets.back() - 7;  // the last expert's rows run past m: clamped
+    expect(tile_starts(offsets, e, m) == expected_tile_starts(offsets, e, m),
+           "gemm_tile_starts, " + std::to_string(e) + " experts: the host's count");
+  }
 }
 
 struct GemmCase {
@@ -251,6 +270,7 @@ void run_all(std::mt19937& gen, bool all) {
 int main() {
   std::mt19937 gen(2024);
   std::printf("grouped GEMM kernels under the host model\n");
+  check_tile_starts(gen);
   run_all<__nv_bfloat16, float, Kind::tensor_cores>(gen, true);
   run_all<float, float, Kind::tensor_cores>(gen, true);
   run_all<float, float, Kind::simt>(gen, false);

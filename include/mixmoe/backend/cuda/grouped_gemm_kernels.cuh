@@ -1,6 +1,7 @@
 // The kernels of the MoE experts' grouped GEMMs (moe.cuh launches them; cuda::grouped_gemm and
 // cuda::grouped_gemm_wgrad are the entry points):
 //
+//   gemm_tile_starts            the expert-aligned row tiles numbered (one block: a scan over experts)
 //   grouped_gemm_tiles          C[rows of x] (+)= A[rows of x] op(B_x) for every expert x, SIMT: float,
 //                               double, or bf16 operands widened to fp32; 256 threads (16 x 16) a
 //                               64 x 64 tile of C, 4 x 4 outputs a thread, 16 deep in K
@@ -12,7 +13,7 @@
 //
 // All of them walk the same expert-aligned tiling: the rows of expert x are [offsets[x], offsets[x + 1])
 // (device memory, clamped to [0, m)), cut into 64-row tiles that never mix two experts;
-// tile_start (e + 1), made by moe.cuh's moe_gemm_tile_starts, numbers them, and blockIdx.y walks
+// tile_start (e + 1), made by gemm_tile_starts, numbers them, and blockIdx.y walks
 // them (grid-stride). The weight-gradient kernels give each block one 64 x 64 tile of one expert's
 // dw (blockIdx.z: the expert): each output has one owner, no atomics.
 //
@@ -51,10 +52,54 @@ __device__ inline index_t tile_expert(const long long* tile_start, index_t e, lo
   return lo;
 }
 
-// ---- SIMT ---------------------------------------------------------------------------------------
+// ---- the tiling ---------------------------------------------------------------------------------
 
 inline constexpr int kGemmThreads = 256;
 inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
+
+/// Inclusive prefix sum of v over a block of kGemmThreads threads (every thread calls it); *total
+/// gets the block's sum.
+__device__ inline long long block_inclusive_scan(long long v, long long* total) {
+  __shared__ long long warp_total[kGemmThreads / 32];
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  for (int o = 1; o < 32; o *= 2) {
+    const long long t = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += t;
+  }
+  __syncthreads();  // warp_total may still be read by a previous call
+  if (lane == 31) warp_total[warp] = v;
+  __syncthreads();
+  long long before = 0, all = 0;
+  for (int w = 0; w < kGemmThreads / 32; ++w) {
+    if (w < warp) before += warp_total[w];
+    all += warp_total[w];
+  }
+  *total = all;
+  return v + before;
+}
+
+/// tile_start (e + 1): the first row tile of each expert, ceil(rows_x / kGemmBM) tiles per expert
+/// (rows clamped to [0, m)), and the count in tile_start[e]. One block of kGemmThreads.
+template <int = 0>
+__global__ void gemm_tile_starts(const index_t* offsets, index_t e, index_t m, long long* tile_start) {
+  long long carry = 0;
+  for (index_t base = 0; base < e; base += kGemmThreads) {
+    const index_t x = base + threadIdx.x;
+    long long tiles = 0;
+    if (x < e) {
+      const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
+      const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+      tiles = (hi - lo + kGemmBM - 1) / kGemmBM;
+    }
+    long long total = 0;
+    const long long incl = block_inclusive_scan(tiles, &total);
+    if (x < e) tile_start[x] = carry + incl - tiles;
+    carry += total;
+  }
+  if (threadIdx.x == 0) tile_start[e] = carry;
+}
+
+// ---- SIMT ---------------------------------------------------------------------------------------
 
 __device__ inline float moe_to_acc(__nv_bfloat16 v, float) { return __bfloat162float(v); }
 __device__ inline float moe_to_acc(float v, float) { return v; }
@@ -297,7 +342,7 @@ __device__ inline void tc_store_tile(float* cs, int wr, int wc, const TcAccumula
 /// For every expert x: C[r, :] (+)= A[r, :] op(B_x) over the rows r in [offsets[x], offsets[x + 1])
 /// (clamped to [0, m)); A (m, k) row-major (lda); B_x = b + x * stride_b, (k, n) row-major (ldb), or
 /// (n, k) when trans_b; C (m, n) fp32 (ldc). TIn bf16, or float rounded to TF32. tile_start (e + 1)
-/// as moe_gemm_tile_starts makes it (kTcBM-row tiles). Launch: grid (ceil(n / kTcBN), min(tile_bound,
+/// as gemm_tile_starts makes it (kTcBM-row tiles). Launch: grid (ceil(n / kTcBN), min(tile_bound,
 /// 65535)), kTcThreads.
 template <class TIn>
 __global__ void __launch_bounds__(kTcThreads)

@@ -92,25 +92,11 @@ namespace kernels {
 inline constexpr int kMoEThreads = 256;
 static_assert(kMoEThreads == kRowThreads, "the MoE kernels reduce with block_sum (ops.cuh), made for kRowThreads");
 
-/// Inclusive prefix sum of v over a block of kMoEThreads threads (every thread calls it); *total
-/// gets the block's sum.
+static_assert(kGemmThreads == kMoEThreads, "the scan and the SIMT grouped GEMM run kMoEThreads threads");
+
+/// Inclusive prefix sum of v over a block of kMoEThreads threads (grouped_gemm_kernels.cuh).
 __device__ inline long long moe_block_inclusive_scan(long long v, long long* total) {
-  __shared__ long long warp_total[kMoEThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int o = 1; o < 32; o *= 2) {
-    const long long t = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += t;
-  }
-  __syncthreads();  // warp_total may still be read by a previous call
-  if (lane == 31) warp_total[warp] = v;
-  __syncthreads();
-  long long before = 0, all = 0;
-  for (int w = 0; w < kMoEThreads / 32; ++w) {
-    if (w < warp) before += warp_total[w];
-    all += warp_total[w];
-  }
-  *total = all;
-  return v + before;
+  return block_inclusive_scan(v, total);
 }
 
 /// The first position p in [0, m) with sorted[p] >= key (m when none).
@@ -409,28 +395,6 @@ __global__ void moe_z_loss_backward(const T* l, const double* z, const T* grad_o
 // ---- grouped GEMM -------------------------------------------------------------------------------
 
 static_assert(kTcBM == kGemmBM && kTcBN == kGemmBN, "the tensor-core kernels share the SIMT kernels' tiling");
-static_assert(kGemmThreads == kMoEThreads, "moe_gemm_tile_starts and the SIMT kernels run kMoEThreads threads");
-
-/// tile_start (E + 1): the first row tile of each expert, ceil(rows_e / kGemmBM) tiles per expert
-/// (rows clamped to [0, m)); one block of kMoEThreads.
-template <int = 0>
-__global__ void moe_gemm_tile_starts(const index_t* offsets, index_t e, index_t m, long long* tile_start) {
-  long long carry = 0;
-  for (index_t base = 0; base < e; base += kMoEThreads) {
-    const index_t x = base + threadIdx.x;
-    long long tiles = 0;
-    if (x < e) {
-      const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
-      const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
-      tiles = (hi - lo + kGemmBM - 1) / kGemmBM;
-    }
-    long long total = 0;
-    const long long incl = moe_block_inclusive_scan(tiles, &total);
-    if (x < e) tile_start[x] = carry + incl - tiles;
-    carry += total;
-  }
-  if (threadIdx.x == 0) tile_start[e] = carry;
-}
 
 }  // namespace kernels
 
@@ -512,9 +476,9 @@ void grouped_gemm(index_t m, index_t n, index_t k, index_t e, const index_t* off
                ", e ", e);
   if (m == 0 || n == 0 || e == 0) return;
   moe_detail::DeviceBuffer tile_start(static_cast<std::size_t>(e + 1) * sizeof(long long));
-  kernels::moe_gemm_tile_starts<<<1, kernels::kMoEThreads, 0, current_stream()>>>(offsets, e, m,
+  kernels::gemm_tile_starts<<<1, kernels::kGemmThreads, 0, current_stream()>>>(offsets, e, m,
                                                                                   tile_start.as<long long>());
-  MIXMOE_CUDA_CHECK_LAUNCH("moe_gemm_tile_starts");
+  MIXMOE_CUDA_CHECK_LAUNCH("gemm_tile_starts");
   const index_t tile_bound = (m + kernels::kGemmBM - 1) / kernels::kGemmBM + e;
   const index_t col_tiles = (n + kernels::kGemmBN - 1) / kernels::kGemmBN;
   MIXMOE_CHECK(col_tiles <= 0x7fffffff, "cuda::grouped_gemm", "n = ", n, " needs too many column tiles");
