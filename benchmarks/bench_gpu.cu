@@ -158,8 +158,6 @@ double time_ms(const std::function<void()>& f, int reps, int warmup = 2, bool ad
   return bench::median(t);
 }
 
-/// TF32 allowed or not for the library's float GEMMs (cuBLAS and the MoE grouped GEMMs).
-void set_library_tf32(bool on) { mcuda::set_allow_tf32(on); }
 
 /// A cuBLAS handle of the benchmark's own (the raw baseline), on the library's stream.
 struct RawCublas {
@@ -237,7 +235,7 @@ json bench_gemm(const Args& a, GemmBest& best) {
     json row = {{"m", s.m}, {"k", s.k}, {"n", s.n}, {"shape", s.what}};
     double r[8] = {};
     for (int tf = 0; tf < 2; ++tf) {
-      set_library_tf32(tf == 1);
+      mcuda::set_allow_tf32(tf == 1);
       raw.math(tf == 1);
       const double lib = time_ms([&] { (void)mcuda::matmul(A, B); }, a.reps);
       const double var = time_ms([&] { (void)matmul(va, vb); }, a.reps);
@@ -247,7 +245,7 @@ json bench_gemm(const Args& a, GemmBest& best) {
       row[std::string("var_") + p + "_tflops"] = r[3 * tf + 1] = tflops(flops, var);
       row[std::string("raw_") + p + "_tflops"] = r[3 * tf + 2] = tflops(flops, rw);
     }
-    set_library_tf32(false);
+    mcuda::set_allow_tf32(false);
     raw.math(false);
     best.fp32 = std::max(best.fp32, r[2]);
     best.tf32 = std::max(best.tf32, r[5]);
@@ -383,7 +381,7 @@ json bench_moe(const Args& a) {
               static_cast<long>(f / k), static_cast<long>(k), flops / 1e9);
   std::printf("%-6s %-40s %10s %10s %14s\n", "gemm", "layer", "ms", "TFLOP/s", "chain/layer");
   for (int tf = 0; tf < 2; ++tf) {
-    set_library_tf32(tf == 1);
+    mcuda::set_allow_tf32(tf == 1);
     const char* mode = tf ? "tf32" : "fp32";
     json m = {{"gemm", mode}};
     const double t_chain = time_ms(chain, a.reps, 2, false);
@@ -411,8 +409,6 @@ json bench_moe(const Args& a) {
     attempt("MoE top-k, per-expert cuBLAS", "moe_topk_per_expert", [&] {
       return time_layer_as(moe, ExpertExecution::per_expert, x, gy, a.reps, syncs, "moe_topk_per_expert");
     });
-    const char* bf16_kernels = mcuda::grouped_gemm_tensor_cores() ? "tensor cores" : "SIMT";
-    m["bf16_grouped_gemm"] = bf16_kernels;
     m["float_grouped_gemm"] = tf == 1 && mcuda::grouped_gemm_tensor_cores() ? "tensor cores (TF32)" : "SIMT";
     attempt(mcuda::grouped_gemm_tensor_cores() ? "MoE top-k, grouped, bf16 experts (TC)" : "MoE top-k, grouped, bf16 experts",
             "moe_topk_bf16", [&] {
@@ -439,7 +435,7 @@ json bench_moe(const Args& a) {
     m["syncs_per_step"] = syncs;
     out["modes"].push_back(m);
   }
-  set_library_tf32(false);
+  mcuda::set_allow_tf32(false);
   return out;
 }
 
@@ -529,13 +525,13 @@ void bench_lm_model(const Args& a, const char* name, const ModelConfig& cfg, con
       ++g_row_failures;
       rows.push_back({{"model", name}, {"gemm", mode}, {"error", e.what()}});
     }
-    set_library_tf32(false);
+    mcuda::set_allow_tf32(false);
   };
   {
     Model model(cfg);
     guarded("fp32", [&] { run(model, "fp32"); });
     guarded("tf32", [&] {
-      set_library_tf32(true);
+      mcuda::set_allow_tf32(true);
       run(model, "tf32");
     });
   }
@@ -646,12 +642,7 @@ int main(int argc, char** argv) {
       out[name] = {{"error", e.what()}};
       ++failures;
     }
-    try {
-      set_library_tf32(false);  // whatever happened in the part, the next one starts in FP32
-    } catch (const std::exception& e) {
-      std::printf("%s: cannot reset the math mode: %s\n", name, e.what());
-      ++failures;
-    }
+    mcuda::set_allow_tf32(false);  // whatever happened in the part, the next one starts in FP32
     out[name]["seconds"] = bench::now_s() - s;
     out["seconds"] = bench::now_s() - t0;
     if (!save()) ++failures;

@@ -106,9 +106,7 @@ class FftPlanCache {
         ++it;
         continue;
       }
-      (void)cufftDestroy(it->second.handle);
-      recent_.erase(it->second.used);
-      it = plans_.erase(it);
+      it = erase_locked(it);
     }
   }
 
@@ -145,11 +143,14 @@ class FftPlanCache {
   /// on any stream, so the device must be idle first: a rare wait (only past kMaxPlans shapes).
   void evict_locked() {
     MIXMOE_CUDA_CHECK(cudaDeviceSynchronize());
-    const Key key = recent_.back();
-    recent_.pop_back();
-    const auto it = plans_.find(key);
+    erase_locked(plans_.find(recent_.back()));
+  }
+
+  /// Destroys a plan no transform still uses and forgets it; returns the next entry.
+  std::map<Key, Entry>::iterator erase_locked(std::map<Key, Entry>::iterator it) noexcept {
     (void)cufftDestroy(it->second.handle);
-    plans_.erase(it);
+    recent_.erase(it->second.used);
+    return plans_.erase(it);
   }
 
   mutable std::mutex mutex_;

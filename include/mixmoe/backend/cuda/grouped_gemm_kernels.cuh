@@ -39,9 +39,29 @@
 
 namespace mixmoe::cuda::kernels {
 
-/// The expert of row tile t: the largest x in [0, e) with tile_start[x] <= t (tile_start[0] = 0).
-__device__ inline index_t tile_expert(const long long* tile_start, index_t e, long long t) {
-  index_t lo = 0, hi = e;
+// ---- the tiling ---------------------------------------------------------------------------------
+
+inline constexpr int kGemmThreads = 256;
+inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
+
+/// The rows [begin, end) of expert x: offsets[x] and offsets[x + 1] clamped to [0, m], end >= begin.
+struct RowRange {
+  index_t begin, end;
+};
+__device__ inline RowRange expert_rows(const index_t* offsets, index_t x, index_t m) {
+  const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
+  const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+  return {lo, hi};
+}
+
+/// Row tile t of the tiling: its expert, its first row, and the expert's row end (the tile holds the
+/// rows [begin, min(begin + kGemmBM, end))).
+struct RowTile {
+  index_t expert, begin, end;
+};
+__device__ inline RowTile row_tile(const index_t* offsets, const long long* tile_start, index_t e, index_t m,
+                                   long long t) {
+  index_t lo = 0, hi = e;  // the expert: the largest x with tile_start[x] <= t (tile_start[0] = 0)
   while (hi - lo > 1) {
     const index_t mid = lo + (hi - lo) / 2;
     if (tile_start[mid] <= t)
@@ -49,13 +69,9 @@ __device__ inline index_t tile_expert(const long long* tile_start, index_t e, lo
     else
       hi = mid;
   }
-  return lo;
+  const RowRange rows = expert_rows(offsets, lo, m);
+  return {lo, rows.begin + (t - tile_start[lo]) * kGemmBM, rows.end};
 }
-
-// ---- the tiling ---------------------------------------------------------------------------------
-
-inline constexpr int kGemmThreads = 256;
-inline constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 16;
 
 /// Inclusive prefix sum of v over a block of kGemmThreads threads (every thread calls it); *total
 /// gets the block's sum.
@@ -87,9 +103,8 @@ __global__ void gemm_tile_starts(const index_t* offsets, index_t e, index_t m, l
     const index_t x = base + threadIdx.x;
     long long tiles = 0;
     if (x < e) {
-      const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
-      const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
-      tiles = (hi - lo + kGemmBM - 1) / kGemmBM;
+      const RowRange rows = expert_rows(offsets, x, m);
+      tiles = (rows.end - rows.begin + kGemmBM - 1) / kGemmBM;
     }
     long long total = 0;
     const long long incl = block_inclusive_scan(tiles, &total);
@@ -133,11 +148,9 @@ __global__ void __launch_bounds__(kGemmThreads)
   const index_t col0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
   const long long total_tiles = tile_start[e];
   for (index_t t = blockIdx.y; t < tile_bound && t < total_tiles; t += gridDim.y) {
-    const index_t x = tile_expert(tile_start, e, t);
-    const index_t first = offsets[x] < 0 ? 0 : offsets[x];
-    const index_t row_begin = first + (t - tile_start[x]) * kGemmBM;
-    const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
-    const TIn* bx = b + x * stride_b;
+    const RowTile tile = row_tile(offsets, tile_start, e, m, t);
+    const index_t row_begin = tile.begin, row_end = tile.end;
+    const TIn* bx = b + tile.expert * stride_b;
     Acc acc[4][4];
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) acc[i][j] = Acc(0);
@@ -187,8 +200,7 @@ __global__ void __launch_bounds__(kGemmThreads)
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const index_t x = blockIdx.z;
   const index_t n0 = static_cast<index_t>(blockIdx.y) * kGemmBM, k0 = static_cast<index_t>(blockIdx.x) * kGemmBN;
-  const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
-  const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+  const auto [lo, hi] = expert_rows(offsets, x, m);
   T acc[4][4];
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
@@ -218,10 +230,10 @@ __global__ void __launch_bounds__(kGemmThreads)
 
 // ---- tensor cores -------------------------------------------------------------------------------
 
-inline constexpr int kTcThreads = 128;        // 4 warps
-inline constexpr int kTcBM = 64, kTcBN = 64;  // the output tile (kTcBM: moe.cuh's row tiling)
-inline constexpr int kTcBK = 32;              // K (or rows, for the weight gradient) per stage
-inline constexpr int kTcLdC = kTcBN + 4;      // the fp32 result tile (kTcBM x kTcBN)
+inline constexpr int kTcThreads = 128;                  // 4 warps
+inline constexpr int kTcBM = kGemmBM, kTcBN = kGemmBN;  // the output tile: the same tiling
+inline constexpr int kTcBK = 32;                        // K (or rows, for the weight gradient) per stage
+inline constexpr int kTcLdC = kTcBN + 4;                // the fp32 result tile (kTcBM x kTcBN)
 
 /// The operand types of the tensor-core kernels: bf16 (m16n16k16 fragments) and float rounded to
 /// TF32 (m16n16k8). Shared rows are padded by 16 bytes: leading dimensions 40 and 72 bf16, 36 and
@@ -360,11 +372,9 @@ __global__ void __launch_bounds__(kTcThreads)
   const index_t col0 = static_cast<index_t>(blockIdx.x) * kTcBN;
   const long long total_tiles = tile_start[e];
   for (long long t = blockIdx.y; t < tile_bound && t < total_tiles; t += gridDim.y) {
-    const index_t x = tile_expert(tile_start, e, t);
-    const index_t first = offsets[x] < 0 ? 0 : offsets[x];
-    const index_t row_begin = first + (t - tile_start[x]) * kTcBM;
-    const index_t row_end = offsets[x + 1] > m ? m : offsets[x + 1];
-    const TIn* bx = b + x * stride_b;
+    const RowTile tile = row_tile(offsets, tile_start, e, m, t);
+    const index_t row_begin = tile.begin, row_end = tile.end;
+    const TIn* bx = b + tile.expert * stride_b;
     TcAccumulator<TIn> acc[2][2];
     for (int i = 0; i < 2; ++i)
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
@@ -417,8 +427,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const int wr = (warp / 2) * 32, wc = (warp % 2) * 32;
   const index_t x = blockIdx.z;
   const index_t n0 = static_cast<index_t>(blockIdx.y) * kTcBM, k0 = static_cast<index_t>(blockIdx.x) * kTcBN;
-  const index_t lo = offsets[x] < 0 ? 0 : (offsets[x] > m ? m : offsets[x]);
-  const index_t hi = offsets[x + 1] < lo ? lo : (offsets[x + 1] > m ? m : offsets[x + 1]);
+  const auto [lo, hi] = expert_rows(offsets, x, m);
   if (lo == hi) return;  // no rows: dw[x] gets nothing (the whole block returns)
   TcAccumulator<TIn> acc[2][2];
   for (int i = 0; i < 2; ++i)

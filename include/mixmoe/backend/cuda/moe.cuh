@@ -92,12 +92,7 @@ namespace kernels {
 inline constexpr int kMoEThreads = 256;
 static_assert(kMoEThreads == kRowThreads, "the MoE kernels reduce with block_sum (ops.cuh), made for kRowThreads");
 
-static_assert(kGemmThreads == kMoEThreads, "the scan and the SIMT grouped GEMM run kMoEThreads threads");
-
-/// Inclusive prefix sum of v over a block of kMoEThreads threads (grouped_gemm_kernels.cuh).
-__device__ inline long long moe_block_inclusive_scan(long long v, long long* total) {
-  return block_inclusive_scan(v, total);
-}
+static_assert(kGemmThreads == kMoEThreads, "block_inclusive_scan (grouped_gemm_kernels.cuh) runs kMoEThreads");
 
 /// The first position p in [0, m) with sorted[p] >= key (m when none).
 template <class K>
@@ -150,7 +145,7 @@ __global__ void moe_plan_offsets(const unsigned long long* sorted_keys, index_t 
       meta[2 + 2 * e + x] = lo;
     }
     long long total = 0;
-    const long long incl = moe_block_inclusive_scan(kept, &total);
+    const long long incl = block_inclusive_scan(kept, &total);
     if (x < e) meta[1 + e + x] = carry + incl - kept;
     carry += total;
   }
@@ -392,11 +387,9 @@ __global__ void moe_z_loss_backward(const T* l, const double* z, const T* grad_o
   }
 }
 
-// ---- grouped GEMM -------------------------------------------------------------------------------
-
-static_assert(kTcBM == kGemmBM && kTcBN == kGemmBN, "the tensor-core kernels share the SIMT kernels' tiling");
-
 }  // namespace kernels
+
+// ---- grouped GEMM (the kernels: grouped_gemm_kernels.cuh) -------------------------------------------
 
 namespace moe_detail {
 /// -1: tensor cores where they can run; 0: off; 1: on.

@@ -279,7 +279,7 @@ class DeferredChecks {
     Message message;
   };
   struct Stream {
-    DeferredRecord* record = nullptr;  // device memory, kept for the life of the program
+    DeferredRecord* record = nullptr;  // device memory, freed when the stream is retired
     std::deque<Pending> pending;       // ids increasing
   };
   DeferredChecks() = default;
