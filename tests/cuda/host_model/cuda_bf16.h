@@ -24,3 +24,5 @@ inline float __bfloat162float(__nv_bfloat16 h) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }

@@ -21,16 +21,8 @@ namespace precision {
 struct tf32 {};
 }  // namespace precision
 
-/// float rounded to TF32 (10 stored mantissa bits), to nearest with ties away from zero, as the
-/// device's conversion; NaN and infinities kept.
-inline float __float_to_tf32(float f) {
-  std::uint32_t u = 0;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
-  float r = 0;
-  std::memcpy(&r, &u, sizeof r);
-  return r;
-}
+/// float rounded to TF32, as the device's conversion (host_model::round_tf32).
+inline float __float_to_tf32(float f) { return host_model::round_tf32(f); }
 
 /// A fragment: the whole tile in every lane, element (r, c) at x[r * 16 + c] (rows of an operand
 /// tile: 16 for matrix_a and the accumulator, K for matrix_b; columns: K for matrix_a, else 16).
