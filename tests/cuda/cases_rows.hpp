@@ -1,8 +1,8 @@
 // Parity cases of the row ops: softmax and log_softmax (ops/softmax.hpp), rms_norm and layer_norm
 // (ops/norm.hpp), cross_entropy (ops/cross_entropy.hpp), sum and mean (ops/reduce.hpp) and topk
 // (ops/topk.hpp), forward and the gradients of sum(y * g). Widths 1, 7, 33, 257 and 1000+, more
-// rows than the row kernels' grid (65535 blocks), inner axes, transposed (strided) inputs, masked
-// (-inf) and fully masked entries, ignored targets; top-k on quantised values with ties, NaN,
+// rows than the row kernels' grid (many_rows(), parity.hpp), inner axes, transposed (strided)
+// inputs, masked (-inf) and fully masked entries, ignored targets; top-k on quantised values with ties, NaN,
 // +-inf and -0, on both of its kernels (short lines: a thread each; long lines: a block each).
 #pragma once
 
@@ -48,7 +48,7 @@ void rows_softmax_cases(Results& r) {
     int axis;
   };
   const Case cases[] = {{{5, 1}, -1},     {{4, 7}, -1},    {{3, 33}, -1},    {{2, 257}, -1},
-                        {{3, 1000}, -1},  {{2, 4099}, -1}, {{70000, 3}, -1}, {{6, 5, 4}, 0},
+                        {{3, 1000}, -1},  {{2, 4099}, -1}, {{many_rows(), 3}, -1}, {{6, 5, 4}, 0},
                         {{3, 300, 5}, 1}, {{4, 3, 9}, 1},  {{2, 3, 1}, 2}};
   std::uint64_t seed = 1000;
   for (const auto& c : cases) {
@@ -96,7 +96,7 @@ void rows_norm_cases(Results& r) {
   using namespace mixmoe;
   const std::string t = type_name<T>();
   const double tl = tol<T>(1e-5, 1e-11);
-  const Shape shapes[] = {{6, 1}, {5, 7}, {3, 2, 33}, {4, 257}, {3, 1000}, {2, 4100}, {70000, 2}};
+  const Shape shapes[] = {{6, 1}, {5, 7}, {3, 2, 33}, {4, 257}, {3, 1000}, {2, 4100}, {many_rows(), 2}};
   std::uint64_t seed = 2000;
   for (const Shape& s : shapes) {
     const index_t c = s[s.rank() - 1];
@@ -169,7 +169,7 @@ void rows_cross_entropy_cases(Results& r) {
   };
   const Case cases[] = {{{5, 1}, 0, -100, 0.0},   {{6, 7}, 3, -100, 0.0},       {{4, 33}, 0, -100, 0.1},
                         {{3, 257}, 2, -100, 0.2}, {{2, 3, 1000}, 4, -100, 0.0}, {{3, 5003}, 0, -100, 0.1},
-                        {{9, 50}, 2, 3, 0.05},    {{70000, 2}, 5, -100, 0.1},   {{4, 9}, 1, -1, 0.1}};
+                        {{9, 50}, 2, 3, 0.05},    {{many_rows(), 2}, 5, -100, 0.1},   {{4, 9}, 1, -1, 0.1}};
   const Reduction reductions[] = {Reduction::mean, Reduction::sum, Reduction::none};
   const char* rnames[] = {"mean", "sum", "none"};
   std::uint64_t seed = 3000;

@@ -19,6 +19,10 @@ int parity_main(const char* family, DeviceRun device_run, CpuRun cpu_run) {
     return 77;
   }
   std::printf("%s: on %s\n", family, mixmoe::cuda::device_description().c_str());
+#ifdef MIXMOE_CUDA_HOST_MODEL
+  static_assert(MIXMOE_CUDA_MAX_ROW_BLOCKS == 512, "the host model's row grid, as many_rows() assumes");
+  many_rows() = 700;  // see parity.hpp
+#endif
   try {
     Results cpu, dev;
     cpu_run(cpu);

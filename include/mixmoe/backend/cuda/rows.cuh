@@ -63,8 +63,14 @@ using kernels::block_max;
 using kernels::block_sum;
 using kernels::kRowThreads;
 
-/// Most blocks of a row kernel (rows beyond are taken by the grid-stride loop).
-inline constexpr index_t kMaxRowBlocks = 65535;
+/// Most blocks of a row kernel (rows beyond are taken by the grid-stride loop): 65535, or the
+/// macro MIXMOE_CUDA_MAX_ROW_BLOCKS where it is defined (the CPU model of CUDA's tests lower it,
+/// so that their grid-stride loops run at small sizes).
+#ifndef MIXMOE_CUDA_MAX_ROW_BLOCKS
+#define MIXMOE_CUDA_MAX_ROW_BLOCKS 65535
+#endif
+inline constexpr index_t kMaxRowBlocks = MIXMOE_CUDA_MAX_ROW_BLOCKS;
+static_assert(kMaxRowBlocks >= 1 && kMaxRowBlocks <= 0x7fffffff, "MIXMOE_CUDA_MAX_ROW_BLOCKS: 1 to 2^31 - 1 blocks");
 /// Most blocks of the one-thread-per-line top-k kernel.
 inline constexpr index_t kMaxTopkThreadBlocks = 1024;
 /// Longest line the one-thread-per-line top-k kernel takes; longer lines get a block each.
