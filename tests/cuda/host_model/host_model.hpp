@@ -8,9 +8,13 @@
 // a block are fibers, each on its own stack (guard page below), switched only where a
 // CUDA thread must wait for others: at __syncthreads (until every thread of the block that has not
 // exited is there) and at a shuffle (until every lane its mask names is there; the values are
-// exchanged when the last arrives). A thread runs until it waits or exits, so the order is one
-// legal schedule of many; launches from several host threads take turns (one at a time), which
-// makes the atomics plain reads and writes.
+// exchanged when the last arrives). The scheduler goes round the threads that can run, each
+// running until it waits or exits; one warp of each block (picked pseudo-randomly from the block's
+// number and MIXMOE_HOST_MODEL_SEED, 1 by default; 0: none) lags, running only when no other thread
+// can. The other warps thus run ahead as far as the barriers let them, so a warp that reads shared
+// memory another rewrites without a __syncthreads between sees the new values (a block reduction
+// without the barrier that guards its partial sums from the next call fails the tests this way). Launches from several host
+// threads take turns (one at a time), which makes the atomics plain reads and writes.
 //
 // Checks, each a message and abort(): a __syncthreads that some threads of the block never reach
 // while the others wait at a shuffle, or a shuffle whose mask names an exited lane or a lane
@@ -43,6 +47,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define MIXMOE_HOST_MODEL_ASAN 1
 #endif
@@ -246,7 +251,16 @@ class Scheduler {
     unsigned char bytes[16];
   };
 
-  Scheduler() = default;
+  Scheduler() {
+    if (const char* v = std::getenv("MIXMOE_HOST_MODEL_SEED")) seed_ = std::strtoull(v, nullptr, 10);
+  }
+
+  /// splitmix64's finaliser: the laggard warp of a block from the seed and the block's number.
+  static unsigned long long mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
 
   void add_fiber() {
     const std::size_t total = kStackBytes + kGuardBytes;
@@ -320,17 +334,31 @@ class Scheduler {
   void run_block(unsigned threads) {
     for (unsigned t = 0; t < threads; ++t) {
       Fiber& f = fibers_[t];
+#ifdef MIXMOE_HOST_MODEL_ASAN
+      // The frame of entry() never returns, so its redzones stay poisoned: cleared for the next start.
+      __asan_unpoison_memory_region(f.stack + kStackBytes - 8192, 8192);
+#endif
       // The stack tops are staggered by a cache line per fiber: tops 4 KiB-aligned alike would all
       // fall in the same sets of the L1 cache.
       make_context(f.context, f.stack, kStackBytes - 64 * (t % 64), &Scheduler::entry);
       f.state = Fiber::State::ready;
       runnable_.push_back(t);
     }
+    const unsigned warps = (threads + 31) / 32;
+    const unsigned laggard = seed_ == 0 || warps < 2 ? ~0u : static_cast<unsigned>(mix(seed_ + block_number_) % warps);
+    ++block_number_;
     for (;;) {
-      while (!runnable_.empty()) {
+      while (!runnable_.empty() || !lagging_.empty()) {
+        const bool lag_round = runnable_.empty();  // the laggard runs only when nothing else can
+        if (lag_round) runnable_.swap(lagging_);
         now_.swap(runnable_);
         runnable_.clear();
-        for (unsigned t : now_) resume(t);
+        for (unsigned t : now_) {
+          if (!lag_round && t / 32 == laggard)
+            lagging_.push_back(t);
+          else
+            resume(t);
+        }
         if (shuffling_ != 0) release_shuffles(threads);
       }
       // Nothing can run: every thread has exited, or waits at the barrier.
@@ -343,7 +371,10 @@ class Scheduler {
       }
       if (waiting == 0) break;
       for (unsigned t = 0; t < threads; ++t)
-        if (fibers_[t].state == Fiber::State::at_barrier) runnable_.push_back(t);
+        if (fibers_[t].state == Fiber::State::at_barrier) {
+          fibers_[t].state = Fiber::State::ready;
+          runnable_.push_back(t);
+        }
     }
   }
 
@@ -380,6 +411,7 @@ class Scheduler {
       }
       for (unsigned l = 0; l < lanes; ++l)
         if (arrived >> l & 1u) {
+          fibers_[w * 32 + l].state = Fiber::State::ready;
           runnable_.push_back(w * 32 + l);
           --shuffling_;
         }
@@ -388,8 +420,9 @@ class Scheduler {
 
   std::mutex mutex_;
   std::vector<Fiber> fibers_;
-  std::vector<unsigned> runnable_, now_;
+  std::vector<unsigned> runnable_, now_, lagging_;
   unsigned shuffling_ = 0;  // lanes waiting at a shuffle
+  unsigned long long seed_ = 1, block_number_ = 0;
   std::vector<Chunk> shared_;
   const std::function<void()>* body_ = nullptr;
   Context main_;
