@@ -136,9 +136,10 @@ struct Context {
   void* sp = nullptr;
 };
 extern "C" void mixmoe_host_model_switch(void** save_sp, void* next_sp);
+// In a COMDAT group of its own: every translation unit that includes this header defines it once.
 asm(R"(
-  .text
-  .globl mixmoe_host_model_switch
+  .pushsection .text.mixmoe_host_model_switch,"axG",@progbits,mixmoe_host_model_switch,comdat
+  .weak mixmoe_host_model_switch
   .type mixmoe_host_model_switch, @function
 mixmoe_host_model_switch:
   pushq %rbp
@@ -157,6 +158,7 @@ mixmoe_host_model_switch:
   popq %rbp
   ret
   .size mixmoe_host_model_switch, .-mixmoe_host_model_switch
+  .popsection
 )");
 inline void switch_context(Context& from, Context& to) { mixmoe_host_model_switch(&from.sp, to.sp); }
 /// A context that starts `entry` (which must never return) on the stack [bottom, bottom + size).

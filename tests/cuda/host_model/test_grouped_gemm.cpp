@@ -267,7 +267,10 @@ void run_all(std::mt19937& gen, bool all) {
 
 }  // namespace
 
+int host_model_checks();  // test_model.cpp
+
 int main() {
+  failures += host_model_checks();
   std::mt19937 gen(2024);
   std::printf("grouped GEMM kernels under the host model\n");
   check_tile_starts(gen);
