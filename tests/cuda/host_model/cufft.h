@@ -8,6 +8,7 @@
 // memory, or not aligned to its complex type, stops the program with a message.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -106,30 +107,43 @@ inline void roots(int n, std::vector<double>& c, std::vector<double>& s) {
   }
 }
 
+/// What an execution needs: the plan of type `type`, its sizes (n reals, f = n / 2 + 1 complex
+/// values a row) and the roots of unity; the real and complex data are checked.
+struct Exec {
+  Plan p;
+  int n = 0, f = 0;
+  std::vector<double> c, s;
+  template <class R, class C>
+  cufftResult begin(cufftHandle h, cufftType type, const R* real, const C* complex) {
+    if (const cufftResult r = Plans::instance().get(h, type, p); r != CUFFT_SUCCESS) return r;
+    if (Runtime::instance().check_stream(p.stream) != cudaSuccess) return CUFFT_EXEC_FAILED;
+    n = p.n;
+    f = n / 2 + 1;
+    check_data("real data", real, sizeof(R) * n * p.batch, alignof(C));
+    check_data("complex data", complex, sizeof(C) * f * p.batch, alignof(C));
+    roots(n, c, s);
+    return CUFFT_SUCCESS;
+  }
+};
+
 /// y[b, f] = sum_j x[b, j] e^{-2 pi i f j / n}, f <= n / 2.
 template <class R, class C>
 cufftResult r2c(cufftHandle h, cufftType type, const R* x, C* y) {
-  Plan p;
-  if (const cufftResult r = Plans::instance().get(h, type, p); r != CUFFT_SUCCESS) return r;
-  if (Runtime::instance().check_stream(p.stream) != cudaSuccess) return CUFFT_EXEC_FAILED;
-  const int n = p.n, f = n / 2 + 1;
-  check_data("real input", x, sizeof(R) * n * p.batch, alignof(C));
-  check_data("complex output", y, sizeof(C) * f * p.batch, alignof(C));
-  std::vector<double> c, s;
-  roots(n, c, s);
-  std::vector<C> out(static_cast<std::size_t>(f) * p.batch);
-  for (int b = 0; b < p.batch; ++b)
-    for (int q = 0; q < f; ++q) {
+  Exec e;
+  if (const cufftResult r = e.begin(h, type, x, y); r != CUFFT_SUCCESS) return r;
+  std::vector<C> out(static_cast<std::size_t>(e.f) * e.p.batch);
+  for (int b = 0; b < e.p.batch; ++b)
+    for (int q = 0; q < e.f; ++q) {
       double re = 0, im = 0;
-      for (int j = 0; j < n; ++j) {
-        const int t = static_cast<int>((static_cast<long long>(q) * j) % n);
-        const double v = x[static_cast<long long>(b) * n + j];
-        re += v * c[t];
-        im -= v * s[t];
+      for (int j = 0; j < e.n; ++j) {
+        const int t = static_cast<int>((static_cast<long long>(q) * j) % e.n);
+        const double v = x[static_cast<long long>(b) * e.n + j];
+        re += v * e.c[t];
+        im -= v * e.s[t];
       }
-      out[static_cast<std::size_t>(b) * f + q] = C{static_cast<R>(re), static_cast<R>(im)};
+      out[static_cast<std::size_t>(b) * e.f + q] = C{static_cast<R>(re), static_cast<R>(im)};
     }
-  for (std::size_t i = 0; i < out.size(); ++i) y[i] = out[i];
+  std::copy(out.begin(), out.end(), y);
   return CUFFT_SUCCESS;
 }
 
@@ -137,30 +151,24 @@ cufftResult r2c(cufftHandle h, cufftType type, const R* x, C* y) {
 /// parts of the zero and (even n) Nyquist terms are ignored. z is overwritten (NaN).
 template <class C, class R>
 cufftResult c2r(cufftHandle h, cufftType type, C* z, R* x) {
-  Plan p;
-  if (const cufftResult r = Plans::instance().get(h, type, p); r != CUFFT_SUCCESS) return r;
-  if (Runtime::instance().check_stream(p.stream) != cudaSuccess) return CUFFT_EXEC_FAILED;
-  const int n = p.n, f = n / 2 + 1;
-  check_data("complex input", z, sizeof(C) * f * p.batch, alignof(C));
-  check_data("real output", x, sizeof(R) * n * p.batch, alignof(C));
-  std::vector<double> c, s;
-  roots(n, c, s);
-  std::vector<R> out(static_cast<std::size_t>(n) * p.batch);
-  for (int b = 0; b < p.batch; ++b)
-    for (int j = 0; j < n; ++j) {
+  Exec e;
+  if (const cufftResult r = e.begin(h, type, x, z); r != CUFFT_SUCCESS) return r;
+  std::vector<R> out(static_cast<std::size_t>(e.n) * e.p.batch);
+  for (int b = 0; b < e.p.batch; ++b)
+    for (int j = 0; j < e.n; ++j) {
       double v = 0;
-      for (int q = 0; q < f; ++q) {
-        const C zq = z[static_cast<long long>(b) * f + q];
-        const int t = static_cast<int>((static_cast<long long>(q) * j) % n);
-        const bool edge = q == 0 || (n % 2 == 0 && q == n / 2);
-        const double term = static_cast<double>(zq.x) * c[t] - (edge ? 0.0 : static_cast<double>(zq.y) * s[t]);
+      for (int q = 0; q < e.f; ++q) {
+        const C zq = z[static_cast<long long>(b) * e.f + q];
+        const int t = static_cast<int>((static_cast<long long>(q) * j) % e.n);
+        const bool edge = q == 0 || (e.n % 2 == 0 && q == e.n / 2);
+        const double term = static_cast<double>(zq.x) * e.c[t] - (edge ? 0.0 : static_cast<double>(zq.y) * e.s[t]);
         v += edge ? term : 2 * term;
       }
-      out[static_cast<std::size_t>(b) * n + j] = static_cast<R>(v);
+      out[static_cast<std::size_t>(b) * e.n + j] = static_cast<R>(v);
     }
   const R nan = std::numeric_limits<R>::quiet_NaN();
-  for (long long i = 0; i < static_cast<long long>(f) * p.batch; ++i) z[i] = C{nan, nan};
-  for (std::size_t i = 0; i < out.size(); ++i) x[i] = out[i];
+  std::fill(z, z + static_cast<long long>(e.f) * e.p.batch, C{nan, nan});
+  std::copy(out.begin(), out.end(), x);
   return CUFFT_SUCCESS;
 }
 
