@@ -5,16 +5,17 @@
 // file), a test puts this folder first on its include path and compiles CUDA code as C++.
 //
 // Execution. A launch runs its blocks one after another on the calling host thread; the threads of
-// a block are fibers, each on its own stack (guard page below), switched only where a
-// CUDA thread must wait for others: at __syncthreads (until every thread of the block that has not
-// exited is there) and at a shuffle (until every lane its mask names is there; the values are
-// exchanged when the last arrives). The scheduler goes round the threads that can run, each
-// running until it waits or exits; one warp of each block (picked pseudo-randomly from the block's
-// number and MIXMOE_HOST_MODEL_SEED, 1 by default; 0: none) lags, running only when no other thread
-// can. The other warps thus run ahead as far as the barriers let them, so a warp that reads shared
-// memory another rewrites without a __syncthreads between sees the new values (a block reduction
-// without the barrier that guards its partial sums from the next call fails the tests this way). Launches from several host
-// threads take turns (one at a time), which makes the atomics plain reads and writes.
+// a block are fibers, each on its own stack (guard page below), switched only where a CUDA thread
+// must wait for others: at __syncthreads (until every thread of the block that has not exited is
+// there) and at a shuffle (until every lane its mask names is there; the values are exchanged when
+// the last arrives). The scheduler goes round the threads that can run, each running until it
+// waits or exits; one warp of each block (picked pseudo-randomly from the block's number and
+// MIXMOE_HOST_MODEL_SEED, 1 by default; 0: none) lags, running only when no other thread can. The
+// other warps thus run ahead as far as the barriers let them, so a warp that reads shared memory
+// another rewrites without a __syncthreads between sees the new values (a block reduction without
+// the barrier that guards its partial sums from the next call fails the tests this way). Launches
+// from several host threads take turns (one at a time), which makes the atomics plain reads and
+// writes.
 //
 // Checks, each a message and abort(): a __syncthreads that some threads of the block never reach
 // while the others wait at a shuffle, or a shuffle whose mask names an exited lane or a lane
@@ -22,9 +23,10 @@
 // lanes of one shuffle disagreeing on the mask, a __trap, a 16-byte vector copy not aligned to 16
 // bytes. AddressSanitizer sees the fibers' stacks (the switches are announced to it).
 //
-// What it cannot show: the GPU's scheduling and memory model (a missing __syncthreads between a
-// write and another thread's read is caught only when this schedule happens to expose it), warp
-// lock-step, the real fragment layouts of WMMA across lanes, and speed.
+// What it cannot show: the GPU's scheduling beyond the lagging warp and its memory model (a missing
+// __syncthreads between a write and another thread's read is caught only when this schedule
+// exposes it), warp lock-step, the real fragment layouts of WMMA across lanes, and speed.
+// test_model.cpp checks the model itself.
 #pragma once
 
 #include <sys/mman.h>

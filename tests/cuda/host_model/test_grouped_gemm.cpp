@@ -8,7 +8,8 @@
 // into dw. The model checks the WMMA pointers' alignment and leading dimensions and the 16-byte
 // copies' alignment; the sizes are not multiples of the tiles, so every zero-filled edge is read.
 // Exit status 0 when every result is within 1e-4 (1e-12 in double) relative to the sum of
-// |products| and nothing outside the rows written was touched.
+// |products| and nothing outside the rows written was touched, and the model's own checks
+// (test_model.cpp, run first) pass.
 #include <cuda_bf16.h>
 
 #include <algorithm>
