@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds mixmoe and runs every test in CI's two configurations (CMakePresets.json):
 #   release  optimised, warnings as errors
-#   asan     AddressSanitizer + UndefinedBehaviorSanitizer, -O1
+#   asan     AddressSanitizer + UndefinedBehaviorSanitizer, -Og
 # then builds and runs the programs of the documentation (scripts/check-docs.sh).
 # All run every time; the exit status is non-zero when any fails.
 # Installs the missing Debian packages first (as root). A second run reuses
