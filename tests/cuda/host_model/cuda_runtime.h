@@ -6,8 +6,12 @@
 // the block; cudaMemcpy*, cudaMemset*, cuBLAS, cuFFT and cub check that the device side of each
 // transfer lies inside one live block and that the host side does not (cudaErrorInvalidValue
 // otherwise, as a device would fault or refuse). cudaFree of a pointer that is not a live block
-// is cudaErrorInvalidValue (a double free). What the model cannot see: a kernel dereferencing a
-// host pointer (both are host memory here).
+// is cudaErrorInvalidValue (a double free). Pinned memory (cudaHostAlloc) is host memory the
+// device may read, as under unified addressing. A kernel argument that is a pointer must be null
+// or point into (or just past) a live device or pinned block: a host pointer handed to a kernel
+// stops the program with the launch's place and the argument's position. What the model cannot
+// see: a host pointer inside a structure passed to a kernel, or stored in device memory (both are
+// host memory here, so the kernel reads it without fault).
 //
 // Streams and events. Every kernel and copy completes before its call returns, so streams never
 // overlap and events are always complete; a stream's id (cudaStreamGetId) is unique for the life
@@ -18,7 +22,8 @@
 // translate.cmake into a call of host_model::launch_kernel, which checks the configuration as the
 // runtime does (1 to 1024 threads, block.z <= 64, grid.y and grid.z <= 65535, dynamic shared
 // memory <= 48 KiB without the opt-in attribute: cudaErrorInvalidConfiguration or
-// cudaErrorInvalidValue, reported by cudaGetLastError) and runs it.
+// cudaErrorInvalidValue, reported by cudaGetLastError), checks the kernel's pointer arguments
+// (above) and runs it.
 //
 // Errors are per host thread: cudaGetLastError returns the last one and clears it. The
 // environment variable MIXMOE_HOST_MODEL_DEVICES=0 makes cudaGetDeviceCount report no device.
@@ -32,6 +37,9 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "host_model.hpp"
 
@@ -154,20 +162,30 @@ class Runtime {
   }
   /// Whether p points into any live device block.
   bool touches_device(const void* p) const { return on_device(p, 1); }
+  /// Whether a kernel may hold p: inside or just past the end of a live device or pinned block.
+  bool device_may_read(const void* p) const {
+    if (on_device(p, 0)) return true;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const char* c = static_cast<const char*>(p);
+    auto it = pinned_.upper_bound(c);
+    if (it == pinned_.begin()) return false;
+    --it;
+    return c >= it->first && c <= it->first + it->second;
+  }
 
   cudaError_t host_alloc(void** p, std::size_t bytes) {
     if (p == nullptr) return fail_with(cudaErrorInvalidValue);
     *p = std::malloc(bytes == 0 ? 1 : bytes);
     if (*p == nullptr) return fail_with(cudaErrorMemoryAllocation);
     std::lock_guard<std::mutex> lock(mutex_);
-    pinned_.insert(*p);
+    pinned_[static_cast<const char*>(*p)] = bytes;
     return cudaSuccess;
   }
   cudaError_t host_free(void* p) {
     if (p == nullptr) return cudaSuccess;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (pinned_.erase(p) == 0) return fail_with(cudaErrorInvalidValue);
+      if (pinned_.erase(static_cast<const char*>(p)) == 0) return fail_with(cudaErrorInvalidValue);
     }
     std::free(p);
     return cudaSuccess;
@@ -246,28 +264,94 @@ class Runtime {
   Runtime() = default;
   mutable std::mutex mutex_;
   std::map<const char*, std::size_t> blocks_;
-  std::set<void*> pinned_;
+  std::map<const char*, std::size_t> pinned_;
   std::map<cudaStream_t, unsigned long long> streams_;
   std::set<cudaEvent_t> events_;
   unsigned long long next_stream_id_ = 2;  // 1: the legacy stream
   unsigned long long next_event_ = 0;
 };
 
-/// kernel<<<grid, block, shared, stream>>>(args) as translate.cmake writes it: `body` calls the
-/// kernel with the statement's arguments, once per CUDA thread.
-inline void launch_kernel(const std::function<void()>& body, dim3 grid, dim3 block, std::size_t shared = 0,
-                          cudaStream_t stream = nullptr) {
+/// Whether the runtime accepts a launch's configuration; records the error when not.
+inline bool launch_configuration_ok(dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream) {
   const unsigned long long threads = static_cast<unsigned long long>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
     Runtime::fail_with(cudaErrorInvalidConfiguration);
-    return;
+    return false;
   }
   if (shared > 48 * 1024) {
     Runtime::fail_with(cudaErrorInvalidValue);
-    return;
+    return false;
   }
-  if (Runtime::instance().check_stream(stream) != cudaSuccess) return;
+  return Runtime::instance().check_stream(stream) == cudaSuccess;
+}
+
+/// Runs `body` as every thread of the launch, after the configuration checks.
+inline void launch_kernel(const std::function<void()>& body, dim3 grid, dim3 block, std::size_t shared = 0,
+                          cudaStream_t stream = nullptr) {
+  if (launch_configuration_ok(grid, block, shared, stream)) launch(grid, block, shared, body);
+}
+
+/// Where a translated launch statement is (its line in the translated file is the source's).
+struct LaunchSite {
+  const char* file;
+  int line;
+};
+/// The launch whose arguments are being checked on this host thread, or null when none is.
+inline const LaunchSite*& checked_launch() {
+  thread_local const LaunchSite* site = nullptr;
+  return site;
+}
+
+/// A kernel's arguments, as a translated launch passes them: run(kernel) calls the kernel with
+/// them, or, while launch_kernel checks the launch, checks the pointers among them instead.
+template <class... Args>
+class KernelArguments {
+ public:
+  explicit KernelArguments(Args&&... args) : args_(std::forward<Args>(args)...) {}
+  template <class Kernel>
+  void run(Kernel&& kernel) && {
+    if (const LaunchSite* site = checked_launch()) {
+      std::apply([&](const auto&... a) {
+        int position = 0;
+        (check(*site, ++position, a), ...);
+      }, args_);
+      return;
+    }
+    std::apply(std::forward<Kernel>(kernel), std::move(args_));
+  }
+
+ private:
+  template <class A>
+  static void check(const LaunchSite& site, int position, const A& a) {
+    using T = std::remove_cvref_t<A>;
+    if constexpr (std::is_pointer_v<T> && !std::is_function_v<std::remove_pointer_t<T>>) {
+      const void* p = const_cast<const void*>(static_cast<const volatile void*>(a));
+      if (p == nullptr || Runtime::instance().device_may_read(p)) return;
+      std::fprintf(stderr,
+                   "host model: %s:%d: argument %d of the kernel launched here is %p, which is not device "
+                   "memory: a host pointer, which the kernel cannot read on a GPU\n",
+                   site.file, site.line, position, p);
+      std::fflush(stderr);
+      std::abort();
+    }
+  }
+  std::tuple<Args&&...> args_;
+};
+template <class... Args>
+KernelArguments<Args...> kernel_arguments(Args&&... args) {
+  return KernelArguments<Args...>(std::forward<Args>(args)...);
+}
+
+/// kernel<<<grid, block, shared, stream>>>(args) as translate.cmake writes it: `body` runs
+/// kernel_arguments(args).run(kernel), once on the host to check the pointer arguments (stopping
+/// the program at a host pointer), then once per CUDA thread.
+inline void launch_kernel(const LaunchSite& site, const std::function<void()>& body, dim3 grid, dim3 block,
+                          std::size_t shared = 0, cudaStream_t stream = nullptr) {
+  if (!launch_configuration_ok(grid, block, shared, stream)) return;
+  checked_launch() = &site;
+  body();
+  checked_launch() = nullptr;
   launch(grid, block, shared, body);
 }
 

@@ -3,8 +3,8 @@
 // here against known values: the shuffles' lanes, barriers with a lagging warp (and that a block
 // reduction missing its guarding barrier goes wrong under it), launch configurations, copies and
 // frees, cuBLAS against a loop, cuFFT against known spectra, cub's stable sort. What it must stop
-// (deadlocks, a shuffle with an exited lane, a host pointer given to cuBLAS) runs in a child
-// process, which must abort with the model's message.
+// (deadlocks, a shuffle with an exited lane, a host pointer given to cuBLAS or to a kernel) runs in
+// a child process, which must abort with the model's message.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cufft.h>
@@ -20,6 +20,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+namespace launch_check {
+void scale_launch(float* out, const float* in, float factor, int n, cudaStream_t stream);  // launch_check.cu
+}
 
 namespace {
 
@@ -181,6 +185,44 @@ void launches() {
   expect(cudaGetLastError() == cudaErrorInvalidResourceHandle && runs == 96, "a destroyed stream: invalid handle");
 }
 
+void kernel_arguments() {
+  std::printf("kernel arguments\n");
+  const int n = 40;  // two blocks of 32
+  std::vector<float> x(n);
+  for (int i = 0; i < n; ++i) x[i] = static_cast<float>(i);
+  float* in = device_copy(x);
+  float* out = device_copy(std::vector<float>(n));
+  (void)cudaGetLastError();
+  launch_check::scale_launch(out, in, 2.0f, n, nullptr);
+  std::vector<float> got = host_copy(out, n);
+  bool ok = cudaGetLastError() == cudaSuccess;
+  for (int i = 0; i < n; ++i) ok = ok && got[i] == 2.0f * static_cast<float>(i);
+  expect(ok, "a translated launch with device pointers runs every thread once (out = 2 in)");
+  launch_check::scale_launch(out, nullptr, 3.0f, n, nullptr);
+  got = host_copy(out, n);
+  expect(std::count(got.begin(), got.end(), 3.0f) == n, "a null pointer argument is accepted");
+  void* pinned = nullptr;
+  cudaHostAlloc(&pinned, n * sizeof(float), cudaHostAllocDefault);
+  std::memcpy(pinned, x.data(), n * sizeof(float));
+  launch_check::scale_launch(out, static_cast<const float*>(pinned) + 8, 1.0f, n - 8, nullptr);
+  got = host_copy(out, n);
+  expect(got[0] == 8.0f && got[n - 9] == static_cast<float>(n - 1),
+         "a pointer into pinned host memory is accepted (the device may read it)");
+  cudaFreeHost(pinned);
+  launch_check::scale_launch(out + n, in, 1.0f, 0, nullptr);
+  expect(cudaGetLastError() == cudaSuccess, "a pointer just past a device block's end is accepted");
+  expect(aborts_with([&] { launch_check::scale_launch(out, x.data(), 1.0f, n, nullptr); },
+                     "argument 2 of the kernel launched here is"),
+         "a host pointer given to a kernel stops the model, naming the argument");
+  float* gone = device_copy(x);
+  cudaFree(gone);
+  expect(aborts_with([&] { launch_check::scale_launch(gone, in, 1.0f, n, nullptr); },
+                     "argument 1 of the kernel launched here is"),
+         "a pointer into a freed device block stops the model");
+  cudaFree(in);
+  cudaFree(out);
+}
+
 void memory() {
   std::printf("memory\n");
   void* p = nullptr;
@@ -306,6 +348,7 @@ int host_model_checks() {
   shuffles();
   barriers();
   launches();
+  kernel_arguments();
   memory();
   blas();
   fft();

@@ -1,8 +1,11 @@
 # Rewrites CUDA sources into C++ the host model (host_model.hpp) compiles with g++; run as
 #   cmake -DIN=<file> -DOUT=<file> -P translate.cmake
 # Two rewrites, each checked to leave nothing of its kind behind:
-#   NAME<<<CONFIG>>>(ARGS);   ->  ::host_model::launch_kernel([&] { NAME(ARGS); }, CONFIG);
-#                                 (NAME: the statement's text before <<<, from the start of its line)
+#   NAME<<<CONFIG>>>(ARGS);   ->  ::host_model::launch_kernel(::host_model::LaunchSite{__FILE__, __LINE__},
+#                                   [&] { ::host_model::kernel_arguments(ARGS).run(
+#                                         [&](auto&&... a) { NAME(forwarded a...); }); }, CONFIG);
+#                                 (NAME: the statement's text before <<<, from the start of its line;
+#                                 the model checks the pointers among ARGS before it runs the kernel)
 #   extern __shared__ [__align__(N)] TYPE NAME[];
 #                             ->  TYPE* const NAME = static_cast<TYPE*>(::host_model::dynamic_shared());
 # The lines keep their numbers (a rewritten statement keeps its line breaks), so compiler
@@ -16,7 +19,7 @@ file(READ "${IN}" text)
 # A launch statement: indentation, NAME (which may be split after a "::" and may end a line before
 # <<<), <<<CONFIG>>>, (ARGS); with no ';' inside.
 set(launch "\n([ \t]*)(([A-Za-z_][A-Za-z0-9_]*::[ \t]*\n[ \t]*)?[^\n;{}<]+(<[^\n;{}]*>)?)([ \t]*\n?[ \t]*)<<<([^;]*)>>>\\(([^;]*)\\);")
-string(REGEX REPLACE "${launch}" "\n\\1::host_model::launch_kernel([&] { \\2\\5(\\7); }, \\6);" text "${text}")
+string(REGEX REPLACE "${launch}" "\n\\1::host_model::launch_kernel(::host_model::LaunchSite{__FILE__, __LINE__}, [&] { ::host_model::kernel_arguments(\\7).run([&](auto&&... host_model_args) { \\2\\5(static_cast<decltype(host_model_args)&&>(host_model_args)...); }); }, \\6);" text "${text}")
 string(FIND "${text}" "<<<" left)
 if(NOT left EQUAL -1)
   string(SUBSTRING "${text}" ${left} 120 where)
