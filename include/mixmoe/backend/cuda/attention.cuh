@@ -49,7 +49,8 @@ inline constexpr int kThreads = 32 * kWarps;    // 256
 inline constexpr int kMaxTile = 32;             // rows of a shared tile: one per lane
 inline constexpr index_t kMaxHeadSize = 256;    // 8 channels per lane
 inline constexpr std::size_t kSharedBytes = 48 * 1024;
-inline constexpr index_t kMaxBlocks = 1 << 20;  // more work items than this: blocks loop
+// more work items than this: blocks loop (fewer where MIXMOE_CUDA_MAX_BLOCKS is below, as in the model tests)
+inline constexpr index_t kMaxBlocks = std::min<index_t>(1 << 20, kMaxGridStrideBlocks);
 
 /// A (B, T, H, Dh) tensor read through its strides; its channels are contiguous.
 template <class T>

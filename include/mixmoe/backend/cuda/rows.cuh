@@ -71,8 +71,8 @@ using kernels::kRowThreads;
 #endif
 inline constexpr index_t kMaxRowBlocks = MIXMOE_CUDA_MAX_ROW_BLOCKS;
 static_assert(kMaxRowBlocks >= 1 && kMaxRowBlocks <= 0x7fffffff, "MIXMOE_CUDA_MAX_ROW_BLOCKS: 1 to 2^31 - 1 blocks");
-/// Most blocks of the one-thread-per-line top-k kernel.
-inline constexpr index_t kMaxTopkThreadBlocks = 1024;
+/// Most blocks of the one-thread-per-line top-k kernel (a grid-stride loop over lines).
+inline constexpr index_t kMaxTopkThreadBlocks = kMaxGridStrideBlocks < 1024 ? kMaxGridStrideBlocks : 1024;
 /// Longest line the one-thread-per-line top-k kernel takes; longer lines get a block each.
 inline constexpr index_t kTopkThreadMax = 128;
 

@@ -368,10 +368,19 @@ inline std::uint64_t synchronization_count() {
   return detail::synchronization_counter().load(std::memory_order_relaxed);
 }
 
-/// Blocks of `threads` covering n elements, capped for grid-stride loops.
+/// Most blocks of a grid-stride kernel (elements beyond are taken by its loop): 65535 x 32, or the
+/// macro MIXMOE_CUDA_MAX_BLOCKS where it is defined (the CPU model of CUDA's tests set it to a few
+/// blocks, so that every grid-stride loop runs many rounds even at small sizes).
+#ifndef MIXMOE_CUDA_MAX_BLOCKS
+#define MIXMOE_CUDA_MAX_BLOCKS (65535LL * 32)
+#endif
+inline constexpr long long kMaxGridStrideBlocks = MIXMOE_CUDA_MAX_BLOCKS;
+static_assert(kMaxGridStrideBlocks >= 1 && kMaxGridStrideBlocks <= 0x7fffffff, "MIXMOE_CUDA_MAX_BLOCKS: 1 to 2^31 - 1 blocks");
+
+/// Blocks of `threads` covering n elements, capped for grid-stride loops (kMaxGridStrideBlocks).
 inline unsigned blocks_for(long long n, unsigned threads = 256) {
   const long long b = (n + threads - 1) / threads;
-  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535LL * 32 ? 65535LL * 32 : b));
+  return static_cast<unsigned>(b < 1 ? 1 : (b > kMaxGridStrideBlocks ? kMaxGridStrideBlocks : b));
 }
 
 }  // namespace mixmoe::cuda
