@@ -313,7 +313,7 @@ class KernelArguments {
   void run(Kernel&& kernel) && {
     if (const LaunchSite* site = checked_launch()) {
       std::apply([&](const auto&... a) {
-        int position = 0;
+        [[maybe_unused]] int position = 0;
         (check(*site, ++position, a), ...);
       }, args_);
       return;
@@ -349,9 +349,15 @@ KernelArguments<Args...> kernel_arguments(Args&&... args) {
 inline void launch_kernel(const LaunchSite& site, const std::function<void()>& body, dim3 grid, dim3 block,
                           std::size_t shared = 0, cudaStream_t stream = nullptr) {
   if (!launch_configuration_ok(grid, block, shared, stream)) return;
-  checked_launch() = &site;
-  body();
-  checked_launch() = nullptr;
+  {
+    struct Checking {  // ends the checking mode even when an argument's expression throws
+      explicit Checking(const LaunchSite& s) { checked_launch() = &s; }
+      ~Checking() { checked_launch() = nullptr; }
+      Checking(const Checking&) = delete;
+      Checking& operator=(const Checking&) = delete;
+    } checking(site);
+    body();
+  }
   launch(grid, block, shared, body);
 }
 
