@@ -154,23 +154,14 @@ class Runtime {
   /// Whether [p, p + bytes) lies inside one live device block.
   bool on_device(const void* p, std::size_t bytes) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    const char* c = static_cast<const char*>(p);
-    auto it = blocks_.upper_bound(c);
-    if (it == blocks_.begin()) return false;
-    --it;
-    return c >= it->first && c + bytes <= it->first + it->second;
+    return inside(blocks_, p, bytes);
   }
   /// Whether p points into any live device block.
   bool touches_device(const void* p) const { return on_device(p, 1); }
   /// Whether a kernel may hold p: inside or just past the end of a live device or pinned block.
   bool device_may_read(const void* p) const {
-    if (on_device(p, 0)) return true;
     std::lock_guard<std::mutex> lock(mutex_);
-    const char* c = static_cast<const char*>(p);
-    auto it = pinned_.upper_bound(c);
-    if (it == pinned_.begin()) return false;
-    --it;
-    return c >= it->first && c <= it->first + it->second;
+    return inside(blocks_, p, 0) || inside(pinned_, p, 0);
   }
 
   cudaError_t host_alloc(void** p, std::size_t bytes) {
@@ -261,10 +252,20 @@ class Runtime {
   }
 
  private:
+  using Blocks = std::map<const char*, std::size_t>;  // start -> size
+  /// Whether [p, p + bytes) lies inside one of `blocks` (the caller holds mutex_).
+  static bool inside(const Blocks& blocks, const void* p, std::size_t bytes) {
+    const char* c = static_cast<const char*>(p);
+    auto it = blocks.upper_bound(c);
+    if (it == blocks.begin()) return false;
+    --it;
+    return c >= it->first && c + bytes <= it->first + it->second;
+  }
+
   Runtime() = default;
   mutable std::mutex mutex_;
-  std::map<const char*, std::size_t> blocks_;
-  std::map<const char*, std::size_t> pinned_;
+  Blocks blocks_;
+  Blocks pinned_;
   std::map<cudaStream_t, unsigned long long> streams_;
   std::set<cudaEvent_t> events_;
   unsigned long long next_stream_id_ = 2;  // 1: the legacy stream
